@@ -1,0 +1,2 @@
+//! Benchmarks for dicom-gateway live in `benches/*.rs` (criterion). This library is empty;
+//! it exists so the benchmarks form one workspace member with their own dependencies.

@@ -1,0 +1,802 @@
+//! Node configuration: the TOML file an operator writes.
+//!
+//! Owns parsing, path resolution and validation. Invariants once [`Config::load`] returns:
+//! - unknown keys were rejected (every table is `deny_unknown_fields`);
+//! - every relative path is resolved against the folder of the config file;
+//! - every name in a `route_to` list names a configured destination, and names are unique;
+//! - AE titles are 1–16 printable ASCII characters without a backslash;
+//! - every error names the file, the key and what is wrong.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A configuration error. The message always names the file and the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: cannot read config: {source}")]
+    Read {
+        /// The config file.
+        file: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or did not match the schema (unknown key, wrong type...).
+    #[error("{file}: {message}")]
+    Parse {
+        /// The config file.
+        file: PathBuf,
+        /// The parser's message, which names the key and the line.
+        message: String,
+    },
+    /// A value parsed but is not acceptable.
+    #[error("{file}: key `{key}`: {message}")]
+    Invalid {
+        /// The config file.
+        file: PathBuf,
+        /// The dotted path of the key, e.g. `destination[pacs].address`.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// The whole node configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Identity of this node.
+    pub node: NodeSection,
+    /// Where the key-encryption key lives.
+    pub keystore: KeystoreSection,
+    /// Certificates for the site link.
+    pub tls: Option<TlsSection>,
+    /// The admin HTTP endpoint (health, readiness, metrics).
+    pub http: Option<HttpSection>,
+    /// DICOM listeners (C-STORE SCP).
+    #[serde(default)]
+    pub dicom_listener: Vec<DicomListener>,
+    /// Site-link listeners (STOW-RS over mutual TLS).
+    #[serde(default)]
+    pub link_listener: Vec<LinkListener>,
+    /// Where objects go.
+    #[serde(default)]
+    pub destination: Vec<Destination>,
+    /// Spool tuning.
+    #[serde(default)]
+    pub spool: SpoolSection,
+    /// Folder the config file was read from; relative paths were resolved against it.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+    /// The config file itself, for error messages.
+    #[serde(skip)]
+    pub file: PathBuf,
+}
+
+/// `[node]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// The node's name; must equal a DNS SAN of `tls.cert`.
+    pub name: String,
+    /// The spool directory (RocksDB).
+    pub data_dir: PathBuf,
+}
+
+/// `[keystore]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeystoreSection {
+    /// A 32-byte file holding the key-encryption key (mode 0600).
+    pub kek_file: PathBuf,
+}
+
+/// `[tls]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM certificate chain: server cert on link listeners, client cert towards peers.
+    pub cert: PathBuf,
+    /// PEM private key for `cert`.
+    pub key: PathBuf,
+    /// PEM CA bundle that peers must chain to.
+    pub ca: PathBuf,
+}
+
+/// `[http]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSection {
+    /// Address for `/healthz`, `/readyz` and `/metrics`.
+    pub listen: SocketAddr,
+}
+
+/// `[spool]`: tuning with safe defaults.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolSection {
+    /// Plaintext bytes per sealed segment (64 KiB to 8 MiB).
+    #[serde(default = "default_segment_bytes")]
+    pub segment_bytes: usize,
+    /// Largest object accepted, in bytes.
+    #[serde(default = "default_max_object_bytes")]
+    pub max_object_bytes: u64,
+    /// How long a link receiver remembers a transfer for deduplication, in seconds.
+    #[serde(default = "default_dedup_window_secs")]
+    pub dedup_window_secs: u64,
+}
+
+impl Default for SpoolSection {
+    fn default() -> Self {
+        Self {
+            segment_bytes: default_segment_bytes(),
+            max_object_bytes: default_max_object_bytes(),
+            dedup_window_secs: default_dedup_window_secs(),
+        }
+    }
+}
+
+fn default_segment_bytes() -> usize {
+    1 << 20
+}
+fn default_max_object_bytes() -> u64 {
+    16 << 30
+}
+fn default_dedup_window_secs() -> u64 {
+    7 * 24 * 3600
+}
+
+/// `[[dicom_listener]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DicomListener {
+    /// Name used in logs and metric labels.
+    pub name: String,
+    /// Address to bind.
+    pub listen: SocketAddr,
+    /// Our AE title; a request calling another AE title is rejected.
+    pub ae_title: String,
+    /// Calling AE titles allowed; empty means any.
+    #[serde(default)]
+    pub allowed_calling_ae_titles: Vec<String>,
+    /// Destinations every received object is queued for.
+    pub route_to: Vec<String>,
+    /// Largest PDU we accept (bounds memory per association).
+    #[serde(default = "default_max_pdu")]
+    pub max_pdu_length: u32,
+    /// Concurrent associations allowed.
+    #[serde(default = "default_max_associations")]
+    pub max_associations: usize,
+    /// Seconds a peer may stay silent before the association is aborted.
+    #[serde(default = "default_timeout_secs")]
+    pub timeout_secs: u64,
+}
+
+fn default_max_pdu() -> u32 {
+    256 * 1024
+}
+fn default_max_associations() -> usize {
+    64
+}
+fn default_timeout_secs() -> u64 {
+    60
+}
+
+/// `[[link_listener]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkListener {
+    /// Name used in logs and metric labels.
+    pub name: String,
+    /// Address to bind.
+    pub listen: SocketAddr,
+    /// Peer node names (DNS SANs of their client certificates) allowed to connect.
+    pub allowed_peers: Vec<String>,
+    /// Destinations every received object is queued for.
+    pub route_to: Vec<String>,
+}
+
+/// `[[destination]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "RawDestination")]
+pub struct Destination {
+    /// Unique name, used by `route_to`, logs and metric labels.
+    pub name: String,
+    /// What kind of destination and its settings.
+    pub kind: DestinationKind,
+    /// First retry delay in milliseconds.
+    pub retry_initial_ms: u64,
+    /// Longest retry delay in milliseconds.
+    pub retry_max_ms: u64,
+}
+
+fn default_retry_initial_ms() -> u64 {
+    500
+}
+fn default_retry_max_ms() -> u64 {
+    60_000
+}
+
+/// The kind-specific part of a destination.
+#[derive(Debug, Clone)]
+pub enum DestinationKind {
+    /// STOW-RS over mutual TLS to a peer gateway.
+    Gateway {
+        /// `https://host:port` of the peer's link listener.
+        url: String,
+        /// The DNS SAN the peer's server certificate must carry.
+        peer_name: String,
+        /// Requests in flight at once over the one HTTP/2 connection.
+        max_in_flight: usize,
+    },
+    /// C-STORE SCU to a DICOM node.
+    Dicom {
+        /// `host:port` of the DICOM node.
+        address: String,
+        /// Its AE title.
+        ae_title: String,
+        /// The AE title we call it with.
+        calling_ae_title: String,
+        /// Parallel associations.
+        associations: usize,
+        /// Largest PDU we accept from it.
+        max_pdu_length: u32,
+        /// Seconds to wait for the peer on connect, reads and writes.
+        timeout_secs: u64,
+    },
+    /// Part-10 files in a folder, for hand-off. Plaintext by design.
+    Folder {
+        /// The folder.
+        path: PathBuf,
+    },
+}
+
+impl DestinationKind {
+    /// The `kind = "..."` string.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DestinationKind::Gateway { .. } => "gateway",
+            DestinationKind::Dicom { .. } => "dicom",
+            DestinationKind::Folder { .. } => "folder",
+        }
+    }
+}
+
+/// The flat TOML shape of a destination; [`Destination`] is built from it so that a key that
+/// does not belong to the destination's `kind` is reported by name.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDestination {
+    name: String,
+    kind: String,
+    #[serde(default = "default_retry_initial_ms")]
+    retry_initial_ms: u64,
+    #[serde(default = "default_retry_max_ms")]
+    retry_max_ms: u64,
+    url: Option<String>,
+    peer_name: Option<String>,
+    max_in_flight: Option<usize>,
+    address: Option<String>,
+    ae_title: Option<String>,
+    calling_ae_title: Option<String>,
+    associations: Option<usize>,
+    max_pdu_length: Option<u32>,
+    timeout_secs: Option<u64>,
+    path: Option<PathBuf>,
+}
+
+impl TryFrom<RawDestination> for Destination {
+    type Error = String;
+
+    fn try_from(r: RawDestination) -> Result<Self, String> {
+        let name = r.name;
+        let need = |v: Option<String>, k: &str| {
+            v.ok_or_else(|| format!("destination {name:?} of kind {:?} needs key `{k}`", r.kind))
+        };
+        let present: Vec<(&str, bool)> = vec![
+            ("url", r.url.is_some()),
+            ("peer_name", r.peer_name.is_some()),
+            ("max_in_flight", r.max_in_flight.is_some()),
+            ("address", r.address.is_some()),
+            ("ae_title", r.ae_title.is_some()),
+            ("calling_ae_title", r.calling_ae_title.is_some()),
+            ("associations", r.associations.is_some()),
+            ("max_pdu_length", r.max_pdu_length.is_some()),
+            ("timeout_secs", r.timeout_secs.is_some()),
+            ("path", r.path.is_some()),
+        ];
+        let allowed: &[&str] = match r.kind.as_str() {
+            "gateway" => &["url", "peer_name", "max_in_flight"],
+            "dicom" => &[
+                "address",
+                "ae_title",
+                "calling_ae_title",
+                "associations",
+                "max_pdu_length",
+                "timeout_secs",
+            ],
+            "folder" => &["path"],
+            other => {
+                return Err(format!(
+                    "destination {name:?}: unknown kind {other:?}, expected \"gateway\", \"dicom\" or \"folder\""
+                ));
+            }
+        };
+        if let Some((k, _)) = present.iter().find(|(k, p)| *p && !allowed.contains(k)) {
+            return Err(format!(
+                "destination {name:?}: key `{k}` is not valid for kind {:?}",
+                r.kind
+            ));
+        }
+        let kind = match r.kind.as_str() {
+            "gateway" => DestinationKind::Gateway {
+                url: need(r.url, "url")?,
+                peer_name: need(r.peer_name, "peer_name")?,
+                max_in_flight: r.max_in_flight.unwrap_or_else(default_in_flight),
+            },
+            "dicom" => DestinationKind::Dicom {
+                address: need(r.address, "address")?,
+                ae_title: need(r.ae_title, "ae_title")?,
+                calling_ae_title: need(r.calling_ae_title, "calling_ae_title")?,
+                associations: r.associations.unwrap_or_else(default_associations),
+                max_pdu_length: r.max_pdu_length.unwrap_or_else(default_max_pdu),
+                timeout_secs: r.timeout_secs.unwrap_or_else(default_timeout_secs),
+            },
+            _ => DestinationKind::Folder {
+                path: r
+                    .path
+                    .ok_or_else(|| format!("destination {name:?} of kind \"folder\" needs key `path`"))?,
+            },
+        };
+        Ok(Destination {
+            name,
+            kind,
+            retry_initial_ms: r.retry_initial_ms,
+            retry_max_ms: r.retry_max_ms,
+        })
+    }
+}
+
+fn default_in_flight() -> usize {
+    32
+}
+fn default_associations() -> usize {
+    2
+}
+
+impl Config {
+    /// Read, parse, resolve paths and validate.
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            file: file.to_owned(),
+            source,
+        })?;
+        let base = file
+            .parent()
+            .map(Path::to_owned)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Self::parse(&text, file, &base)
+    }
+
+    /// Parse TOML text as if read from `file`, resolving relative paths against `base`.
+    pub fn parse(text: &str, file: &Path, base: &Path) -> Result<Config, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let base = if base.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            base.to_owned()
+        };
+        cfg.base_dir = base.clone();
+        cfg.file = file.to_owned();
+        cfg.resolve_paths(&base);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let r = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        r(&mut self.node.data_dir);
+        r(&mut self.keystore.kek_file);
+        if let Some(tls) = &mut self.tls {
+            r(&mut tls.cert);
+            r(&mut tls.key);
+            r(&mut tls.ca);
+        }
+        for d in &mut self.destination {
+            if let DestinationKind::Folder { path } = &mut d.kind {
+                r(path);
+            }
+        }
+    }
+
+    fn invalid(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.clone(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !is_dns_name(&self.node.name) {
+            return Err(self.invalid(
+                "node.name",
+                "must be a DNS name (letters, digits, '-' and '.'), as in the certificate's SAN",
+            ));
+        }
+        let s = &self.spool;
+        if !(64 * 1024..=8 * 1024 * 1024).contains(&s.segment_bytes) {
+            return Err(self.invalid("spool.segment_bytes", "must be between 65536 and 8388608"));
+        }
+        if s.max_object_bytes == 0 {
+            return Err(self.invalid("spool.max_object_bytes", "must be greater than 0"));
+        }
+
+        let mut dest_names = HashSet::new();
+        for d in &self.destination {
+            let key = |k: &str| format!("destination[{}].{k}", d.name);
+            if d.name.is_empty() || !d.name.chars().all(is_name_char) {
+                return Err(self.invalid(
+                    "destination.name",
+                    format!("{:?} must be non-empty letters, digits, '-', '_' or '.'", d.name),
+                ));
+            }
+            if !dest_names.insert(d.name.as_str()) {
+                return Err(self.invalid(key("name"), "duplicate destination name"));
+            }
+            if d.retry_initial_ms == 0 || d.retry_max_ms < d.retry_initial_ms {
+                return Err(self.invalid(
+                    key("retry_max_ms"),
+                    "retry_initial_ms must be > 0 and retry_max_ms >= retry_initial_ms",
+                ));
+            }
+            match &d.kind {
+                DestinationKind::Gateway {
+                    url,
+                    peer_name,
+                    max_in_flight,
+                } => {
+                    if let Err(m) = parse_https_url(url) {
+                        return Err(self.invalid(key("url"), m));
+                    }
+                    if !is_dns_name(peer_name) {
+                        return Err(self.invalid(key("peer_name"), "must be a DNS name"));
+                    }
+                    if !(1..=1024).contains(max_in_flight) {
+                        return Err(self.invalid(key("max_in_flight"), "must be 1..=1024"));
+                    }
+                    if self.tls.is_none() {
+                        return Err(self.invalid(
+                            "tls",
+                            format!("destination {:?} is a gateway, so [tls] is required", d.name),
+                        ));
+                    }
+                }
+                DestinationKind::Dicom {
+                    address,
+                    ae_title,
+                    calling_ae_title,
+                    associations,
+                    max_pdu_length,
+                    timeout_secs,
+                } => {
+                    if address.is_empty() || !address.contains(':') {
+                        return Err(self.invalid(key("address"), "must be host:port"));
+                    }
+                    check_ae(ae_title).map_err(|m| self.invalid(key("ae_title"), m))?;
+                    check_ae(calling_ae_title)
+                        .map_err(|m| self.invalid(key("calling_ae_title"), m))?;
+                    if !(1..=64).contains(associations) {
+                        return Err(self.invalid(key("associations"), "must be 1..=64"));
+                    }
+                    check_pdu(*max_pdu_length)
+                        .map_err(|m| self.invalid(key("max_pdu_length"), m))?;
+                    if *timeout_secs == 0 {
+                        return Err(self.invalid(key("timeout_secs"), "must be > 0"));
+                    }
+                }
+                DestinationKind::Folder { .. } => {}
+            }
+        }
+
+        let check_routes = |key: String, routes: &[String]| -> Result<(), ConfigError> {
+            if routes.is_empty() {
+                return Err(self.invalid(key, "must name at least one destination"));
+            }
+            for r in routes {
+                if !dest_names.contains(r.as_str()) {
+                    return Err(self.invalid(key, format!("no destination named {r:?}")));
+                }
+            }
+            Ok(())
+        };
+
+        let mut listener_names = HashSet::new();
+        for l in &self.dicom_listener {
+            let key = |k: &str| format!("dicom_listener[{}].{k}", l.name);
+            if !listener_names.insert(l.name.as_str()) {
+                return Err(self.invalid(key("name"), "duplicate listener name"));
+            }
+            check_ae(&l.ae_title).map_err(|m| self.invalid(key("ae_title"), m))?;
+            for ae in &l.allowed_calling_ae_titles {
+                check_ae(ae).map_err(|m| self.invalid(key("allowed_calling_ae_titles"), m))?;
+            }
+            check_routes(key("route_to"), &l.route_to)?;
+            check_pdu(l.max_pdu_length).map_err(|m| self.invalid(key("max_pdu_length"), m))?;
+            if l.max_associations == 0 {
+                return Err(self.invalid(key("max_associations"), "must be > 0"));
+            }
+            if l.timeout_secs == 0 {
+                return Err(self.invalid(key("timeout_secs"), "must be > 0"));
+            }
+        }
+        for l in &self.link_listener {
+            let key = |k: &str| format!("link_listener[{}].{k}", l.name);
+            if !listener_names.insert(l.name.as_str()) {
+                return Err(self.invalid(key("name"), "duplicate listener name"));
+            }
+            if l.allowed_peers.is_empty() {
+                return Err(self.invalid(key("allowed_peers"), "must list at least one peer"));
+            }
+            for p in &l.allowed_peers {
+                if !is_dns_name(p) {
+                    return Err(self.invalid(key("allowed_peers"), format!("{p:?} is not a DNS name")));
+                }
+            }
+            check_routes(key("route_to"), &l.route_to)?;
+            if self.tls.is_none() {
+                return Err(self.invalid("tls", "a [[link_listener]] requires [tls]"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parse `https://host:port[/]` into `(host, port)`.
+pub fn parse_https_url(url: &str) -> Result<(String, u16), String> {
+    let rest = url
+        .strip_prefix("https://")
+        .ok_or_else(|| format!("{url:?} must start with https://"))?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains('/') || rest.contains('@') || rest.contains('?') {
+        return Err(format!("{url:?} must be https://host:port with no path"));
+    }
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+            let port = p
+                .parse::<u16>()
+                .map_err(|_| format!("{url:?} has an invalid port"))?;
+            (h.trim_start_matches('[').trim_end_matches(']').to_owned(), port)
+        }
+        _ => (rest.to_owned(), 443),
+    };
+    if host.is_empty() {
+        return Err(format!("{url:?} has no host"));
+    }
+    Ok((host, port))
+}
+
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
+}
+
+/// A DNS name as it may appear in a certificate SAN.
+pub fn is_dns_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// AE titles: 1–16 characters of the default character repertoire, no backslash or control
+/// characters, not all spaces.
+pub fn check_ae(ae: &str) -> Result<(), String> {
+    if ae.trim().is_empty() || ae.len() > 16 {
+        return Err(format!("AE title {ae:?} must be 1 to 16 characters"));
+    }
+    if !ae.chars().all(|c| (' '..='~').contains(&c) && c != '\\') {
+        return Err(format!(
+            "AE title {ae:?} may hold only printable ASCII without backslash"
+        ));
+    }
+    Ok(())
+}
+
+fn check_pdu(n: u32) -> Result<(), String> {
+    if (4096..=16 * 1024 * 1024).contains(&n) {
+        Ok(())
+    } else {
+        Err("must be between 4096 and 16777216".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[node]
+name = "site-a"
+data_dir = "data"
+[keystore]
+kek_file = "kek.key"
+[tls]
+cert = "tls/site-a.crt"
+key  = "tls/site-a.key"
+ca   = "tls/ca.crt"
+[http]
+listen = "127.0.0.1:9464"
+[[dicom_listener]]
+name = "lan"
+listen = "0.0.0.0:11112"
+ae_title = "GW_A"
+allowed_calling_ae_titles = []
+route_to = ["site-b"]
+[[link_listener]]
+name = "wan"
+listen = "0.0.0.0:8443"
+allowed_peers = ["site-b"]
+route_to = ["pacs"]
+[[destination]]
+name = "site-b"
+kind = "gateway"
+url  = "https://gw-b.example.org:8443"
+peer_name = "site-b"
+[[destination]]
+name = "pacs"
+kind = "dicom"
+address = "10.0.0.5:104"
+ae_title = "PACS"
+calling_ae_title = "GW_B"
+[[destination]]
+name = "handoff"
+kind = "folder"
+path = "received"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/gw/site-a.toml"), Path::new("/etc/gw"))
+    }
+
+    #[test]
+    fn the_documented_shape_parses_and_resolves_paths() {
+        let c = parse(GOOD).expect("valid config");
+        assert_eq!(c.node.data_dir, Path::new("/etc/gw/data"));
+        assert_eq!(c.keystore.kek_file, Path::new("/etc/gw/kek.key"));
+        assert_eq!(c.tls.as_ref().unwrap().ca, Path::new("/etc/gw/tls/ca.crt"));
+        assert_eq!(c.destination.len(), 3);
+        match &c.destination[2].kind {
+            DestinationKind::Folder { path } => assert_eq!(path, Path::new("/etc/gw/received")),
+            other => panic!("unexpected {other:?}"),
+        }
+        match &c.destination[0].kind {
+            DestinationKind::Gateway { max_in_flight, .. } => assert_eq!(*max_in_flight, 32),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).expect_err("must be rejected").to_string()
+    }
+
+    #[test]
+    fn unknown_top_level_key_is_named() {
+        let e = err(&format!("{GOOD}\n[bogus]\nx = 1\n"));
+        assert!(e.contains("site-a.toml"), "{e}");
+        assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_in_a_destination_is_named() {
+        let e = err(&GOOD.replace("path = \"received\"", "path = \"received\"\ncolour = 1"));
+        assert!(e.contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_in_a_listener_is_named() {
+        let e = err(&GOOD.replace("ae_title = \"GW_A\"", "ae_title = \"GW_A\"\nae_tittle = \"X\""));
+        assert!(e.contains("ae_tittle"), "{e}");
+    }
+
+    #[test]
+    fn unknown_destination_kind() {
+        let e = err(&GOOD.replace("kind = \"folder\"", "kind = \"s3\""));
+        assert!(e.contains("s3"), "{e}");
+    }
+
+    #[test]
+    fn key_of_another_kind_is_named() {
+        let e = err(&GOOD.replace("path = \"received\"", "path = \"received\"\nae_title = \"X\""));
+        assert!(e.contains("ae_title") && e.contains("folder"), "{e}");
+        let e = err(&GOOD.replace("peer_name = \"site-b\"", ""));
+        assert!(e.contains("peer_name"), "{e}");
+    }
+
+    #[test]
+    fn route_to_unknown_destination_names_key_and_value() {
+        let e = err(&GOOD.replace("route_to = [\"site-b\"]", "route_to = [\"nowhere\"]"));
+        assert!(e.contains("dicom_listener[lan].route_to"), "{e}");
+        assert!(e.contains("nowhere"), "{e}");
+        assert!(e.contains("site-a.toml"), "{e}");
+    }
+
+    #[test]
+    fn bad_ae_title() {
+        let e = err(&GOOD.replace("ae_title = \"GW_A\"", "ae_title = \"THIS_IS_TOO_LONG_AE\""));
+        assert!(e.contains("dicom_listener[lan].ae_title"), "{e}");
+        let e = err(&GOOD.replace("ae_title = \"PACS\"", "ae_title = \"PA\\\\CS\""));
+        assert!(e.contains("destination[pacs].ae_title"), "{e}");
+    }
+
+    #[test]
+    fn bad_url_and_peer_name() {
+        let e = err(&GOOD.replace("https://gw-b.example.org:8443", "http://gw-b:8443"));
+        assert!(e.contains("destination[site-b].url"), "{e}");
+        let e = err(&GOOD.replace("peer_name = \"site-b\"", "peer_name = \"not a name\""));
+        assert!(e.contains("destination[site-b].peer_name"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_and_missing_key() {
+        let e = err(&GOOD.replace("listen = \"127.0.0.1:9464\"", "listen = 9464"));
+        assert!(e.contains("listen"), "{e}");
+        let e = err(&GOOD.replace("kek_file = \"kek.key\"", ""));
+        assert!(e.contains("kek_file"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_destination() {
+        let e = err(&GOOD.replace("name = \"handoff\"", "name = \"pacs\""));
+        assert!(e.contains("duplicate destination"), "{e}");
+    }
+
+    #[test]
+    fn link_listener_needs_peers() {
+        let e = err(&GOOD.replace("allowed_peers = [\"site-b\"]", "allowed_peers = []"));
+        assert!(e.contains("link_listener[wan].allowed_peers"), "{e}");
+    }
+
+    #[test]
+    fn the_deploy_examples_are_valid() {
+        for (name, text) in [
+            ("site-a.toml", include_str!("../../deploy/examples/site-a.toml")),
+            ("site-b.toml", include_str!("../../deploy/examples/site-b.toml")),
+        ] {
+            Config::parse(text, Path::new(name), Path::new("/etc/dicom-gateway"))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            parse_https_url("https://gw:8443").unwrap(),
+            ("gw".to_owned(), 8443)
+        );
+        assert_eq!(
+            parse_https_url("https://127.0.0.1:1/").unwrap(),
+            ("127.0.0.1".to_owned(), 1)
+        );
+        assert_eq!(
+            parse_https_url("https://[::1]:9").unwrap(),
+            ("::1".to_owned(), 9)
+        );
+        assert!(parse_https_url("https://gw:99999").is_err());
+        assert!(parse_https_url("https://gw:1/path").is_err());
+    }
+}

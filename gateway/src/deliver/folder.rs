@@ -1,0 +1,102 @@
+//! The `folder` destination: Part-10 files for hand-off to another system.
+//!
+//! This destination writes **plaintext by design**: it is the exit from the encrypted spool
+//! for systems that read files. Invariants:
+//! - file names are the object's random id (`<hex>.dcm`), never a UID or any peer string;
+//! - a file appears under its name only complete and fsynced: it is written to an unnamed
+//!   `O_TMPFILE` inode in the target folder and linked into place afterwards, so no partial
+//!   or temporary file is ever visible; the folder is fsynced after the link;
+//! - a retry after a crash finds the complete file already there and succeeds.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::dispatch::SendError;
+use crate::spool::ObjectReader;
+
+/// Writes objects into a folder.
+pub struct FolderSender {
+    dir: PathBuf,
+}
+
+impl FolderSender {
+    /// A sender into `dir` (created if missing).
+    pub fn new(dir: &Path) -> std::io::Result<FolderSender> {
+        std::fs::create_dir_all(dir)?;
+        Ok(FolderSender { dir: dir.to_owned() })
+    }
+
+    /// Write one object as `<object id>.dcm`.
+    pub async fn send(&self, mut reader: ObjectReader) -> Result<(), SendError> {
+        let name = format!("{}.dcm", reader.meta.id.hex());
+        let target = self.dir.join(&name);
+        if tokio::fs::try_exists(&target).await.unwrap_or(false) {
+            return Ok(());
+        }
+        let dir = self.dir.clone();
+        let io = |e: std::io::Error| SendError::Transient(format!("folder {}: {e}", self.dir.display()));
+        let mut file = tokio::task::spawn_blocking(move || open_unnamed(&dir))
+            .await
+            .map_err(|e| SendError::Transient(e.to_string()))?
+            .map_err(io)?;
+        while let Some(seg) = reader
+            .next_segment()
+            .await
+            .map_err(|e| SendError::Transient(format!("spool: {e}")))?
+        {
+            file = tokio::task::spawn_blocking(move || file.write_all(&seg).map(|_| file))
+                .await
+                .map_err(|e| SendError::Transient(e.to_string()))?
+                .map_err(io)?;
+        }
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            file.sync_all()?;
+            link_into_place(&file, &dir, &name)?;
+            File::open(&dir)?.sync_all()
+        })
+        .await
+        .map_err(|e| SendError::Transient(e.to_string()))?
+        .map_err(io)
+    }
+}
+
+/// An unnamed file in `dir` (Linux `O_TMPFILE`): invisible until linked.
+fn open_unnamed(dir: &Path) -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .mode(0o640)
+        .open(dir)
+}
+
+/// Give the unnamed file its name. An existing file of that name is a previous complete
+/// delivery of the same object.
+fn link_into_place(file: &File, dir: &Path, name: &str) -> std::io::Result<()> {
+    let src = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .map_err(std::io::Error::other)?;
+    let dst = CString::new(dir.join(name).as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: both paths are valid NUL-terminated C strings that outlive the call.
+    let rc = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            src.as_ptr(),
+            libc::AT_FDCWD,
+            dst.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if err.kind() == std::io::ErrorKind::AlreadyExists {
+        return Ok(());
+    }
+    Err(err)
+}

@@ -1,0 +1,172 @@
+//! The `dicom-gateway` command line: a thin shell over the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use dicom_gateway::config::Config;
+use dicom_gateway::node::Node;
+use tracing::info;
+
+#[derive(Parser)]
+#[command(name = "dicom-gateway", version, about = "Secure DICOM store-and-forward gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node.
+    Serve {
+        /// The node's TOML config.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run two sites on loopback, send generated studies through them and verify them.
+    Demo {
+        /// Work folder to create (default: a new folder under the temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Number of studies.
+        #[arg(long, default_value_t = 3)]
+        studies: u32,
+        /// Objects per study.
+        #[arg(long, default_value_t = 40)]
+        objects: u32,
+        /// Approximate object size in KiB.
+        #[arg(long, default_value_t = 512)]
+        object_kib: usize,
+        /// Keep both sites running afterwards and print their addresses.
+        #[arg(long)]
+        keep_running: bool,
+    },
+    /// Development PKI.
+    Pki {
+        #[command(subcommand)]
+        command: PkiCommand,
+    },
+    /// Key management.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Make a CA and a key and certificate per site (DNS SAN = site name).
+    Init {
+        /// Folder to write into.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Site name (repeat for each site).
+        #[arg(long = "site", required = true)]
+        sites: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Write a fresh 32-byte key-encryption key with mode 0600.
+    NewKek {
+        /// The file to create (never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// EX_USAGE: a configuration error.
+const EX_USAGE: u8 = 64;
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Serve { config } => {
+            init_logging("info");
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EX_USAGE);
+                }
+            };
+            runtime.block_on(async {
+                let node = match Node::start(cfg).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                wait_for_signal().await;
+                info!("shutting down");
+                node.stop().await;
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Demo { dir, studies, objects, object_kib, keep_running } => {
+            init_logging("warn");
+            let opts = dicom_gateway::demo::DemoOptions {
+                dir,
+                studies,
+                objects_per_study: objects,
+                object_kib,
+                keep_running,
+            };
+            report(runtime.block_on(dicom_gateway::demo::run(opts)))
+        }
+        Command::Pki { command: PkiCommand::Init { dir, sites } } => {
+            report(dicom_gateway::pki::init(&dir, &sites).map(|f| {
+                println!("CA: {}", f.ca_cert.display());
+                for (site, cert, key) in f.sites {
+                    println!("{site}: {} {}", cert.display(), key.display());
+                }
+            }))
+        }
+        Command::Keys { command: KeysCommand::NewKek { out } } => report(
+            keystore::Kek::generate_file(&out)
+                .with_context(|| format!("writing {}", out.display()))
+                .map(|()| println!("wrote {} (mode 0600); keep it off the data volume and back it up", out.display())),
+        ),
+    }
+}
+
+fn report(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

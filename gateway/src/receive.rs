@@ -1,0 +1,490 @@
+//! Receive: the DICOM upper-layer acceptor (C-ECHO and C-STORE SCP).
+//!
+//! Owns the listener socket, association negotiation, PDV reassembly and the DIMSE exchange.
+//! Invariants:
+//! - called and calling AE titles are checked during negotiation; a mismatch is an
+//!   A-ASSOCIATE-RJ;
+//! - PDUs are read in strict mode with a bounded max length, command fragments are bounded
+//!   by [`dimse::MAX_COMMAND_BYTES`], and data PDVs go straight into the spool writer, so
+//!   memory per association is bounded by the PDU and segment sizes, never the object size;
+//! - a C-STORE-RSP with Success is sent only after [`crate::spool::ObjectWriter::commit`]
+//!   returned, which is after a synced write; any failure to persist answers 0xA700
+//!   (or a more specific failure) and the writer's drop removes what was written;
+//! - a PDV on a presentation context that was not accepted aborts the association;
+//! - A-ABORT, A-RELEASE, a timeout or a dropped connection at any point discards the
+//!   partial object, and nothing committed is affected.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dicom_ul::association::server::{AccessControl, DefaultNegotiation};
+use dicom_ul::association::AsyncServerAssociation;
+use dicom_ul::pdu::{
+    AbortRQSource, AssociationRJServiceUserReason, PDataValue, PDataValueType,
+    PresentationContextResultReason, UserIdentity,
+};
+use dicom_ul::{Pdu, ServerAssociationOptions};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::DicomListener;
+use crate::dimse::{self, Command, field, status};
+use crate::metrics::Metrics;
+use crate::spool::{Ingest, ObjectWriter, Spool, SpoolError};
+
+/// Checks the called AE title against ours and the calling AE title against the allow-list.
+#[derive(Debug, Clone)]
+struct AeAccess {
+    allowed_calling: Vec<String>,
+}
+
+impl AccessControl for AeAccess {
+    fn check_access(
+        &self,
+        this_ae_title: &str,
+        calling_ae_title: &str,
+        called_ae_title: &str,
+        _user_identity: Option<&UserIdentity>,
+    ) -> Result<(), AssociationRJServiceUserReason> {
+        if called_ae_title.trim() != this_ae_title.trim() {
+            return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
+        }
+        if !self.allowed_calling.is_empty()
+            && !self
+                .allowed_calling
+                .iter()
+                .any(|a| a.trim() == calling_ae_title.trim())
+        {
+            return Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized);
+        }
+        Ok(())
+    }
+}
+
+/// A running DICOM listener.
+pub struct DicomServer {
+    cfg: DicomListener,
+    options: ServerAssociationOptions<'static, AeAccess, DefaultNegotiation>,
+    spool: Spool,
+    metrics: Arc<Metrics>,
+}
+
+impl DicomServer {
+    /// Prepare a listener (does not bind).
+    pub fn new(cfg: DicomListener, spool: Spool, metrics: Arc<Metrics>) -> DicomServer {
+        let timeout = Duration::from_secs(cfg.timeout_secs);
+        let mut options = ServerAssociationOptions::new()
+            .ae_access_control(AeAccess {
+                allowed_calling: cfg.allowed_calling_ae_titles.clone(),
+            })
+            .ae_title(cfg.ae_title.clone())
+            .strict(true)
+            .max_pdu_length(cfg.max_pdu_length)
+            .read_timeout(timeout)
+            .write_timeout(timeout)
+            .with_abstract_syntax(dimse::VERIFICATION_SOP_CLASS);
+        for (uid, _) in crate::sop::STORAGE_SOP_CLASSES {
+            options = options.with_abstract_syntax(*uid);
+        }
+        for (uid, _) in crate::sop::TRANSFER_SYNTAXES {
+            options = options.with_transfer_syntax(*uid);
+        }
+        DicomServer {
+            cfg,
+            options,
+            spool,
+            metrics,
+        }
+    }
+
+    /// Accept associations until `shutdown`; each runs in its own task.
+    pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) {
+        let server = Arc::new(self);
+        let permits = Arc::new(Semaphore::new(server.cfg.max_associations));
+        let tasks = tokio_util::task::TaskTracker::new();
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                a = listener.accept() => a,
+            };
+            let (socket, peer) = match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(listener = %server.cfg.name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                warn!(listener = %server.cfg.name, %peer, "too many associations; closing connection");
+                server
+                    .metrics
+                    .connections
+                    .with_label_values(&[&server.cfg.name, "over_limit"])
+                    .inc();
+                drop(socket);
+                continue;
+            };
+            let server = server.clone();
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move {
+                server.handle(socket, shutdown).await;
+                drop(permit);
+            });
+        }
+        tasks.close();
+        tasks.wait().await;
+    }
+
+    async fn handle(&self, socket: TcpStream, shutdown: CancellationToken) {
+        let name = &self.cfg.name;
+        let peer = socket.peer_addr().ok();
+        let _ = socket.set_nodelay(true);
+        let timeout = Duration::from_secs(self.cfg.timeout_secs);
+        let assoc = match tokio::time::timeout(timeout, self.options.establish_async(socket)).await {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => {
+                info!(listener = %name, ?peer, error = %e, "association refused");
+                self.metrics
+                    .connections
+                    .with_label_values(&[name, "rejected"])
+                    .inc();
+                return;
+            }
+            Err(_) => {
+                info!(listener = %name, ?peer, "association negotiation timed out");
+                self.metrics
+                    .connections
+                    .with_label_values(&[name, "timeout"])
+                    .inc();
+                return;
+            }
+        };
+        self.metrics
+            .connections
+            .with_label_values(&[name, "accepted"])
+            .inc();
+        debug!(listener = %name, ?peer, "association accepted");
+        let mut session = Session {
+            server: self,
+            assoc,
+            command: Vec::new(),
+            state: State::Idle,
+        };
+        match session.run(shutdown).await {
+            Outcome::Closed(reason) => debug!(listener = %name, ?peer, %reason, "association closed"),
+            outcome => debug!(listener = %name, ?peer, ?outcome, "association ended"),
+        }
+    }
+}
+
+/// What the association is doing between PDVs.
+enum State {
+    /// Waiting for a command.
+    Idle,
+    /// Receiving the data set of a C-STORE.
+    Storing {
+        request: Command,
+        context_id: u8,
+        /// `None` once a failure was decided; the rest of the data set is discarded.
+        writer: Option<ObjectWriter>,
+        failure: Option<(u16, String)>,
+    },
+    /// Discarding the data set of a command we refuse.
+    Discarding { request: Command, context_id: u8 },
+}
+
+#[derive(Debug)]
+enum Outcome {
+    Released,
+    Aborted,
+    Closed(String),
+    Shutdown,
+}
+
+struct Session<'a> {
+    server: &'a DicomServer,
+    assoc: AsyncServerAssociation<TcpStream>,
+    command: Vec<u8>,
+    state: State,
+}
+
+impl Session<'_> {
+    async fn run(&mut self, shutdown: CancellationToken) -> Outcome {
+        loop {
+            let pdu = tokio::select! {
+                // Only stop between objects; a transfer in progress finishes or times out.
+                _ = shutdown.cancelled(), if matches!(self.state, State::Idle) => {
+                    self.abort().await;
+                    return Outcome::Shutdown;
+                }
+                pdu = self.assoc.receive() => pdu,
+            };
+            let pdu = match pdu {
+                Ok(p) => p,
+                Err(e) => return Outcome::Closed(e.to_string()),
+            };
+            match pdu {
+                Pdu::PData { data } => {
+                    for pdv in data {
+                        if let Err(reason) = self.pdv(pdv).await {
+                            warn!(listener = %self.server.cfg.name, %reason, "aborting association");
+                            self.abort().await;
+                            return Outcome::Aborted;
+                        }
+                    }
+                }
+                Pdu::ReleaseRQ => {
+                    let _ = self.assoc.send(&Pdu::ReleaseRP).await;
+                    return Outcome::Released;
+                }
+                Pdu::AbortRQ { .. } => return Outcome::Aborted,
+                other => {
+                    warn!(listener = %self.server.cfg.name, pdu = %other.short_description(), "unexpected PDU");
+                    self.abort().await;
+                    return Outcome::Aborted;
+                }
+            }
+        }
+    }
+
+    async fn abort(&mut self) {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            self.assoc.send(&Pdu::AbortRQ {
+                source: AbortRQSource::ServiceUser,
+            }),
+        )
+        .await;
+    }
+
+    fn accepted_context(&self, id: u8) -> Option<(String, String)> {
+        self.assoc
+            .presentation_contexts()
+            .iter()
+            .find(|pc| pc.id == id && pc.reason == PresentationContextResultReason::Acceptance)
+            .map(|pc| (pc.abstract_syntax.clone(), pc.transfer_syntax.clone()))
+    }
+
+    /// Handle one PDV. An `Err` aborts the association.
+    async fn pdv(&mut self, pdv: PDataValue) -> Result<(), String> {
+        if self.accepted_context(pdv.presentation_context_id).is_none() {
+            return Err(format!(
+                "PDV on presentation context {} which was not accepted",
+                pdv.presentation_context_id
+            ));
+        }
+        match pdv.value_type {
+            PDataValueType::Command => {
+                if !matches!(self.state, State::Idle) {
+                    return Err("command received while a data set was expected".into());
+                }
+                if self.command.len() + pdv.data.len() > dimse::MAX_COMMAND_BYTES {
+                    return Err("command set too large".into());
+                }
+                self.command.extend_from_slice(&pdv.data);
+                if pdv.is_last {
+                    let bytes = std::mem::take(&mut self.command);
+                    let cmd = Command::decode(&bytes).map_err(|e| e.to_string())?;
+                    self.command_received(cmd, pdv.presentation_context_id).await?;
+                }
+                Ok(())
+            }
+            PDataValueType::Data => self.data(pdv).await,
+        }
+    }
+
+    async fn command_received(&mut self, cmd: Command, context_id: u8) -> Result<(), String> {
+        match cmd.field {
+            field::C_ECHO_RQ => {
+                self.respond(context_id, &cmd.response(status::SUCCESS)).await?;
+                if cmd.has_data_set {
+                    self.state = State::Discarding { request: cmd, context_id };
+                }
+                Ok(())
+            }
+            field::C_STORE_RQ => {
+                if !cmd.has_data_set {
+                    return self
+                        .respond(context_id, &cmd.response(status::CANNOT_UNDERSTAND))
+                        .await;
+                }
+                let (writer, failure) = match self.start_store(&cmd, context_id) {
+                    Ok(w) => (Some(w), None),
+                    Err(f) => (None, Some(f)),
+                };
+                self.state = State::Storing {
+                    request: cmd,
+                    context_id,
+                    writer,
+                    failure,
+                };
+                Ok(())
+            }
+            field::C_CANCEL_RQ => Ok(()),
+            f if cmd.is_request() => {
+                debug!(command = format!("0x{f:04X}"), "unsupported DIMSE command");
+                if cmd.has_data_set {
+                    self.state = State::Discarding { request: cmd, context_id };
+                    Ok(())
+                } else {
+                    self.respond(context_id, &cmd.response(status::UNRECOGNIZED_OPERATION))
+                        .await
+                }
+            }
+            _ => Err("unexpected response command from the requestor".into()),
+        }
+    }
+
+    /// Validate a C-STORE-RQ and open a spool writer for it.
+    fn start_store(&self, cmd: &Command, context_id: u8) -> Result<ObjectWriter, (u16, String)> {
+        let (abstract_syntax, ts) = self
+            .accepted_context(context_id)
+            .ok_or((status::PROCESSING_FAILURE, "no context".to_owned()))?;
+        let class = cmd
+            .affected_sop_class
+            .clone()
+            .filter(|u| dimse::is_valid_uid(u))
+            .ok_or((status::INVALID_ARGUMENT_VALUE, "invalid Affected SOP Class UID".to_owned()))?;
+        let instance = cmd
+            .affected_sop_instance
+            .clone()
+            .filter(|u| dimse::is_valid_uid(u))
+            .ok_or((status::INVALID_ARGUMENT_VALUE, "invalid Affected SOP Instance UID".to_owned()))?;
+        if class != abstract_syntax {
+            return Err((
+                status::DATASET_DOES_NOT_MATCH,
+                "Affected SOP Class differs from the presentation context".to_owned(),
+            ));
+        }
+        use dicom_ul::association::Association;
+        let ingest = Ingest {
+            sop_class: class,
+            sop_instance: instance,
+            transfer_syntax: ts,
+            source: self.assoc.peer_ae_title().trim().to_owned(),
+            routes: self.server.cfg.route_to.clone(),
+            dedup: None,
+        };
+        self.server
+            .spool
+            .writer(ingest)
+            .map_err(|e| failure_status(&e))
+    }
+
+    async fn data(&mut self, pdv: PDataValue) -> Result<(), String> {
+        match &mut self.state {
+            State::Idle => Err("data set received without a command".into()),
+            State::Discarding { request, context_id } => {
+                if *context_id != pdv.presentation_context_id {
+                    return Err("data set on another presentation context".into());
+                }
+                if pdv.is_last {
+                    let rsp = request.response(status::UNRECOGNIZED_OPERATION);
+                    let ctx = *context_id;
+                    self.state = State::Idle;
+                    self.respond(ctx, &rsp).await?;
+                }
+                Ok(())
+            }
+            State::Storing {
+                context_id,
+                writer,
+                failure,
+                ..
+            } => {
+                if *context_id != pdv.presentation_context_id {
+                    return Err("data set on another presentation context".into());
+                }
+                if let Some(w) = writer.as_mut()
+                    && let Err(e) = w.write(&pdv.data).await
+                {
+                    *failure = Some(failure_status(&e));
+                    // Dropping the writer removes what it stored.
+                    *writer = None;
+                }
+                if pdv.is_last {
+                    self.finish_store().await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn finish_store(&mut self) -> Result<(), String> {
+        let State::Storing {
+            request,
+            context_id,
+            writer,
+            failure,
+        } = std::mem::replace(&mut self.state, State::Idle)
+        else {
+            return Ok(());
+        };
+        let listener = &self.server.cfg.name;
+        let m = &self.server.metrics;
+        let (code, comment) = match (writer, failure) {
+            (Some(w), None) => {
+                let bytes = w.len();
+                match w.commit().await {
+                    Ok(committed) => {
+                        m.objects_received.with_label_values(&[listener]).inc();
+                        m.bytes_received.with_label_values(&[listener]).inc_by(bytes);
+                        debug!(%listener, ?committed, bytes, "stored");
+                        (status::SUCCESS, None)
+                    }
+                    Err(e) => {
+                        let (code, comment) = failure_status(&e);
+                        (code, Some(comment))
+                    }
+                }
+            }
+            (_, Some((code, comment))) => (code, Some(comment)),
+            (None, None) => (status::PROCESSING_FAILURE, Some("internal".to_owned())),
+        };
+        if code != status::SUCCESS {
+            let reason = match code {
+                status::OUT_OF_RESOURCES => "out_of_resources",
+                status::DATASET_DOES_NOT_MATCH => "dataset_mismatch",
+                status::CANNOT_UNDERSTAND => "cannot_understand",
+                status::INVALID_ARGUMENT_VALUE => "invalid_argument",
+                _ => "failure",
+            };
+            m.objects_refused.with_label_values(&[listener, reason]).inc();
+            warn!(%listener, status = format!("0x{code:04X}"), reason = comment.as_deref().unwrap_or(""), "C-STORE refused");
+        }
+        let mut rsp = request.response(code);
+        rsp.error_comment = comment;
+        self.respond(context_id, &rsp).await
+    }
+
+    async fn respond(&mut self, context_id: u8, rsp: &Command) -> Result<(), String> {
+        let pdu = Pdu::PData {
+            data: vec![PDataValue {
+                presentation_context_id: context_id,
+                value_type: PDataValueType::Command,
+                is_last: true,
+                data: rsp.encode(),
+            }],
+        };
+        self.assoc
+            .send(&pdu)
+            .await
+            .map_err(|e| format!("could not send response: {e}"))
+    }
+}
+
+/// Map a spool failure to a C-STORE status and a log-safe comment.
+fn failure_status(e: &SpoolError) -> (u16, String) {
+    let code = match e {
+        SpoolError::Store(_) | SpoolError::Key(_) | SpoolError::Internal(_) | SpoolError::TooLarge(_) => {
+            status::OUT_OF_RESOURCES
+        }
+        SpoolError::IdentityMismatch(_) => status::DATASET_DOES_NOT_MATCH,
+        SpoolError::Format(_) => status::CANNOT_UNDERSTAND,
+        SpoolError::Corrupt(..) | SpoolError::NotFound(_) => status::PROCESSING_FAILURE,
+    };
+    (code, e.to_string())
+}

@@ -1,0 +1,375 @@
+//! The link listener: a STOW-RS endpoint over HTTP/2, TLS 1.3 and mutual authentication.
+//!
+//! Invariants:
+//! - the TLS handshake itself rejects a client without a certificate, with one from another
+//!   CA, or without a DNS SAN listed in `allowed_peers` (see [`crate::tls`]);
+//! - a part is stored through a spool writer, its digest checked against `Content-Digest`,
+//!   and committed (synced) before the response; a failed part leaves nothing behind;
+//! - an identical re-send of a transfer (same peer, same `Content-ID`, same digest) is a
+//!   success without a second copy; the same transfer with other bytes is refused with 409;
+//! - memory per request is bounded by the HTTP/2 window and one spool segment.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyStream, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::LinkListener;
+use crate::dataset;
+use crate::metrics::Metrics;
+use crate::spool::{Committed, DedupState, Ingest, Spool, SpoolError};
+
+/// Longest `Content-ID` accepted.
+const MAX_CONTENT_ID: usize = 200;
+
+/// A link listener, ready to serve.
+pub struct LinkServer {
+    cfg: LinkListener,
+    acceptor: TlsAcceptor,
+    spool: Spool,
+    metrics: Arc<Metrics>,
+    max_object_bytes: u64,
+}
+
+/// The outcome of one part.
+#[derive(Debug)]
+enum PartResult {
+    Stored,
+    Duplicate,
+    Conflict(String),
+    BadRequest(String),
+    Unavailable(String),
+}
+
+impl LinkServer {
+    /// Prepare a listener (does not bind).
+    pub fn new(
+        cfg: LinkListener,
+        tls: Arc<rustls::ServerConfig>,
+        spool: Spool,
+        metrics: Arc<Metrics>,
+        max_object_bytes: u64,
+    ) -> LinkServer {
+        LinkServer {
+            cfg,
+            acceptor: TlsAcceptor::from(tls),
+            spool,
+            metrics,
+            max_object_bytes,
+        }
+    }
+
+    /// Serve until `shutdown`; in-flight requests are allowed to finish.
+    pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) {
+        let server = Arc::new(self);
+        let tasks = tokio_util::task::TaskTracker::new();
+        loop {
+            let (socket, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                a = listener.accept() => match a {
+                    Ok(x) => x,
+                    Err(e) => {
+                        warn!(listener = %server.cfg.name, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let server = server.clone();
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move {
+                server.connection(socket, peer, shutdown).await;
+            });
+        }
+        tasks.close();
+        tasks.wait().await;
+    }
+
+    async fn connection(self: Arc<Self>, socket: TcpStream, addr: std::net::SocketAddr, shutdown: CancellationToken) {
+        let name = self.cfg.name.clone();
+        let _ = socket.set_nodelay(true);
+        let tls = match tokio::time::timeout(Duration::from_secs(10), self.acceptor.accept(socket)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                info!(listener = %name, peer = %addr, error = %e, "link handshake failed");
+                self.metrics.connections.with_label_values(&[&name, "handshake_failed"]).inc();
+                return;
+            }
+            Err(_) => {
+                info!(listener = %name, peer = %addr, "link handshake timed out");
+                self.metrics.connections.with_label_values(&[&name, "timeout"]).inc();
+                return;
+            }
+        };
+        let peer = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| crate::tls::peer_name(c, &self.cfg.allowed_peers));
+        let Some(peer) = peer else {
+            // The verifier already refused such peers; this is a second line.
+            self.metrics.connections.with_label_values(&[&name, "rejected"]).inc();
+            return;
+        };
+        self.metrics.connections.with_label_values(&[&name, "accepted"]).inc();
+        debug!(listener = %name, %peer, "link connection");
+        let server = self.clone();
+        let peer2 = peer.clone();
+        let svc = service_fn(move |req| {
+            let server = server.clone();
+            let peer = peer2.clone();
+            async move { Ok::<_, std::convert::Infallible>(server.handle(req, &peer).await) }
+        });
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(256)
+            .initial_stream_window_size(2 << 20)
+            .initial_connection_window_size(64 << 20)
+            .max_frame_size(1 << 20)
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(20));
+        let conn = builder.serve_connection(TokioIo::new(tls), svc);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    debug!(listener = %name, %peer, error = %e, "link connection ended");
+                }
+            }
+            _ = shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+            }
+        }
+    }
+
+    async fn handle(&self, req: Request<Incoming>, peer: &str) -> Response<Full<Bytes>> {
+        if req.uri().path() != super::STOW_PATH {
+            return text(StatusCode::NOT_FOUND, "not found");
+        }
+        if req.method() != Method::POST {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "POST only");
+        }
+        let ct = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let lower = ct.to_ascii_lowercase();
+        if !lower.starts_with("multipart/related")
+            || (lower.contains("type=") && !lower.contains("application/dicom"))
+        {
+            return text(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "expected multipart/related; type=\"application/dicom\"",
+            );
+        }
+        let Ok(boundary) = multer::parse_boundary(&ct) else {
+            return text(StatusCode::BAD_REQUEST, "no multipart boundary");
+        };
+        let stream = BodyStream::new(req.into_body())
+            .try_filter_map(|frame| async move { Ok(frame.into_data().ok()) });
+        let constraints = multer::Constraints::new().size_limit(
+            multer::SizeLimit::new().per_field(self.max_object_bytes + dataset::MAX_META_BYTES as u64 + 1024),
+        );
+        let mut multipart = multer::Multipart::with_constraints(stream, boundary, constraints);
+        let mut results = Vec::new();
+        loop {
+            let field = match multipart.next_field().await {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    results.push(PartResult::BadRequest(format!("multipart: {e}")));
+                    break;
+                }
+            };
+            results.push(self.part(field, peer).await);
+        }
+        self.respond(results)
+    }
+
+    fn respond(&self, results: Vec<PartResult>) -> Response<Full<Bytes>> {
+        let name = &self.cfg.name;
+        let m = &self.metrics;
+        if results.is_empty() {
+            return text(StatusCode::BAD_REQUEST, "no parts");
+        }
+        let mut ok = 0;
+        let mut worst = StatusCode::OK;
+        let mut refused = 0;
+        for r in &results {
+            let (code, msg, reason) = match r {
+                PartResult::Stored | PartResult::Duplicate => {
+                    ok += 1;
+                    continue;
+                }
+                PartResult::Conflict(s) => (StatusCode::CONFLICT, s, "conflict"),
+                PartResult::BadRequest(s) => (StatusCode::BAD_REQUEST, s, "bad_request"),
+                PartResult::Unavailable(s) => (StatusCode::SERVICE_UNAVAILABLE, s, "unavailable"),
+            };
+            m.objects_refused.with_label_values(&[name, reason]).inc();
+            warn!(listener = %name, status = code.as_u16(), reason = %msg, "STOW part refused");
+            refused += 1;
+            // 503 outranks 409 outranks 400: a retry is worth it if anything was transient.
+            let rank = |c: StatusCode| match c.as_u16() {
+                503 => 3,
+                409 => 2,
+                400 => 1,
+                _ => 0,
+            };
+            if rank(code) > rank(worst) {
+                worst = code;
+            }
+        }
+        if refused == 0 {
+            return json(StatusCode::OK, ok, 0);
+        }
+        let status = if ok > 0 { StatusCode::ACCEPTED } else { worst };
+        json(status, ok, results.len() - ok)
+    }
+
+    async fn part(&self, mut field: multer::Field<'static>, peer: &str) -> PartResult {
+        let h = field.headers();
+        let ct = h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        if !ct.trim().eq_ignore_ascii_case("application/dicom") {
+            return PartResult::BadRequest("part is not application/dicom".into());
+        }
+        let Some(transfer_id) = h
+            .get("content-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty() && v.len() <= MAX_CONTENT_ID && v.bytes().all(|b| b.is_ascii_graphic()))
+            .map(str::to_owned)
+        else {
+            return PartResult::BadRequest("part has no usable Content-ID".into());
+        };
+        let Some(digest) = h
+            .get("content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(super::parse_content_digest)
+        else {
+            return PartResult::BadRequest("part has no sha-256 Content-Digest".into());
+        };
+        let key = self.spool.dedup_key(peer, &transfer_id);
+        match self.spool.dedup_state(key, &digest) {
+            Ok(DedupState::New) => {}
+            Ok(DedupState::Identical) => {
+                // Already stored: drain without keeping anything.
+                while let Ok(Some(_)) = field.chunk().await {}
+                return PartResult::Duplicate;
+            }
+            Ok(DedupState::Conflict) => {
+                return PartResult::Conflict("this transfer was stored earlier with different content".into());
+            }
+            Err(e) => return PartResult::Unavailable(e.to_string()),
+        }
+
+        // Read up to the end of the Part-10 header.
+        let mut head = Vec::new();
+        let meta = loop {
+            match dataset::parse_part10_header(&head) {
+                Ok(Some(m)) => break m,
+                Ok(None) => {}
+                Err(e) => return PartResult::BadRequest(e.to_string()),
+            }
+            match field.chunk().await {
+                Ok(Some(c)) => head.extend_from_slice(&c),
+                Ok(None) => return PartResult::BadRequest("part ends inside the Part-10 header".into()),
+                Err(e) => return PartResult::BadRequest(format!("multipart: {e}")),
+            }
+            if head.len() > dataset::MAX_META_BYTES + 144 + (1 << 20) {
+                return PartResult::BadRequest("Part-10 header too large".into());
+            }
+        };
+        if crate::sop::encoding(&meta.transfer_syntax).is_none() {
+            return PartResult::BadRequest("unsupported transfer syntax".into());
+        }
+        if !crate::sop::is_storage_sop_class(&meta.sop_class) {
+            return PartResult::BadRequest("not a storage SOP class".into());
+        }
+        let ingest = Ingest {
+            sop_class: meta.sop_class,
+            sop_instance: meta.sop_instance,
+            transfer_syntax: meta.transfer_syntax,
+            source: peer.to_owned(),
+            routes: self.cfg.route_to.clone(),
+            dedup: Some(key),
+        };
+        let mut writer = match self.spool.writer_for_part10(ingest, meta.dataset_offset) {
+            Ok(w) => w,
+            Err(e) => return spool_failure(e),
+        };
+        if let Err(e) = writer.write(&head).await {
+            return spool_failure(e);
+        }
+        drop(head);
+        loop {
+            match field.chunk().await {
+                Ok(Some(c)) => {
+                    if let Err(e) = writer.write(&c).await {
+                        return spool_failure(e);
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return PartResult::BadRequest(format!("part interrupted: {e}")),
+            }
+        }
+        if writer.digest_so_far() != digest {
+            return PartResult::BadRequest("Content-Digest does not match the part".into());
+        }
+        let bytes = writer.len();
+        match writer.commit().await {
+            Ok(Committed::Stored(id)) => {
+                self.metrics.objects_received.with_label_values(&[&self.cfg.name]).inc();
+                self.metrics.bytes_received.with_label_values(&[&self.cfg.name]).inc_by(bytes);
+                debug!(listener = %self.cfg.name, object = %id, bytes, "stored from link");
+                PartResult::Stored
+            }
+            Ok(Committed::Duplicate) => PartResult::Duplicate,
+            Err(SpoolError::IdentityMismatch("content of this transfer")) => {
+                PartResult::Conflict("this transfer was stored earlier with different content".into())
+            }
+            Err(e) => spool_failure(e),
+        }
+    }
+}
+
+fn spool_failure(e: SpoolError) -> PartResult {
+    match e {
+        SpoolError::Format(_) | SpoolError::IdentityMismatch(_) | SpoolError::TooLarge(_) => {
+            PartResult::BadRequest(e.to_string())
+        }
+        _ => PartResult::Unavailable(e.to_string()),
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain"));
+    r
+}
+
+/// A minimal STOW-RS response body. It carries counts only: the sender knows what it sent.
+fn json(status: StatusCode, stored: usize, failed: usize) -> Response<Full<Bytes>> {
+    let body = format!("{{\"stored\":{stored},\"failed\":{failed}}}");
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r
+}

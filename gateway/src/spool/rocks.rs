@@ -1,0 +1,184 @@
+//! The only file that speaks RocksDB. Everything else uses the spool's own terms.
+//!
+//! Column families and what their keys hold (no key contains patient data: object ids are
+//! random, study and dedup keys are keyed hashes, destination names come from the config):
+//!
+//! | family   | key                                   | value                                   |
+//! |----------|---------------------------------------|-----------------------------------------|
+//! | `meta`   | object id (16)                        | version, study key id, sealed metadata  |
+//! | `seg`    | object id (16) ‖ index (u64 BE)        | sealed segment                          |
+//! | `keys`   | study key id (16)                     | DEK wrapped by the KEK                  |
+//! | `queue`  | destination ‖ 0x00 ‖ seq (u64 BE)      | object id (16) ‖ flags (1)              |
+//! | `refs`   | object id (16) ‖ destination           | seq (u64 BE)                            |
+//! | `ingest` | object id (16)                        | start time (u64 BE, ms): in-progress    |
+//! | `dedup`  | transfer key id (16)                  | digest (32) ‖ stored at (u64 BE, ms)    |
+//!
+//! Invariant: a write that must survive a crash goes through [`Store::commit`] with
+//! `sync = true`, which fsyncs the WAL and with it every earlier unsynced write.
+
+use std::path::Path;
+
+use rocksdb::{
+    ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions,
+};
+
+/// A column family of the spool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cf {
+    Meta,
+    Seg,
+    Keys,
+    Queue,
+    Refs,
+    Ingest,
+    Dedup,
+}
+
+impl Cf {
+    const ALL: [Cf; 7] = [
+        Cf::Meta,
+        Cf::Seg,
+        Cf::Keys,
+        Cf::Queue,
+        Cf::Refs,
+        Cf::Ingest,
+        Cf::Dedup,
+    ];
+    fn name(self) -> &'static str {
+        match self {
+            Cf::Meta => "meta",
+            Cf::Seg => "seg",
+            Cf::Keys => "keys",
+            Cf::Queue => "queue",
+            Cf::Refs => "refs",
+            Cf::Ingest => "ingest",
+            Cf::Dedup => "dedup",
+        }
+    }
+}
+
+/// A storage-engine failure (I/O error, disk full, corruption).
+#[derive(Debug, thiserror::Error)]
+#[error("storage: {0}")]
+pub struct StoreError(String);
+
+impl StoreError {
+    pub(crate) fn new(msg: String) -> StoreError {
+        StoreError(msg)
+    }
+}
+
+impl From<rocksdb::Error> for StoreError {
+    fn from(e: rocksdb::Error) -> Self {
+        StoreError(e.into_string())
+    }
+}
+
+/// The RocksDB handle.
+pub(crate) struct Store {
+    db: DB,
+}
+
+/// A set of writes applied atomically.
+pub(crate) struct Batch<'a> {
+    store: &'a Store,
+    batch: WriteBatch,
+}
+
+impl Batch<'_> {
+    pub(crate) fn put(&mut self, cf: Cf, key: &[u8], value: &[u8]) {
+        if let Some(h) = self.store.db.cf_handle(cf.name()) {
+            self.batch.put_cf(h, key, value);
+        }
+    }
+    pub(crate) fn delete(&mut self, cf: Cf, key: &[u8]) {
+        if let Some(h) = self.store.db.cf_handle(cf.name()) {
+            self.batch.delete_cf(h, key);
+        }
+    }
+    /// Delete keys in `[from, to)`.
+    pub(crate) fn delete_range(&mut self, cf: Cf, from: &[u8], to: &[u8]) {
+        if let Some(h) = self.store.db.cf_handle(cf.name()) {
+            self.batch.delete_range_cf(h, from, to);
+        }
+    }
+}
+
+impl Store {
+    /// Open (or create) the spool database in `dir`.
+    pub(crate) fn open(dir: &Path) -> Result<Store, StoreError> {
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.set_keep_log_file_num(4);
+        db_opts.set_max_total_wal_size(256 << 20);
+        let cfs = Cf::ALL.iter().map(|cf| {
+            let mut o = Options::default();
+            // Small memtables keep RSS flat (see docs/format.md and the performance notes).
+            o.set_write_buffer_size(16 << 20);
+            o.set_max_write_buffer_number(3);
+            if *cf == Cf::Seg {
+                // Segments are large values: keep them in blob files, out of the LSM tree.
+                o.set_enable_blob_files(true);
+                o.set_min_blob_size(4096);
+                o.set_blob_file_size(256 << 20);
+                o.set_enable_blob_gc(true);
+            }
+            ColumnFamilyDescriptor::new(cf.name(), o)
+        });
+        let db = DB::open_cf_descriptors(&db_opts, dir, cfs)?;
+        Ok(Store { db })
+    }
+
+    fn cf(&self, cf: Cf) -> Result<&rocksdb::ColumnFamily, StoreError> {
+        self.db
+            .cf_handle(cf.name())
+            .ok_or_else(|| StoreError(format!("column family {} missing", cf.name())))
+    }
+
+    pub(crate) fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get_cf(self.cf(cf)?, key)?)
+    }
+
+    /// A write that need not be durable by itself (a later synced commit covers it).
+    pub(crate) fn put_unsynced(&self, cf: Cf, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(false);
+        Ok(self.db.put_cf_opt(self.cf(cf)?, key, value, &wo)?)
+    }
+
+    pub(crate) fn batch(&self) -> Batch<'_> {
+        Batch {
+            store: self,
+            batch: WriteBatch::default(),
+        }
+    }
+
+    /// Apply a batch; with `sync`, fsync the WAL before returning.
+    pub(crate) fn commit(&self, batch: Batch<'_>, sync: bool) -> Result<(), StoreError> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(sync);
+        Ok(self.db.write_opt(batch.batch, &wo)?)
+    }
+
+    /// Every (key, value) whose key starts with `prefix`, in key order, at most `limit`.
+    pub(crate) fn scan_prefix(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Box<[u8]>, Box<[u8]>)>, StoreError> {
+        let mut out = Vec::new();
+        let iter = self
+            .db
+            .iterator_cf(self.cf(cf)?, IteratorMode::From(prefix, Direction::Forward));
+        for item in iter {
+            let (k, v) = item?;
+            if !k.starts_with(prefix) || out.len() >= limit {
+                break;
+            }
+            out.push((k, v));
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,99 @@
+//! The crate's single error type.
+
+use std::path::PathBuf;
+
+/// Errors returned by the keystore.
+///
+/// No variant carries key material or plaintext; paths, lengths, modes and
+/// segment indices are the only data attached.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum KeystoreError {
+    /// The KEK file could not be opened or read.
+    #[error("cannot read KEK file {path}: {source}", path = path.display())]
+    KekFile {
+        /// Path of the KEK file.
+        path: PathBuf,
+        /// Underlying I/O error.
+        source: std::io::Error,
+    },
+
+    /// A new KEK file could not be created, written or synced.
+    #[error("cannot write KEK file {path}: {source}", path = path.display())]
+    KekWrite {
+        /// Path of the KEK file.
+        path: PathBuf,
+        /// Underlying I/O error.
+        source: std::io::Error,
+    },
+
+    /// The KEK file does not hold exactly [`KEY_LEN`](crate::KEY_LEN) bytes.
+    #[error("KEK file {path} must hold exactly 32 bytes, found {len}", path = path.display())]
+    KekLength {
+        /// Path of the KEK file.
+        path: PathBuf,
+        /// Length found (saturated at `usize::MAX`).
+        len: usize,
+    },
+
+    /// Refused to overwrite an existing KEK file.
+    #[error(
+        "KEK file {path} already exists; refusing to overwrite it (data wrapped under it would become unreadable)",
+        path = path.display()
+    )]
+    KekExists {
+        /// Path of the existing KEK file.
+        path: PathBuf,
+    },
+
+    /// The KEK file is accessible by group or others.
+    #[error(
+        "KEK file {path} has mode {mode:04o}, which grants access to group or others; run `chmod 600 {path}`",
+        path = path.display()
+    )]
+    KekPermissions {
+        /// Path of the KEK file.
+        path: PathBuf,
+        /// Permission bits of the file (`mode & 0o7777`).
+        mode: u32,
+    },
+
+    /// A wrapped DEK failed authentication: wrong KEK, wrong context (study)
+    /// or tampered bytes.
+    #[error("wrapped data key failed authentication (wrong KEK, wrong study, or tampered)")]
+    Unwrap,
+
+    /// A segment failed authentication: tampered, swapped from another object,
+    /// moved to another index, re-flagged, or opened with the wrong key.
+    #[error("segment {index} failed authentication (tampered, swapped, reordered, or wrong key)")]
+    Open {
+        /// Index of the segment that failed.
+        index: u64,
+    },
+
+    /// A sealed record failed authentication: tampered, wrong associated data,
+    /// or wrong key.
+    #[error("record failed authentication (tampered, wrong associated data, or wrong key)")]
+    Record,
+
+    /// Sealed bytes are malformed (too short, unknown version, bad flags,
+    /// out-of-order index, oversized identity).
+    #[error("malformed sealed data: {0}")]
+    Format(&'static str),
+
+    /// The segment stream ended without a final segment.
+    #[error("sealed object is truncated: no final segment")]
+    Truncated,
+
+    /// A segment was sealed or opened after the final segment.
+    #[error("segment after the final segment")]
+    AfterFinal,
+
+    /// The system random number generator failed.
+    #[error("system random number generator failed")]
+    Random,
+
+    /// Any other failure reported by the cryptographic backend.
+    #[error("cryptographic backend failure")]
+    Crypto,
+}

@@ -1,0 +1,203 @@
+//! Bad input gets a clear refusal, and nothing is stored or lost.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dicom_gateway::config::TlsSection;
+use dicom_gateway::dispatch::SendError;
+use dicom_gateway::relay::client::GatewaySender;
+use dicom_gateway::spool::{Ingest, Spool, SpoolOptions};
+use dicom_gateway_e2e::*;
+
+fn no_extra(pacs_port: u16) -> SiteOptions {
+    SiteOptions {
+        pacs_port,
+        a_listener_extra: String::new(),
+        a_spool: String::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wrong_called_ae_title_is_rejected_and_nothing_is_stored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pacs = Storescp::start(&tmp.path().join("pacs"));
+    let mut sites = TwoSites::start(no_extra(pacs.port)).await;
+    let objects = study(2, "WRONG^AE", 4096);
+    let err = dicom_gateway::demo::send_objects(&sites.a_dicom().to_string(), "TEST_SCU", "NOT_GW_A", objects.clone(), |_| {})
+        .await
+        .expect_err("a wrong called AE title must be rejected");
+    assert!(err.to_string().contains("association"), "{err}");
+    let a = sites.a.as_ref().unwrap();
+    assert_eq!(a.spool().unwrap().object_count().unwrap(), 0);
+    assert!(a.metrics.render().contains("dicom_gateway_connections_total{listener=\"lan\",result=\"rejected\"} 1"));
+    // The right AE title on the same listener works (the test can tell the difference).
+    assert_eq!(send(sites.a_dicom(), "GW_A", &objects).await, 2);
+    sites.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn calling_ae_title_outside_the_allow_list_is_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pacs = Storescp::start(&tmp.path().join("pacs"));
+    let mut sites = TwoSites::start(SiteOptions {
+        pacs_port: pacs.port,
+        a_listener_extra: "allowed_calling_ae_titles = [\"MODALITY1\"]".into(),
+        a_spool: String::new(),
+    })
+    .await;
+    let objects = study(1, "CALLING^AE", 4096);
+    let addr = sites.a_dicom().to_string();
+    let refused = dicom_gateway::demo::send_objects(&addr, "INTRUDER", "GW_A", objects.clone(), |_| {}).await;
+    assert!(refused.is_err(), "calling AE not in the list must be rejected");
+    let accepted = dicom_gateway::demo::send_objects(&addr, "MODALITY1", "GW_A", objects, |_| {}).await;
+    assert_eq!(accepted.expect("listed calling AE"), 1);
+    sites.stop().await;
+}
+
+/// An object over the size limit is refused with 0xA700 and leaves no segment behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn object_that_cannot_be_persisted_gets_a700_and_leaves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pacs = Storescp::start(&tmp.path().join("pacs"));
+    let mut sites = TwoSites::start(SiteOptions {
+        pacs_port: pacs.port,
+        a_listener_extra: String::new(),
+        a_spool: "segment_bytes = 65536\nmax_object_bytes = 1048576".into(),
+    })
+    .await;
+    let big = study(1, "TOO^BIG", 3 << 20);
+    let err = dicom_gateway::demo::send_objects(&sites.a_dicom().to_string(), "TEST_SCU", "GW_A", big, |_| {})
+        .await
+        .expect_err("must be refused");
+    assert!(err.to_string().contains("0xA700"), "{err}");
+    let a = sites.a.as_ref().unwrap().spool().unwrap().clone();
+    assert_eq!(a.object_count().unwrap(), 0);
+    assert_eq!(a.segment_count().unwrap(), 0, "segments of the refused object remain");
+    // The association stays usable and a small object afterwards goes through.
+    drop(a);
+    let small = study(1, "SMALL^OK", 4096);
+    assert_eq!(send(sites.a_dicom(), "GW_A", &small).await, 1);
+    assert!(eventually(Duration::from_secs(30), || pacs.count() == 1).await);
+    sites.stop().await;
+}
+
+/// Build a one-object spool to send from, as a peer gateway would.
+async fn one_object_spool(dir: &std::path::Path) -> (Spool, dicom_gateway::spool::ObjectId) {
+    let spool = Spool::open(dir, keystore::Kek::from_bytes([9; 32]), SpoolOptions::default()).unwrap();
+    let o = &study(1, "LINK^PROBE", 8192)[0];
+    let mut w = spool
+        .writer(Ingest {
+            sop_class: o.sop_class.clone(),
+            sop_instance: o.sop_instance.clone(),
+            transfer_syntax: o.transfer_syntax.clone(),
+            source: "TEST".into(),
+            routes: vec!["out".into()],
+            dedup: None,
+        })
+        .unwrap();
+    w.write(&o.dataset).await.unwrap();
+    let id = match w.commit().await.unwrap() {
+        dicom_gateway::spool::Committed::Stored(id) => id,
+        other => panic!("{other:?}"),
+    };
+    (spool, id)
+}
+
+fn client_tls(cert: &std::path::Path, key: &std::path::Path, ca: &std::path::Path) -> Arc<rustls::ClientConfig> {
+    Arc::new(
+        dicom_gateway::tls::client_config(&TlsSection {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            ca: ca.to_owned(),
+        })
+        .unwrap(),
+    )
+}
+
+fn no_client_cert(ca: &std::path::Path) -> Arc<rustls::ClientConfig> {
+    let roots = dicom_gateway::tls::load_roots(ca).unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(dicom_gateway::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(cfg)
+}
+
+/// Peers without a client certificate, with one from another CA, or with a name the
+/// listener does not list, fail the handshake and store nothing; the listed peer succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn link_refuses_unauthenticated_and_unlisted_peers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pacs = Storescp::start(&tmp.path().join("pacs"));
+    let mut sites = TwoSites::start(no_extra(pacs.port)).await;
+    // B does not deliver while we look at its spool.
+    drop(pacs);
+    let d = sites.dir.path().to_owned();
+    let url = format!("https://127.0.0.1:{}", sites.link_port);
+    let other = tmp.path().join("other-pki");
+    dicom_gateway::pki::init(&other, &["site-a".into()]).unwrap();
+    // A certificate from the right CA for a peer B does not list: site-b's own.
+
+    let (spool, id) = one_object_spool(&tmp.path().join("sender")).await;
+    let attempt = |tls: Arc<rustls::ClientConfig>| {
+        let spool = spool.clone();
+        let url = url.clone();
+        async move {
+            let sender = GatewaySender::new(&url, "site-b", tls, "site-a").unwrap();
+            let reader = spool.open_object(id).await.unwrap();
+            sender.send(reader).await
+        }
+    };
+    let cases = [
+        ("no client certificate", no_client_cert(&d.join("pki/ca.crt"))),
+        (
+            "certificate from another CA",
+            client_tls(&other.join("site-a.crt"), &other.join("site-a.key"), &d.join("pki/ca.crt")),
+        ),
+        (
+            "certificate of a peer not listed",
+            client_tls(&d.join("pki/site-b.crt"), &d.join("pki/site-b.key"), &d.join("pki/ca.crt")),
+        ),
+    ];
+    for (what, tls) in cases {
+        let r = attempt(tls).await;
+        assert!(matches!(r, Err(SendError::Transient(_))), "{what}: {r:?}");
+        let b = sites.b.as_ref().unwrap();
+        assert_eq!(b.spool().unwrap().object_count().unwrap(), 0, "{what}: something was stored");
+    }
+    let b = sites.b.as_ref().unwrap();
+    assert!(b.metrics.render().contains("result=\"handshake_failed\"} 3"), "{}", b.metrics.render());
+
+    // Control: the listed peer with its own certificate gets through.
+    let ok = attempt(client_tls(&d.join("pki/site-a.crt"), &d.join("pki/site-a.key"), &d.join("pki/ca.crt"))).await;
+    assert!(ok.is_ok(), "{ok:?}");
+    assert_eq!(sites.b.as_ref().unwrap().spool().unwrap().object_count().unwrap(), 1);
+    // An identical re-send of the same transfer is a success without a second copy.
+    let again = attempt(client_tls(&d.join("pki/site-a.crt"), &d.join("pki/site-a.key"), &d.join("pki/ca.crt"))).await;
+    assert!(again.is_ok(), "{again:?}");
+    assert_eq!(sites.b.as_ref().unwrap().spool().unwrap().object_count().unwrap(), 1);
+    sites.stop().await;
+}
+
+/// A server that is not the configured peer (wrong name) is refused by the sender.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sender_refuses_a_server_without_the_expected_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pacs = Storescp::start(&tmp.path().join("pacs"));
+    let mut sites = TwoSites::start(no_extra(pacs.port)).await;
+    let d = sites.dir.path().to_owned();
+    let (spool, id) = one_object_spool(&tmp.path().join("sender")).await;
+    let sender = GatewaySender::new(
+        &format!("https://127.0.0.1:{}", sites.link_port),
+        "site-c",
+        client_tls(&d.join("pki/site-a.crt"), &d.join("pki/site-a.key"), &d.join("pki/ca.crt")),
+        "site-a",
+    )
+    .unwrap();
+    let r = sender.send(spool.open_object(id).await.unwrap()).await;
+    assert!(r.is_err(), "must not talk to a server that is not site-c");
+    assert_eq!(sites.b.as_ref().unwrap().spool().unwrap().object_count().unwrap(), 0);
+    sites.stop().await;
+}

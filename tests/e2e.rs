@@ -1,0 +1,138 @@
+//! End to end: a DICOM SCU → site A → mutual TLS → site B → DCMTK storescp.
+
+use std::time::Duration;
+
+use dicom_gateway_e2e::*;
+
+/// The bytes that arrive at the PACS are the bytes that were sent, and neither data folder
+/// holds anything readable from them afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn relays_byte_for_byte_and_leaves_no_plaintext_at_rest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pacs = Storescp::start(&tmp.path().join("pacs"));
+    let mut sites = TwoSites::start(SiteOptions {
+        pacs_port: pacs.port,
+        a_listener_extra: String::new(),
+        a_spool: String::new(),
+    })
+    .await;
+
+    let marker = "ZZMARKER^SCANTEST";
+    let mut objects = study(24, marker, 64 * 1024);
+    // One object spanning several 1 MiB segments.
+    objects.extend(study(1, marker, 5 << 20));
+    let study_uid = {
+        // the study UID is inside every data set; find it through the generator's output
+        let ds = &objects[0].dataset;
+        let pos = ds.windows(5).position(|w| w == b"2.25.").unwrap();
+        let end = ds[pos..].iter().position(|b| *b == 0 || *b == b' ').unwrap() + pos;
+        String::from_utf8(ds[pos..end].to_vec()).unwrap()
+    };
+    let pixel_probe = objects[3].dataset[objects[3].dataset.len() - 64..].to_vec();
+    let instance_probe = objects[5].sop_instance.clone();
+
+    assert_eq!(send(sites.a_dicom(), "GW_A", &objects).await, objects.len());
+    let want = expected(&objects);
+    let arrived = eventually(Duration::from_secs(120), || pacs.count() >= objects.len()).await;
+    assert!(arrived, "only {} of {} objects arrived", pacs.count(), objects.len());
+    // Nothing extra arrives a moment later either.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(pacs.received(), want, "delivered data sets differ from those sent");
+
+    // Delivered objects leave both spools.
+    let a = sites.a.as_ref().unwrap().spool().unwrap().clone();
+    let b = sites.b.as_ref().unwrap().spool().unwrap().clone();
+    assert!(eventually(Duration::from_secs(10), || a.object_count().unwrap() == 0).await);
+    assert!(eventually(Duration::from_secs(10), || b.object_count().unwrap() == 0).await);
+    drop((a, b));
+
+    // Metrics saw it, with no UID in any label.
+    let metrics = sites.a.as_ref().unwrap().metrics.render();
+    assert!(metrics.contains("dicom_gateway_objects_delivered_total{destination=\"site-b\"} 25"), "{metrics}");
+    assert!(!metrics.contains(&instance_probe));
+
+    sites.stop().await;
+
+    // Positive control: the markers are findable where plaintext is expected.
+    assert!(!files_containing(&pacs.out, marker.as_bytes()).is_empty());
+    assert!(!files_containing(&pacs.out, &pixel_probe).is_empty());
+    for site in ["a", "b"] {
+        let dir = sites.data_dir(site);
+        assert!(!all_files(&dir).is_empty(), "no data dir for {site}");
+        for needle in [
+            marker.as_bytes(),
+            study_uid.as_bytes(),
+            instance_probe.as_bytes(),
+            &pixel_probe[..],
+        ] {
+            let hits = files_containing(&dir, needle);
+            assert!(hits.is_empty(), "plaintext {:?} found in {hits:?}", String::from_utf8_lossy(&needle[..needle.len().min(24)]));
+        }
+    }
+}
+
+/// Site B stops in the middle of a transfer and comes back: everything arrives, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restart_of_site_b_mid_transfer_delivers_everything_exactly_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pacs = Storescp::start(&tmp.path().join("pacs"));
+    let mut sites = TwoSites::start(SiteOptions {
+        pacs_port: pacs.port,
+        a_listener_extra: String::new(),
+        a_spool: String::new(),
+    })
+    .await;
+    let first = study(30, "RESTART^ONE", 128 * 1024);
+    let second = study(30, "RESTART^TWO", 128 * 1024);
+
+    assert_eq!(send(sites.a_dicom(), "GW_A", &first).await, first.len());
+    // Stop B while A is still relaying the first batch.
+    sites.stop_b().await;
+    let delivered_at_stop = pacs.count();
+    assert!(delivered_at_stop < first.len() + second.len());
+
+    // A keeps accepting while B is away and holds everything not confirmed.
+    assert_eq!(send(sites.a_dicom(), "GW_A", &second).await, second.len());
+    let a = sites.a.as_ref().unwrap().spool().unwrap().clone();
+    assert!(a.queue_len("site-b").unwrap() >= second.len(), "site A must hold what B has not confirmed");
+    drop(a);
+
+    sites.start_b().await;
+    let total = first.len() + second.len();
+    let arrived = eventually(Duration::from_secs(120), || pacs.count() >= total).await;
+    assert!(arrived, "only {} of {total} arrived after restart", pacs.count());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut all = first.clone();
+    all.extend(second);
+    assert_eq!(pacs.received(), expected(&all), "lost or duplicated objects");
+    assert_eq!(pacs.count(), total, "duplicates delivered");
+    sites.stop().await;
+}
+
+/// A restart of site A itself resumes its queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restart_of_site_a_resumes_its_queue() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pacs = Storescp::start(&tmp.path().join("pacs"));
+    let mut sites = TwoSites::start(SiteOptions {
+        pacs_port: pacs.port,
+        a_listener_extra: String::new(),
+        a_spool: String::new(),
+    })
+    .await;
+    // B is down, so everything stays queued at A.
+    sites.stop_b().await;
+    let objects = study(10, "RESUME^A", 32 * 1024);
+    assert_eq!(send(sites.a_dicom(), "GW_A", &objects).await, objects.len());
+    let a = sites.a.take().unwrap();
+    assert_eq!(a.spool().unwrap().queue_len("site-b").unwrap(), objects.len());
+    a.stop().await;
+    // Restart A from its config and data folder, then bring B back.
+    let cfg = dicom_gateway::config::Config::load(&sites.dir.path().join("site-a.toml")).unwrap();
+    sites.a = Some(dicom_gateway::node::Node::start(cfg).await.unwrap());
+    sites.start_b().await;
+    assert!(eventually(Duration::from_secs(60), || pacs.count() >= objects.len()).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(pacs.received(), expected(&objects));
+    sites.stop().await;
+}

@@ -1,0 +1,329 @@
+//! Test harness: real nodes on loopback, a real DICOM SCP (DCMTK `storescp`), real TLS and
+//! a real RocksDB, in a temporary folder per test.
+//!
+//! Nothing here stands in for a component: nodes are started from config files exactly as
+//! `dicom-gateway serve` does, the receiving PACS is DCMTK's `storescp` in bit-preserving
+//! mode, and objects go in by C-STORE.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dicom_gateway::config::Config;
+use dicom_gateway::demo::{self, DemoObject};
+use dicom_gateway::node::Node;
+
+/// DCMTK's storescp (pynetdicom installs its own `storescp` earlier on PATH).
+pub const STORESCP: &str = "/usr/bin/storescp";
+
+/// Log to the test output when RUST_LOG is set.
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// A free loopback port (bound and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A running DCMTK storescp, killed on drop.
+pub struct Storescp {
+    child: Child,
+    /// Its port.
+    pub port: u16,
+    /// Where it writes received files.
+    pub out: PathBuf,
+}
+
+impl Storescp {
+    /// Start `storescp +B +uf +xa` on a free port with AE title `STORESCP`.
+    pub fn start(out: &Path) -> Storescp {
+        assert!(
+            Path::new(STORESCP).exists(),
+            "{STORESCP} is missing: install Debian's dcmtk (.ci/run does)"
+        );
+        std::fs::create_dir_all(out).expect("storescp output dir");
+        let port = free_port();
+        let child = Command::new(STORESCP)
+            .env("TCP_NODELAY", "1")
+            .args(["+B", "+uf", "+xa", "-aet", "STORESCP", "-od"])
+            .arg(out)
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start storescp");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "storescp did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Storescp {
+            child,
+            port,
+            out: out.to_owned(),
+        }
+    }
+
+    /// Data set SHA-256 of every file received, counted.
+    pub fn received(&self) -> HashMap<String, usize> {
+        received_datasets(&self.out)
+    }
+
+    /// Number of files received.
+    pub fn count(&self) -> usize {
+        std::fs::read_dir(&self.out).map(|d| d.count()).unwrap_or(0)
+    }
+}
+
+impl Drop for Storescp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Hash the data set of every Part-10 file in `dir` (skipping each file's meta group).
+pub fn received_datasets(dir: &Path) -> HashMap<String, usize> {
+    let mut out = HashMap::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let Ok(data) = std::fs::read(e.path()) else { continue };
+        if let Some(ds) = part10_dataset(&data) {
+            *out.entry(demo::sha256_hex(ds)).or_default() += 1;
+        }
+    }
+    out
+}
+
+/// The data set of a Part-10 file, parsed independently of the gateway's own parser:
+/// the meta group length is (0002,0000) right after "DICM".
+pub fn part10_dataset(file: &[u8]) -> Option<&[u8]> {
+    if file.get(128..132)? != b"DICM" {
+        return None;
+    }
+    let len = u32::from_le_bytes(file.get(140..144)?.try_into().ok()?) as usize;
+    file.get(144 + len..)
+}
+
+/// Expected multiset of data set hashes.
+pub fn expected(objects: &[DemoObject]) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for o in objects {
+        *m.entry(demo::sha256_hex(&o.dataset)).or_default() += 1;
+    }
+    m
+}
+
+/// Poll `f` until it is true or `timeout` passes; returns the last value.
+pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Two sites, A (DICOM in → gateway B) and B (link in → DICOM out), in one temp folder.
+pub struct TwoSites {
+    /// The work folder.
+    pub dir: tempfile::TempDir,
+    /// Site A, while running.
+    pub a: Option<Node>,
+    /// Site B, while running.
+    pub b: Option<Node>,
+    /// Site B's link port (stable across restarts).
+    pub link_port: u16,
+}
+
+/// Options for [`TwoSites::start`].
+pub struct SiteOptions {
+    /// Where B delivers: the storescp port.
+    pub pacs_port: u16,
+    /// Extra TOML appended to A's `[[dicom_listener]]` table.
+    pub a_listener_extra: String,
+    /// Extra TOML for A's `[spool]` section.
+    pub a_spool: String,
+}
+
+impl TwoSites {
+    /// Make the PKI, KEKs and configs, then start B and A.
+    pub async fn start(opts: SiteOptions) -> TwoSites {
+        init_logging();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let d = dir.path();
+        dicom_gateway::pki::init(&d.join("pki"), &["site-a".into(), "site-b".into()]).expect("pki");
+        keystore::Kek::generate_file(&d.join("kek-a.key")).expect("kek a");
+        keystore::Kek::generate_file(&d.join("kek-b.key")).expect("kek b");
+        let link_port = free_port();
+        std::fs::write(
+            d.join("site-b.toml"),
+            format!(
+                r#"[node]
+name = "site-b"
+data_dir = "data-b"
+[keystore]
+kek_file = "kek-b.key"
+[tls]
+cert = "pki/site-b.crt"
+key = "pki/site-b.key"
+ca = "pki/ca.crt"
+[http]
+listen = "127.0.0.1:0"
+[[link_listener]]
+name = "wan"
+listen = "127.0.0.1:{link_port}"
+allowed_peers = ["site-a"]
+route_to = ["pacs"]
+[[destination]]
+name = "pacs"
+kind = "dicom"
+address = "127.0.0.1:{pacs}"
+ae_title = "STORESCP"
+calling_ae_title = "GW_B"
+retry_initial_ms = 100
+retry_max_ms = 1000
+"#,
+                pacs = opts.pacs_port
+            ),
+        )
+        .expect("write config b");
+        std::fs::write(
+            d.join("site-a.toml"),
+            format!(
+                r#"[node]
+name = "site-a"
+data_dir = "data-a"
+[keystore]
+kek_file = "kek-a.key"
+[tls]
+cert = "pki/site-a.crt"
+key = "pki/site-a.key"
+ca = "pki/ca.crt"
+[http]
+listen = "127.0.0.1:0"
+[spool]
+{spool}
+[[dicom_listener]]
+name = "lan"
+listen = "127.0.0.1:0"
+ae_title = "GW_A"
+route_to = ["site-b"]
+{extra}
+[[destination]]
+name = "site-b"
+kind = "gateway"
+url = "https://127.0.0.1:{link_port}"
+peer_name = "site-b"
+retry_initial_ms = 100
+retry_max_ms = 1000
+"#,
+                spool = opts.a_spool,
+                extra = opts.a_listener_extra
+            ),
+        )
+        .expect("write config a");
+        let mut sites = TwoSites {
+            dir,
+            a: None,
+            b: None,
+            link_port,
+        };
+        sites.start_b().await;
+        sites.a = Some(
+            Node::start(Config::load(&sites.dir.path().join("site-a.toml")).expect("config a"))
+                .await
+                .expect("start a"),
+        );
+        sites
+    }
+
+    /// (Re)start site B.
+    pub async fn start_b(&mut self) {
+        assert!(self.b.is_none());
+        let cfg = Config::load(&self.dir.path().join("site-b.toml")).expect("config b");
+        self.b = Some(Node::start(cfg).await.expect("start b"));
+    }
+
+    /// Stop site B and wait until its spool is closed.
+    pub async fn stop_b(&mut self) {
+        if let Some(b) = self.b.take() {
+            b.stop().await;
+        }
+    }
+
+    /// Stop both sites.
+    pub async fn stop(&mut self) {
+        if let Some(a) = self.a.take() {
+            a.stop().await;
+        }
+        self.stop_b().await;
+    }
+
+    /// Site A's DICOM address.
+    pub fn a_dicom(&self) -> SocketAddr {
+        self.a.as_ref().expect("site a running").dicom_addrs["lan"]
+    }
+
+    /// A node's data folder.
+    pub fn data_dir(&self, site: &str) -> PathBuf {
+        self.dir.path().join(format!("data-{site}"))
+    }
+}
+
+/// Generate `n` objects of one study with a distinctive patient name.
+pub fn study(n: u32, patient: &str, pixel_bytes: usize) -> Vec<DemoObject> {
+    let study = demo::new_uid();
+    let series = demo::new_uid();
+    (0..n)
+        .map(|i| demo::generate_object(&study, &series, i + 1, patient, pixel_bytes).expect("generate"))
+        .collect()
+}
+
+/// C-STORE `objects` into `addr`, calling AE `called`; panics on failure.
+pub async fn send(addr: SocketAddr, called: &str, objects: &[DemoObject]) -> usize {
+    demo::send_objects(&addr.to_string(), "TEST_SCU", called, objects.to_vec(), |_| {})
+        .await
+        .expect("C-STORE")
+}
+
+/// Every file below `dir`, recursively.
+pub fn all_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Files below `dir` that contain `needle`.
+pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    all_files(dir)
+        .into_iter()
+        .filter(|p| {
+            std::fs::read(p)
+                .map(|data| data.windows(needle.len()).any(|w| w == needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
