@@ -17,10 +17,19 @@ fn seal(c: &mut Criterion) {
 }
 
 fn spool_write(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(dir.path(), Kek::from_bytes([1; 32]), SpoolOptions::default()).unwrap();
-    let obj = dicom_gateway::demo::generate_object("1.2.3", "1.2.3.4", 1, "BENCH^X", 4 << 20).unwrap();
+    let spool = Spool::open(
+        dir.path(),
+        Kek::from_bytes([1; 32]),
+        SpoolOptions::default(),
+    )
+    .unwrap();
+    let obj =
+        dicom_gateway::demo::generate_object("1.2.3", "1.2.3.4", 1, "BENCH^X", 4 << 20).unwrap();
     let mut g = c.benchmark_group("spool");
     g.sample_size(10);
     g.throughput(Throughput::Bytes(obj.dataset.len() as u64));

@@ -23,13 +23,23 @@ async fn wrong_called_ae_title_is_rejected_and_nothing_is_stored() {
     let pacs = Storescp::start(&tmp.path().join("pacs"));
     let mut sites = TwoSites::start(no_extra(pacs.port)).await;
     let objects = study(2, "WRONG^AE", 4096);
-    let err = dicom_gateway::demo::send_objects(&sites.a_dicom().to_string(), "TEST_SCU", "NOT_GW_A", objects.clone(), |_| {})
-        .await
-        .expect_err("a wrong called AE title must be rejected");
+    let err = dicom_gateway::demo::send_objects(
+        &sites.a_dicom().to_string(),
+        "TEST_SCU",
+        "NOT_GW_A",
+        objects.clone(),
+        |_| {},
+    )
+    .await
+    .expect_err("a wrong called AE title must be rejected");
     assert!(err.to_string().contains("association"), "{err}");
     let a = sites.a.as_ref().unwrap();
     assert_eq!(a.spool().unwrap().object_count().unwrap(), 0);
-    assert!(a.metrics.render().contains("dicom_gateway_connections_total{listener=\"lan\",result=\"rejected\"} 1"));
+    assert!(
+        a.metrics
+            .render()
+            .contains("dicom_gateway_connections_total{listener=\"lan\",result=\"rejected\"} 1")
+    );
     // The right AE title on the same listener works (the test can tell the difference).
     assert_eq!(send(sites.a_dicom(), "GW_A", &objects).await, 2);
     sites.stop().await;
@@ -47,9 +57,14 @@ async fn calling_ae_title_outside_the_allow_list_is_rejected() {
     .await;
     let objects = study(1, "CALLING^AE", 4096);
     let addr = sites.a_dicom().to_string();
-    let refused = dicom_gateway::demo::send_objects(&addr, "INTRUDER", "GW_A", objects.clone(), |_| {}).await;
-    assert!(refused.is_err(), "calling AE not in the list must be rejected");
-    let accepted = dicom_gateway::demo::send_objects(&addr, "MODALITY1", "GW_A", objects, |_| {}).await;
+    let refused =
+        dicom_gateway::demo::send_objects(&addr, "INTRUDER", "GW_A", objects.clone(), |_| {}).await;
+    assert!(
+        refused.is_err(),
+        "calling AE not in the list must be rejected"
+    );
+    let accepted =
+        dicom_gateway::demo::send_objects(&addr, "MODALITY1", "GW_A", objects, |_| {}).await;
     assert_eq!(accepted.expect("listed calling AE"), 1);
     sites.stop().await;
 }
@@ -66,13 +81,23 @@ async fn object_that_cannot_be_persisted_gets_a700_and_leaves_nothing() {
     })
     .await;
     let big = study(1, "TOO^BIG", 3 << 20);
-    let err = dicom_gateway::demo::send_objects(&sites.a_dicom().to_string(), "TEST_SCU", "GW_A", big, |_| {})
-        .await
-        .expect_err("must be refused");
+    let err = dicom_gateway::demo::send_objects(
+        &sites.a_dicom().to_string(),
+        "TEST_SCU",
+        "GW_A",
+        big,
+        |_| {},
+    )
+    .await
+    .expect_err("must be refused");
     assert!(err.to_string().contains("0xA700"), "{err}");
     let a = sites.a.as_ref().unwrap().spool().unwrap().clone();
     assert_eq!(a.object_count().unwrap(), 0);
-    assert_eq!(a.segment_count().unwrap(), 0, "segments of the refused object remain");
+    assert_eq!(
+        a.segment_count().unwrap(),
+        0,
+        "segments of the refused object remain"
+    );
     // The association stays usable and a small object afterwards goes through.
     drop(a);
     let small = study(1, "SMALL^OK", 4096);
@@ -83,7 +108,12 @@ async fn object_that_cannot_be_persisted_gets_a700_and_leaves_nothing() {
 
 /// Build a one-object spool to send from, as a peer gateway would.
 async fn one_object_spool(dir: &std::path::Path) -> (Spool, dicom_gateway::spool::ObjectId) {
-    let spool = Spool::open(dir, keystore::Kek::from_bytes([9; 32]), SpoolOptions::default()).unwrap();
+    let spool = Spool::open(
+        dir,
+        keystore::Kek::from_bytes([9; 32]),
+        SpoolOptions::default(),
+    )
+    .unwrap();
     let o = &study(1, "LINK^PROBE", 8192)[0];
     let mut w = spool
         .writer(Ingest {
@@ -103,7 +133,11 @@ async fn one_object_spool(dir: &std::path::Path) -> (Spool, dicom_gateway::spool
     (spool, id)
 }
 
-fn client_tls(cert: &std::path::Path, key: &std::path::Path, ca: &std::path::Path) -> Arc<rustls::ClientConfig> {
+fn client_tls(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    ca: &std::path::Path,
+) -> Arc<rustls::ClientConfig> {
     Arc::new(
         dicom_gateway::tls::client_config(&TlsSection {
             cert: cert.to_owned(),
@@ -151,33 +185,84 @@ async fn link_refuses_unauthenticated_and_unlisted_peers() {
         }
     };
     let cases = [
-        ("no client certificate", no_client_cert(&d.join("pki/ca.crt"))),
+        (
+            "no client certificate",
+            no_client_cert(&d.join("pki/ca.crt")),
+        ),
         (
             "certificate from another CA",
-            client_tls(&other.join("site-a.crt"), &other.join("site-a.key"), &d.join("pki/ca.crt")),
+            client_tls(
+                &other.join("site-a.crt"),
+                &other.join("site-a.key"),
+                &d.join("pki/ca.crt"),
+            ),
         ),
         (
             "certificate of a peer not listed",
-            client_tls(&d.join("pki/site-b.crt"), &d.join("pki/site-b.key"), &d.join("pki/ca.crt")),
+            client_tls(
+                &d.join("pki/site-b.crt"),
+                &d.join("pki/site-b.key"),
+                &d.join("pki/ca.crt"),
+            ),
         ),
     ];
     for (what, tls) in cases {
         let r = attempt(tls).await;
         assert!(matches!(r, Err(SendError::Transient(_))), "{what}: {r:?}");
         let b = sites.b.as_ref().unwrap();
-        assert_eq!(b.spool().unwrap().object_count().unwrap(), 0, "{what}: something was stored");
+        assert_eq!(
+            b.spool().unwrap().object_count().unwrap(),
+            0,
+            "{what}: something was stored"
+        );
     }
     let b = sites.b.as_ref().unwrap();
-    assert!(b.metrics.render().contains("result=\"handshake_failed\"} 3"), "{}", b.metrics.render());
+    assert!(
+        b.metrics
+            .render()
+            .contains("result=\"handshake_failed\"} 3"),
+        "{}",
+        b.metrics.render()
+    );
 
     // Control: the listed peer with its own certificate gets through.
-    let ok = attempt(client_tls(&d.join("pki/site-a.crt"), &d.join("pki/site-a.key"), &d.join("pki/ca.crt"))).await;
+    let ok = attempt(client_tls(
+        &d.join("pki/site-a.crt"),
+        &d.join("pki/site-a.key"),
+        &d.join("pki/ca.crt"),
+    ))
+    .await;
     assert!(ok.is_ok(), "{ok:?}");
-    assert_eq!(sites.b.as_ref().unwrap().spool().unwrap().object_count().unwrap(), 1);
+    assert_eq!(
+        sites
+            .b
+            .as_ref()
+            .unwrap()
+            .spool()
+            .unwrap()
+            .object_count()
+            .unwrap(),
+        1
+    );
     // An identical re-send of the same transfer is a success without a second copy.
-    let again = attempt(client_tls(&d.join("pki/site-a.crt"), &d.join("pki/site-a.key"), &d.join("pki/ca.crt"))).await;
+    let again = attempt(client_tls(
+        &d.join("pki/site-a.crt"),
+        &d.join("pki/site-a.key"),
+        &d.join("pki/ca.crt"),
+    ))
+    .await;
     assert!(again.is_ok(), "{again:?}");
-    assert_eq!(sites.b.as_ref().unwrap().spool().unwrap().object_count().unwrap(), 1);
+    assert_eq!(
+        sites
+            .b
+            .as_ref()
+            .unwrap()
+            .spool()
+            .unwrap()
+            .object_count()
+            .unwrap(),
+        1
+    );
     sites.stop().await;
 }
 
@@ -192,12 +277,26 @@ async fn sender_refuses_a_server_without_the_expected_name() {
     let sender = GatewaySender::new(
         &format!("https://127.0.0.1:{}", sites.link_port),
         "site-c",
-        client_tls(&d.join("pki/site-a.crt"), &d.join("pki/site-a.key"), &d.join("pki/ca.crt")),
+        client_tls(
+            &d.join("pki/site-a.crt"),
+            &d.join("pki/site-a.key"),
+            &d.join("pki/ca.crt"),
+        ),
         "site-a",
     )
     .unwrap();
     let r = sender.send(spool.open_object(id).await.unwrap()).await;
     assert!(r.is_err(), "must not talk to a server that is not site-c");
-    assert_eq!(sites.b.as_ref().unwrap().spool().unwrap().object_count().unwrap(), 0);
+    assert_eq!(
+        sites
+            .b
+            .as_ref()
+            .unwrap()
+            .spool()
+            .unwrap()
+            .object_count()
+            .unwrap(),
+        0
+    );
     sites.stop().await;
 }

@@ -25,7 +25,11 @@ async fn relays_byte_for_byte_and_leaves_no_plaintext_at_rest() {
         // the study UID is inside every data set; find it through the generator's output
         let ds = &objects[0].dataset;
         let pos = ds.windows(5).position(|w| w == b"2.25.").unwrap();
-        let end = ds[pos..].iter().position(|b| *b == 0 || *b == b' ').unwrap() + pos;
+        let end = ds[pos..]
+            .iter()
+            .position(|b| *b == 0 || *b == b' ')
+            .unwrap()
+            + pos;
         String::from_utf8(ds[pos..end].to_vec()).unwrap()
     };
     let pixel_probe = objects[3].dataset[objects[3].dataset.len() - 64..].to_vec();
@@ -34,10 +38,19 @@ async fn relays_byte_for_byte_and_leaves_no_plaintext_at_rest() {
     assert_eq!(send(sites.a_dicom(), "GW_A", &objects).await, objects.len());
     let want = expected(&objects);
     let arrived = eventually(Duration::from_secs(120), || pacs.count() >= objects.len()).await;
-    assert!(arrived, "only {} of {} objects arrived", pacs.count(), objects.len());
+    assert!(
+        arrived,
+        "only {} of {} objects arrived",
+        pacs.count(),
+        objects.len()
+    );
     // Nothing extra arrives a moment later either.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(pacs.received(), want, "delivered data sets differ from those sent");
+    assert_eq!(
+        pacs.received(),
+        want,
+        "delivered data sets differ from those sent"
+    );
 
     // Delivered objects leave both spools.
     let a = sites.a.as_ref().unwrap().spool().unwrap().clone();
@@ -48,7 +61,10 @@ async fn relays_byte_for_byte_and_leaves_no_plaintext_at_rest() {
 
     // Metrics saw it, with no UID in any label.
     let metrics = sites.a.as_ref().unwrap().metrics.render();
-    assert!(metrics.contains("dicom_gateway_objects_delivered_total{destination=\"site-b\"} 25"), "{metrics}");
+    assert!(
+        metrics.contains("dicom_gateway_objects_delivered_total{destination=\"site-b\"} 25"),
+        "{metrics}"
+    );
     assert!(!metrics.contains(&instance_probe));
 
     sites.stop().await;
@@ -66,7 +82,11 @@ async fn relays_byte_for_byte_and_leaves_no_plaintext_at_rest() {
             &pixel_probe[..],
         ] {
             let hits = files_containing(&dir, needle);
-            assert!(hits.is_empty(), "plaintext {:?} found in {hits:?}", String::from_utf8_lossy(&needle[..needle.len().min(24)]));
+            assert!(
+                hits.is_empty(),
+                "plaintext {:?} found in {hits:?}",
+                String::from_utf8_lossy(&needle[..needle.len().min(24)])
+            );
         }
     }
 }
@@ -94,17 +114,28 @@ async fn restart_of_site_b_mid_transfer_delivers_everything_exactly_once() {
     // A keeps accepting while B is away and holds everything not confirmed.
     assert_eq!(send(sites.a_dicom(), "GW_A", &second).await, second.len());
     let a = sites.a.as_ref().unwrap().spool().unwrap().clone();
-    assert!(a.queue_len("site-b").unwrap() >= second.len(), "site A must hold what B has not confirmed");
+    assert!(
+        a.queue_len("site-b").unwrap() >= second.len(),
+        "site A must hold what B has not confirmed"
+    );
     drop(a);
 
     sites.start_b().await;
     let total = first.len() + second.len();
     let arrived = eventually(Duration::from_secs(120), || pacs.count() >= total).await;
-    assert!(arrived, "only {} of {total} arrived after restart", pacs.count());
+    assert!(
+        arrived,
+        "only {} of {total} arrived after restart",
+        pacs.count()
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut all = first.clone();
     all.extend(second);
-    assert_eq!(pacs.received(), expected(&all), "lost or duplicated objects");
+    assert_eq!(
+        pacs.received(),
+        expected(&all),
+        "lost or duplicated objects"
+    );
     assert_eq!(pacs.count(), total, "duplicates delivered");
     sites.stop().await;
 }
@@ -125,7 +156,10 @@ async fn restart_of_site_a_resumes_its_queue() {
     let objects = study(10, "RESUME^A", 32 * 1024);
     assert_eq!(send(sites.a_dicom(), "GW_A", &objects).await, objects.len());
     let a = sites.a.take().unwrap();
-    assert_eq!(a.spool().unwrap().queue_len("site-b").unwrap(), objects.len());
+    assert_eq!(
+        a.spool().unwrap().queue_len("site-b").unwrap(),
+        objects.len()
+    );
     a.stop().await;
     // Restart A from its config and data folder, then bring B back.
     let cfg = dicom_gateway::config::Config::load(&sites.dir.path().join("site-a.toml")).unwrap();

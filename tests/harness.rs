@@ -95,7 +95,9 @@ impl Drop for Storescp {
 pub fn received_datasets(dir: &Path) -> HashMap<String, usize> {
     let mut out = HashMap::new();
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let Ok(data) = std::fs::read(e.path()) else { continue };
+        let Ok(data) = std::fs::read(e.path()) else {
+            continue;
+        };
         if let Some(ds) = part10_dataset(&data) {
             *out.entry(demo::sha256_hex(ds)).or_default() += 1;
         }
@@ -288,15 +290,23 @@ pub fn study(n: u32, patient: &str, pixel_bytes: usize) -> Vec<DemoObject> {
     let study = demo::new_uid();
     let series = demo::new_uid();
     (0..n)
-        .map(|i| demo::generate_object(&study, &series, i + 1, patient, pixel_bytes).expect("generate"))
+        .map(|i| {
+            demo::generate_object(&study, &series, i + 1, patient, pixel_bytes).expect("generate")
+        })
         .collect()
 }
 
 /// C-STORE `objects` into `addr`, calling AE `called`; panics on failure.
 pub async fn send(addr: SocketAddr, called: &str, objects: &[DemoObject]) -> usize {
-    demo::send_objects(&addr.to_string(), "TEST_SCU", called, objects.to_vec(), |_| {})
-        .await
-        .expect("C-STORE")
+    demo::send_objects(
+        &addr.to_string(),
+        "TEST_SCU",
+        called,
+        objects.to_vec(),
+        |_| {},
+    )
+    .await
+    .expect("C-STORE")
 }
 
 /// Every file below `dir`, recursively.

@@ -19,7 +19,12 @@ use tracing::debug;
 use crate::metrics::Metrics;
 
 /// Serve the admin endpoint until `shutdown`.
-pub async fn run(listener: TcpListener, metrics: Arc<Metrics>, ready: Arc<AtomicBool>, shutdown: CancellationToken) {
+pub async fn run(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) {
     loop {
         let (socket, _) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -38,7 +43,8 @@ pub async fn run(listener: TcpListener, metrics: Arc<Metrics>, ready: Arc<Atomic
                 let ready = ready.clone();
                 async move { Ok::<_, std::convert::Infallible>(route(req, &metrics, &ready)) }
             });
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(socket), svc);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(socket), svc);
             tokio::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => { if let Err(e) = r { debug!(error = %e, "admin connection"); } }
@@ -51,10 +57,24 @@ pub async fn run(listener: TcpListener, metrics: Arc<Metrics>, ready: Arc<Atomic
 fn route(req: Request<Incoming>, metrics: &Metrics, ready: &AtomicBool) -> Response<Full<Bytes>> {
     let (status, ctype, body) = match (req.method().as_str(), req.uri().path()) {
         ("GET", "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
-        ("GET", "/readyz") if ready.load(Ordering::SeqCst) => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
-        ("GET", "/readyz") => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "starting\n".to_owned()),
-        ("GET", "/metrics") => (StatusCode::OK, "text/plain; version=0.0.4", metrics.render()),
-        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_owned()),
+        ("GET", "/readyz") if ready.load(Ordering::SeqCst) => {
+            (StatusCode::OK, "text/plain", "ready\n".to_owned())
+        }
+        ("GET", "/readyz") => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "starting\n".to_owned(),
+        ),
+        ("GET", "/metrics") => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            metrics.render(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_owned(),
+        ),
     };
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;

@@ -346,9 +346,9 @@ impl TryFrom<RawDestination> for Destination {
                 timeout_secs: r.timeout_secs.unwrap_or_else(default_timeout_secs),
             },
             _ => DestinationKind::Folder {
-                path: r
-                    .path
-                    .ok_or_else(|| format!("destination {name:?} of kind \"folder\" needs key `path`"))?,
+                path: r.path.ok_or_else(|| {
+                    format!("destination {name:?} of kind \"folder\" needs key `path`")
+                })?,
             },
         };
         Ok(Destination {
@@ -363,8 +363,10 @@ impl TryFrom<RawDestination> for Destination {
 fn default_in_flight() -> usize {
     32
 }
+/// One association by default: many SCPs (DCMTK's storescp among them) serve one
+/// association at a time, and a second would wait until the first is released.
 fn default_associations() -> usize {
-    2
+    1
 }
 
 impl Config {
@@ -448,7 +450,10 @@ impl Config {
             if d.name.is_empty() || !d.name.chars().all(is_name_char) {
                 return Err(self.invalid(
                     "destination.name",
-                    format!("{:?} must be non-empty letters, digits, '-', '_' or '.'", d.name),
+                    format!(
+                        "{:?} must be non-empty letters, digits, '-', '_' or '.'",
+                        d.name
+                    ),
                 ));
             }
             if !dest_names.insert(d.name.as_str()) {
@@ -478,7 +483,10 @@ impl Config {
                     if self.tls.is_none() {
                         return Err(self.invalid(
                             "tls",
-                            format!("destination {:?} is a gateway, so [tls] is required", d.name),
+                            format!(
+                                "destination {:?} is a gateway, so [tls] is required",
+                                d.name
+                            ),
                         ));
                     }
                 }
@@ -550,7 +558,9 @@ impl Config {
             }
             for p in &l.allowed_peers {
                 if !is_dns_name(p) {
-                    return Err(self.invalid(key("allowed_peers"), format!("{p:?} is not a DNS name")));
+                    return Err(
+                        self.invalid(key("allowed_peers"), format!("{p:?} is not a DNS name"))
+                    );
                 }
             }
             check_routes(key("route_to"), &l.route_to)?;
@@ -576,7 +586,10 @@ pub fn parse_https_url(url: &str) -> Result<(String, u16), String> {
             let port = p
                 .parse::<u16>()
                 .map_err(|_| format!("{url:?} has an invalid port"))?;
-            (h.trim_start_matches('[').trim_end_matches(']').to_owned(), port)
+            (
+                h.trim_start_matches('[').trim_end_matches(']').to_owned(),
+                port,
+            )
         }
         _ => (rest.to_owned(), 443),
     };
@@ -709,7 +722,10 @@ path = "received"
 
     #[test]
     fn unknown_key_in_a_listener_is_named() {
-        let e = err(&GOOD.replace("ae_title = \"GW_A\"", "ae_title = \"GW_A\"\nae_tittle = \"X\""));
+        let e = err(&GOOD.replace(
+            "ae_title = \"GW_A\"",
+            "ae_title = \"GW_A\"\nae_tittle = \"X\"",
+        ));
         assert!(e.contains("ae_tittle"), "{e}");
     }
 
@@ -721,7 +737,10 @@ path = "received"
 
     #[test]
     fn key_of_another_kind_is_named() {
-        let e = err(&GOOD.replace("path = \"received\"", "path = \"received\"\nae_title = \"X\""));
+        let e = err(&GOOD.replace(
+            "path = \"received\"",
+            "path = \"received\"\nae_title = \"X\"",
+        ));
         assert!(e.contains("ae_title") && e.contains("folder"), "{e}");
         let e = err(&GOOD.replace("peer_name = \"site-b\"", ""));
         assert!(e.contains("peer_name"), "{e}");
@@ -774,8 +793,14 @@ path = "received"
     #[test]
     fn the_deploy_examples_are_valid() {
         for (name, text) in [
-            ("site-a.toml", include_str!("../../deploy/examples/site-a.toml")),
-            ("site-b.toml", include_str!("../../deploy/examples/site-b.toml")),
+            (
+                "site-a.toml",
+                include_str!("../../deploy/examples/site-a.toml"),
+            ),
+            (
+                "site-b.toml",
+                include_str!("../../deploy/examples/site-b.toml"),
+            ),
         ] {
             Config::parse(text, Path::new(name), Path::new("/etc/dicom-gateway"))
                 .unwrap_or_else(|e| panic!("{name}: {e}"));

@@ -23,7 +23,12 @@ pub const MAX_DEPTH: usize = 16;
 pub const MAX_IDENTITY_PREFIX: usize = 4 * 1024 * 1024;
 
 /// Build the Part-10 header (128-byte preamble, `DICM`, file meta group) for an object.
-pub fn part10_header(sop_class: &str, sop_instance: &str, ts: &str, source_ae: Option<&str>) -> Vec<u8> {
+pub fn part10_header(
+    sop_class: &str,
+    sop_instance: &str,
+    ts: &str,
+    source_ae: Option<&str>,
+) -> Vec<u8> {
     let mut meta = Vec::with_capacity(256);
     let mut put = |element: u16, vr: &[u8; 2], value: &[u8]| {
         meta.extend_from_slice(&2u16.to_le_bytes());
@@ -113,7 +118,9 @@ pub fn parse_part10_header(buf: &[u8]) -> Result<Option<Part10Meta>, FormatError
         return Err(FormatError::NotPart10("no DICM magic"));
     }
     if buf[132..140] != [2, 0, 0, 0, b'U', b'L', 4, 0] {
-        return Err(FormatError::NotPart10("file meta does not start with group length"));
+        return Err(FormatError::NotPart10(
+            "file meta does not start with group length",
+        ));
     }
     let group_len = u32::from_le_bytes([buf[140], buf[141], buf[142], buf[143]]) as usize;
     if group_len > MAX_META_BYTES {
@@ -126,7 +133,9 @@ pub fn parse_part10_header(buf: &[u8]) -> Result<Option<Part10Meta>, FormatError
     let (mut class, mut inst, mut ts) = (None, None, None);
     let mut pos = 144;
     while pos < end {
-        let h = buf.get(pos..pos + 8).ok_or(FormatError::NotPart10("truncated meta"))?;
+        let h = buf
+            .get(pos..pos + 8)
+            .ok_or(FormatError::NotPart10("truncated meta"))?;
         let group = u16::from_le_bytes([h[0], h[1]]);
         let element = u16::from_le_bytes([h[2], h[3]]);
         if group != 2 {
@@ -134,7 +143,9 @@ pub fn parse_part10_header(buf: &[u8]) -> Result<Option<Part10Meta>, FormatError
         }
         let vr = [h[4], h[5]];
         let (len, header) = if long_vr(vr) {
-            let l = buf.get(pos + 8..pos + 12).ok_or(FormatError::NotPart10("truncated meta"))?;
+            let l = buf
+                .get(pos + 8..pos + 12)
+                .ok_or(FormatError::NotPart10("truncated meta"))?;
             (u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize, 12)
         } else {
             (u16::from_le_bytes([h[6], h[7]]) as usize, 8)
@@ -175,7 +186,19 @@ fn uid_value(v: &[u8]) -> String {
 fn long_vr(vr: [u8; 2]) -> bool {
     matches!(
         &vr,
-        b"OB" | b"OD" | b"OF" | b"OL" | b"OV" | b"OW" | b"SQ" | b"SV" | b"UC" | b"UN" | b"UR" | b"UT" | b"UV"
+        b"OB"
+            | b"OD"
+            | b"OF"
+            | b"OL"
+            | b"OV"
+            | b"OW"
+            | b"SQ"
+            | b"SV"
+            | b"UC"
+            | b"UN"
+            | b"UR"
+            | b"UT"
+            | b"UV"
     )
 }
 
@@ -211,7 +234,11 @@ const SEQ_END: u32 = 0xFFFE_E0DD;
 
 /// Scan the start of a data set for its identity. `complete` says the prefix is the whole
 /// data set, so running out of bytes ends the scan instead of asking for more.
-pub fn scan_identity(prefix: &[u8], encoding: Encoding, complete: bool) -> Result<Scan, FormatError> {
+pub fn scan_identity(
+    prefix: &[u8],
+    encoding: Encoding,
+    complete: bool,
+) -> Result<Scan, FormatError> {
     match encoding {
         Encoding::DeflatedExplicitLe => {
             let inflated = inflate_prefix(prefix, MAX_IDENTITY_PREFIX)?;
@@ -250,7 +277,12 @@ struct Cursor<'a> {
 }
 
 enum Step {
-    Element { tag: u32, vr: [u8; 2], len: u32, value_at: usize },
+    Element {
+        tag: u32,
+        vr: [u8; 2],
+        len: u32,
+        value_at: usize,
+    },
     Short,
 }
 
@@ -282,7 +314,12 @@ impl Cursor<'_> {
         // Item and delimiter tags never carry a VR.
         if g == 0xFFFE || self.implicit {
             return match self.u32_at(p + 4) {
-                Some(len) => Step::Element { tag, vr: *b"  ", len, value_at: p + 8 },
+                Some(len) => Step::Element {
+                    tag,
+                    vr: *b"  ",
+                    len,
+                    value_at: p + 8,
+                },
                 None => Step::Short,
             };
         }
@@ -292,12 +329,22 @@ impl Cursor<'_> {
         let vr = [vr[0], vr[1]];
         if long_vr(vr) {
             match self.u32_at(p + 8) {
-                Some(len) => Step::Element { tag, vr, len, value_at: p + 12 },
+                Some(len) => Step::Element {
+                    tag,
+                    vr,
+                    len,
+                    value_at: p + 12,
+                },
                 None => Step::Short,
             }
         } else {
             match self.u16_at(p + 6) {
-                Some(len) => Step::Element { tag, vr, len: u32::from(len), value_at: p + 8 },
+                Some(len) => Step::Element {
+                    tag,
+                    vr,
+                    len: u32::from(len),
+                    value_at: p + 8,
+                },
                 None => Step::Short,
             }
         }
@@ -310,22 +357,43 @@ enum Skip {
     Short,
 }
 
-fn scan_plain(buf: &[u8], big_endian: bool, implicit: bool, complete: bool) -> Result<Scan, FormatError> {
-    let mut c = Cursor { buf, pos: 0, big_endian, implicit };
+fn scan_plain(
+    buf: &[u8],
+    big_endian: bool,
+    implicit: bool,
+    complete: bool,
+) -> Result<Scan, FormatError> {
+    let mut c = Cursor {
+        buf,
+        pos: 0,
+        big_endian,
+        implicit,
+    };
     let mut id = Identity::default();
     loop {
         if c.pos >= buf.len() {
-            return Ok(if complete { Scan::Done(id) } else { Scan::NeedMore });
+            return Ok(if complete {
+                Scan::Done(id)
+            } else {
+                Scan::NeedMore
+            });
         }
         let (tag, vr, len, value_at) = match c.header() {
             Step::Short => {
                 return if complete {
-                    Err(FormatError::Malformed("data set ends inside an element header"))
+                    Err(FormatError::Malformed(
+                        "data set ends inside an element header",
+                    ))
                 } else {
                     Ok(Scan::NeedMore)
                 };
             }
-            Step::Element { tag, vr, len, value_at } => (tag, vr, len, value_at),
+            Step::Element {
+                tag,
+                vr,
+                len,
+                value_at,
+            } => (tag, vr, len, value_at),
         };
         if tag > TAG_SERIES {
             return Ok(Scan::Done(id));
@@ -345,7 +413,10 @@ fn scan_plain(buf: &[u8], big_endian: bool, implicit: bool, complete: bool) -> R
             }
         }
         let end = value_at + len as usize;
-        let wanted = matches!(tag, TAG_SOP_CLASS | TAG_SOP_INSTANCE | TAG_STUDY | TAG_SERIES);
+        let wanted = matches!(
+            tag,
+            TAG_SOP_CLASS | TAG_SOP_INSTANCE | TAG_STUDY | TAG_SERIES
+        );
         if wanted {
             if len > 64 {
                 return Err(FormatError::Malformed("UID element longer than 64 bytes"));
@@ -358,7 +429,9 @@ fn scan_plain(buf: &[u8], big_endian: bool, implicit: bool, complete: bool) -> R
                 };
             };
             if !implicit && &vr != b"UI" && &vr != b"UN" {
-                return Err(FormatError::Malformed("identity element with a VR other than UI"));
+                return Err(FormatError::Malformed(
+                    "identity element with a VR other than UI",
+                ));
             }
             let v = Some(uid_value(value));
             match tag {
@@ -384,7 +457,9 @@ fn skip_undefined(c: &mut Cursor<'_>, depth: usize) -> Result<Skip, FormatError>
     loop {
         let (tag, len, value_at) = match c.header() {
             Step::Short => return Ok(Skip::Short),
-            Step::Element { tag, len, value_at, .. } => (tag, len, value_at),
+            Step::Element {
+                tag, len, value_at, ..
+            } => (tag, len, value_at),
         };
         match tag {
             SEQ_END => {
@@ -397,7 +472,9 @@ fn skip_undefined(c: &mut Cursor<'_>, depth: usize) -> Result<Skip, FormatError>
                 loop {
                     let (tag, len, value_at) = match c.header() {
                         Step::Short => return Ok(Skip::Short),
-                        Step::Element { tag, len, value_at, .. } => (tag, len, value_at),
+                        Step::Element {
+                            tag, len, value_at, ..
+                        } => (tag, len, value_at),
                     };
                     if tag == ITEM_END {
                         c.pos = value_at;
@@ -422,7 +499,11 @@ fn skip_undefined(c: &mut Cursor<'_>, depth: usize) -> Result<Skip, FormatError>
                     return Ok(Skip::Short);
                 }
             }
-            _ => return Err(FormatError::Malformed("unexpected element inside a sequence")),
+            _ => {
+                return Err(FormatError::Malformed(
+                    "unexpected element inside a sequence",
+                ));
+            }
         }
     }
 }
@@ -446,13 +527,23 @@ mod tests {
 
     fn sample_explicit() -> Vec<u8> {
         let mut d = Vec::new();
-        el_le(&mut d, 0x0008, 0x0016, b"UI", b"1.2.840.10008.5.1.4.1.1.7\0");
+        el_le(
+            &mut d,
+            0x0008,
+            0x0016,
+            b"UI",
+            b"1.2.840.10008.5.1.4.1.1.7\0",
+        );
         el_le(&mut d, 0x0008, 0x0018, b"UI", b"1.2.3.4\0");
         // an undefined-length sequence with one undefined-length item holding a nested SQ
-        d.extend_from_slice(&[0x08, 0x00, 0x32, 0x10, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF]);
+        d.extend_from_slice(&[
+            0x08, 0x00, 0x32, 0x10, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
+        ]);
         d.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
         el_le(&mut d, 0x0008, 0x0100, b"SH", b"CODE");
-        d.extend_from_slice(&[0x08, 0x00, 0x33, 0x10, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF]);
+        d.extend_from_slice(&[
+            0x08, 0x00, 0x33, 0x10, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
+        ]);
         d.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 4, 0, 0, 0, 1, 2, 3, 4]);
         d.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
         d.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
@@ -494,13 +585,19 @@ mod tests {
     #[test]
     fn implicit_and_big_endian_and_deflated() {
         let mut d = Vec::new();
-        for (g, e, v) in [(8u16, 0x16u16, &b"1.2.9\0"[..]), (0x20, 0x0D, b"1.2.10"), (0x20, 0x0E, b"1.2.11")] {
+        for (g, e, v) in [
+            (8u16, 0x16u16, &b"1.2.9\0"[..]),
+            (0x20, 0x0D, b"1.2.10"),
+            (0x20, 0x0E, b"1.2.11"),
+        ] {
             d.extend_from_slice(&g.to_le_bytes());
             d.extend_from_slice(&e.to_le_bytes());
             d.extend_from_slice(&(v.len() as u32).to_le_bytes());
             d.extend_from_slice(v);
         }
-        let Scan::Done(id) = scan_identity(&d, Encoding::ImplicitLe, false).unwrap() else { panic!() };
+        let Scan::Done(id) = scan_identity(&d, Encoding::ImplicitLe, false).unwrap() else {
+            panic!()
+        };
         assert_eq!(id.series.as_deref(), Some("1.2.11"));
 
         let mut b = Vec::new();
@@ -511,17 +608,24 @@ mod tests {
             b.extend_from_slice(&(v.len() as u16).to_be_bytes());
             b.extend_from_slice(v);
         }
-        assert_eq!(scan_identity(&b, Encoding::ExplicitBe, false).unwrap(), Scan::NeedMore);
-        let Scan::Done(id) = scan_identity(&b, Encoding::ExplicitBe, true).unwrap() else { panic!() };
+        assert_eq!(
+            scan_identity(&b, Encoding::ExplicitBe, false).unwrap(),
+            Scan::NeedMore
+        );
+        let Scan::Done(id) = scan_identity(&b, Encoding::ExplicitBe, true).unwrap() else {
+            panic!()
+        };
         assert_eq!(id.sop_instance.as_deref(), Some("1.2.9"));
         assert_eq!(id.study.as_deref(), Some("1.2.10"));
         assert_eq!(id.series, None);
 
         let plain = sample_explicit();
-        let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        let mut enc =
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
         std::io::Write::write_all(&mut enc, &plain).unwrap();
         let deflated = enc.finish().unwrap();
-        let Scan::Done(id) = scan_identity(&deflated, Encoding::DeflatedExplicitLe, true).unwrap() else {
+        let Scan::Done(id) = scan_identity(&deflated, Encoding::DeflatedExplicitLe, true).unwrap()
+        else {
             panic!()
         };
         assert_eq!(id.study.as_deref(), Some("1.2.3.5"));
@@ -531,12 +635,16 @@ mod tests {
     fn hostile_lengths_are_bounded() {
         let mut d = Vec::new();
         // huge UID length: refused without allocating
-        d.extend_from_slice(&[0x08, 0x00, 0x18, 0x00, b'U', b'N', 0, 0, 0xF0, 0xFF, 0xFF, 0x7F]);
+        d.extend_from_slice(&[
+            0x08, 0x00, 0x18, 0x00, b'U', b'N', 0, 0, 0xF0, 0xFF, 0xFF, 0x7F,
+        ]);
         assert!(scan_identity(&d, Encoding::ExplicitLe, false).is_err());
         // deep nesting
         let mut deep = Vec::new();
         for _ in 0..(MAX_DEPTH + 2) {
-            deep.extend_from_slice(&[0x08, 0x00, 0x32, 0x10, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF]);
+            deep.extend_from_slice(&[
+                0x08, 0x00, 0x32, 0x10, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
+            ]);
             deep.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
         }
         assert!(scan_identity(&deep, Encoding::ExplicitLe, false).is_err());
@@ -544,7 +652,12 @@ mod tests {
 
     #[test]
     fn part10_header_round_trips() {
-        let h = part10_header("1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.840.10008.1.2.1", Some("MODALITY"));
+        let h = part10_header(
+            "1.2.840.10008.5.1.4.1.1.2",
+            "1.2.3",
+            "1.2.840.10008.1.2.1",
+            Some("MODALITY"),
+        );
         assert_eq!(&h[128..132], b"DICM");
         let mut buf = h.clone();
         buf.extend_from_slice(b"rest");
@@ -567,7 +680,12 @@ mod tests {
     #[test]
     fn header_parses_with_dicom_object_too() {
         // Our header is a valid file meta for an independent parser.
-        let h = part10_header("1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.840.10008.1.2.1", None);
+        let h = part10_header(
+            "1.2.840.10008.5.1.4.1.1.2",
+            "1.2.3",
+            "1.2.840.10008.1.2.1",
+            None,
+        );
         let meta = dicom_object::meta::FileMetaTable::from_reader(&h[128..]).unwrap();
         assert_eq!(meta.transfer_syntax(), "1.2.840.10008.1.2.1");
         assert_eq!(meta.media_storage_sop_instance_uid(), "1.2.3");

@@ -52,7 +52,13 @@ pub fn new_uid() -> String {
 }
 
 /// Generate one CT-like object of about `pixel_bytes` of random pixel data.
-pub fn generate_object(study: &str, series: &str, number: u32, patient: &str, pixel_bytes: usize) -> Result<DemoObject> {
+pub fn generate_object(
+    study: &str,
+    series: &str,
+    number: u32,
+    patient: &str,
+    pixel_bytes: usize,
+) -> Result<DemoObject> {
     let sop_instance = new_uid();
     let side = ((pixel_bytes / 2) as f64).sqrt().max(1.0) as u16;
     let n = side as usize * side as usize * 2;
@@ -68,16 +74,52 @@ pub fn generate_object(study: &str, series: &str, number: u32, patient: &str, pi
     o.put(s(tags::PATIENT_ID, VR::LO, "DEMO-0001"));
     o.put(s(tags::STUDY_INSTANCE_UID, VR::UI, study));
     o.put(s(tags::SERIES_INSTANCE_UID, VR::UI, series));
-    o.put(DataElement::new(tags::INSTANCE_NUMBER, VR::IS, PrimitiveValue::from(number.to_string())));
+    o.put(DataElement::new(
+        tags::INSTANCE_NUMBER,
+        VR::IS,
+        PrimitiveValue::from(number.to_string()),
+    ));
     o.put(s(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2"));
-    o.put(DataElement::new(tags::SAMPLES_PER_PIXEL, VR::US, PrimitiveValue::from(1u16)));
-    o.put(DataElement::new(tags::ROWS, VR::US, PrimitiveValue::from(side)));
-    o.put(DataElement::new(tags::COLUMNS, VR::US, PrimitiveValue::from(side)));
-    o.put(DataElement::new(tags::BITS_ALLOCATED, VR::US, PrimitiveValue::from(16u16)));
-    o.put(DataElement::new(tags::BITS_STORED, VR::US, PrimitiveValue::from(16u16)));
-    o.put(DataElement::new(tags::HIGH_BIT, VR::US, PrimitiveValue::from(15u16)));
-    o.put(DataElement::new(tags::PIXEL_REPRESENTATION, VR::US, PrimitiveValue::from(0u16)));
-    o.put(DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::from(pixels)));
+    o.put(DataElement::new(
+        tags::SAMPLES_PER_PIXEL,
+        VR::US,
+        PrimitiveValue::from(1u16),
+    ));
+    o.put(DataElement::new(
+        tags::ROWS,
+        VR::US,
+        PrimitiveValue::from(side),
+    ));
+    o.put(DataElement::new(
+        tags::COLUMNS,
+        VR::US,
+        PrimitiveValue::from(side),
+    ));
+    o.put(DataElement::new(
+        tags::BITS_ALLOCATED,
+        VR::US,
+        PrimitiveValue::from(16u16),
+    ));
+    o.put(DataElement::new(
+        tags::BITS_STORED,
+        VR::US,
+        PrimitiveValue::from(16u16),
+    ));
+    o.put(DataElement::new(
+        tags::HIGH_BIT,
+        VR::US,
+        PrimitiveValue::from(15u16),
+    ));
+    o.put(DataElement::new(
+        tags::PIXEL_REPRESENTATION,
+        VR::US,
+        PrimitiveValue::from(0u16),
+    ));
+    o.put(DataElement::new(
+        tags::PIXEL_DATA,
+        VR::OW,
+        PrimitiveValue::from(pixels),
+    ));
     let mut dataset = Vec::with_capacity(n + 1024);
     let ts = dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN.erased();
     o.write_dataset_with_ts(&mut dataset, &ts)
@@ -103,20 +145,35 @@ pub async fn send_objects(
     let mut scu: Option<Scu> = None;
     let mut sent = 0;
     for o in objects {
-        if scu.as_ref().and_then(|s| s.context_for(&o.sop_class, &o.transfer_syntax)).is_none() {
+        if scu
+            .as_ref()
+            .and_then(|s| s.context_for(&o.sop_class, &o.transfer_syntax))
+            .is_none()
+        {
             if let Some(old) = scu.take() {
                 old.release().await;
             }
             let mut p = pairs.clone();
             p.push((o.sop_class.clone(), o.transfer_syntax.clone()));
-            scu = Some(Scu::connect(address, calling, called, &p, 64 * 1024, Duration::from_secs(30)).await?);
+            scu = Some(
+                Scu::connect(
+                    address,
+                    calling,
+                    called,
+                    &p,
+                    64 * 1024,
+                    Duration::from_secs(30),
+                )
+                .await?,
+            );
         }
         let Some(s) = scu.as_mut() else { break };
         let ctx = s
             .context_for(&o.sop_class, &o.transfer_syntax)
             .ok_or_else(|| SendError::Permanent("context not accepted".into()))?;
         let mut chunks = Bytes(Some(o.dataset.clone()));
-        s.store(ctx, &o.sop_class, &o.sop_instance, &mut chunks, 0).await?;
+        s.store(ctx, &o.sop_class, &o.sop_instance, &mut chunks, 0)
+            .await?;
         sent += 1;
         on_sent(&o);
     }
@@ -155,7 +212,8 @@ pub struct DemoOptions {
 }
 
 fn write_file(path: &Path, text: &str) -> Result<()> {
-    let mut f = std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
+    let mut f =
+        std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
     f.write_all(text.as_bytes())?;
     Ok(())
 }
@@ -226,23 +284,39 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         )),
     };
     if dir.exists() && std::fs::read_dir(&dir)?.next().is_some() {
-        bail!("{} exists and is not empty; give another --dir", dir.display());
+        bail!(
+            "{} exists and is not empty; give another --dir",
+            dir.display()
+        );
     }
     std::fs::create_dir_all(&dir)?;
     println!("work folder: {}", dir.display());
-    crate::pki::init(&dir.join("pki"), &["site-a".to_owned(), "site-b".to_owned()])?;
+    crate::pki::init(
+        &dir.join("pki"),
+        &["site-a".to_owned(), "site-b".to_owned()],
+    )?;
     keystore::Kek::generate_file(&dir.join("kek-a.key"))?;
     keystore::Kek::generate_file(&dir.join("kek-b.key"))?;
     let received = dir.join("received");
 
     let b_path = dir.join("site-b.toml");
     write_file(&b_path, &site_b_config("received"))?;
-    let site_b = Node::start(Config::load(&b_path)?).await.context("starting site B")?;
-    let link = *site_b.link_addrs.get("wan").context("site B has no link listener")?;
+    let site_b = Node::start(Config::load(&b_path)?)
+        .await
+        .context("starting site B")?;
+    let link = *site_b
+        .link_addrs
+        .get("wan")
+        .context("site B has no link listener")?;
     let a_path = dir.join("site-a.toml");
     write_file(&a_path, &site_a_config(link))?;
-    let site_a = Node::start(Config::load(&a_path)?).await.context("starting site A")?;
-    let dicom = *site_a.dicom_addrs.get("lan").context("site A has no DICOM listener")?;
+    let site_a = Node::start(Config::load(&a_path)?)
+        .await
+        .context("starting site A")?;
+    let dicom = *site_a
+        .dicom_addrs
+        .get("lan")
+        .context("site A has no DICOM listener")?;
     println!("site A: DICOM GW_A@{dicom}   site B: link https://{link} (mutual TLS 1.3)");
 
     let total = (opts.studies * opts.objects_per_study) as usize;
@@ -262,7 +336,13 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         let patient = format!("DEMO^PATIENT^{}", s + 1);
         let mut batch = Vec::new();
         for i in 0..opts.objects_per_study {
-            batch.push(generate_object(&study, &series, i + 1, &patient, pixel_bytes)?);
+            batch.push(generate_object(
+                &study,
+                &series,
+                i + 1,
+                &patient,
+                pixel_bytes,
+            )?);
         }
         for o in &batch {
             *expected.entry(sha256_hex(&o.dataset)).or_default() += 1;
@@ -317,7 +397,10 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     let secs = elapsed.as_secs_f64().max(1e-9);
     println!("summary:");
     println!("  objects   {ok}/{total} delivered identical");
-    println!("  bytes     {bytes_sent} ({:.1} MiB)", bytes_sent as f64 / 1048576.0);
+    println!(
+        "  bytes     {bytes_sent} ({:.1} MiB)",
+        bytes_sent as f64 / 1048576.0
+    );
     println!("  time      {secs:.2} s");
     println!(
         "  rate      {:.1} objects/s, {:.1} MiB/s",
@@ -325,14 +408,25 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         bytes_sent as f64 / 1048576.0 / secs
     );
     if !bad.is_empty() || ok != total {
-        bail!("{} objects differ or are missing; first: {:?}", total - ok, bad.first());
+        bail!(
+            "{} objects differ or are missing; first: {:?}",
+            total - ok,
+            bad.first()
+        );
     }
-    println!("  site A spool and site B spool hold only ciphertext; the hand-off folder {} is plaintext by design", received.display());
+    println!(
+        "  site A spool and site B spool hold only ciphertext; the hand-off folder {} is plaintext by design",
+        received.display()
+    );
 
     if opts.keep_running {
         println!();
         println!("both sites keep running; press Ctrl-C to stop.");
-        println!("  send to site A:  TCP_NODELAY=1 storescu -aec GW_A {} {} FILE.dcm", dicom.ip(), dicom.port());
+        println!(
+            "  send to site A:  TCP_NODELAY=1 storescu -aec GW_A {} {} FILE.dcm",
+            dicom.ip(),
+            dicom.port()
+        );
         println!("  site B writes:   {}", received.display());
         if let Some(h) = site_a.http_addr {
             println!("  site A metrics:  http://{h}/metrics");
@@ -349,6 +443,12 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
 
 fn count_files(dir: &Path) -> usize {
     std::fs::read_dir(dir)
-        .map(|d| d.filter(|e| e.as_ref().is_ok_and(|e| e.path().extension().is_some_and(|x| x == "dcm"))).count())
+        .map(|d| {
+            d.filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "dcm"))
+            })
+            .count()
+        })
         .unwrap_or(0)
 }

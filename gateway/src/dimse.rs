@@ -165,9 +165,7 @@ impl Command {
         let mut has_field = false;
         let mut pos = 0usize;
         while pos < bytes.len() {
-            let header = bytes
-                .get(pos..pos + 8)
-                .ok_or(DimseError::Truncated(pos))?;
+            let header = bytes.get(pos..pos + 8).ok_or(DimseError::Truncated(pos))?;
             let group = u16::from_le_bytes([header[0], header[1]]);
             let element = u16::from_le_bytes([header[2], header[3]]);
             let len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
@@ -228,13 +226,21 @@ impl Command {
         if let Some(v) = self.priority {
             put(0x0700, &v.to_le_bytes());
         }
-        let ds_type: u16 = if self.has_data_set { 0x0000 } else { NO_DATA_SET };
+        let ds_type: u16 = if self.has_data_set {
+            0x0000
+        } else {
+            NO_DATA_SET
+        };
         put(0x0800, &ds_type.to_le_bytes());
         if let Some(v) = self.status {
             put(0x0900, &v.to_le_bytes());
         }
         if let Some(c) = &self.error_comment {
-            let c: String = c.chars().filter(|c| c.is_ascii() && !c.is_control()).take(64).collect();
+            let c: String = c
+                .chars()
+                .filter(|c| c.is_ascii() && !c.is_control())
+                .take(64)
+                .collect();
             put(0x0902, &pad(&c, b' '));
         }
         if let Some(uid) = &self.affected_sop_instance {
@@ -314,7 +320,9 @@ pub fn is_valid_uid(uid: &str) -> bool {
     !uid.is_empty()
         && uid.len() <= 64
         && uid.split('.').all(|c| {
-            !c.is_empty() && c.bytes().all(|b| b.is_ascii_digit()) && !(c.len() > 1 && c.starts_with('0'))
+            !c.is_empty()
+                && c.bytes().all(|b| b.is_ascii_digit())
+                && !(c.len() > 1 && c.starts_with('0'))
         })
 }
 
@@ -378,7 +386,10 @@ mod tests {
         let d = Command::decode(&rq.encode()).unwrap();
         assert_eq!(d.field, field::C_ECHO_RQ);
         assert!(!d.has_data_set);
-        assert_eq!(d.affected_sop_class.as_deref(), Some(VERIFICATION_SOP_CLASS));
+        assert_eq!(
+            d.affected_sop_class.as_deref(),
+            Some(VERIFICATION_SOP_CLASS)
+        );
     }
 
     #[test]
@@ -394,20 +405,32 @@ mod tests {
         // huge declared length
         let mut evil = vec![0, 0, 0, 1];
         evil.extend_from_slice(&u32::MAX.wrapping_sub(1).to_le_bytes());
-        assert!(matches!(Command::decode(&evil), Err(DimseError::Truncated(_))));
+        assert!(matches!(
+            Command::decode(&evil),
+            Err(DimseError::Truncated(_))
+        ));
         // undefined length
         let mut evil = vec![0, 0, 0, 1];
         evil.extend_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(Command::decode(&evil), Err(DimseError::BadElement { .. })));
+        assert!(matches!(
+            Command::decode(&evil),
+            Err(DimseError::BadElement { .. })
+        ));
         // data-set element in a command
         let evil = [8, 0, 0x18, 0, 0, 0, 0, 0];
-        assert!(matches!(Command::decode(&evil), Err(DimseError::BadElement { .. })));
+        assert!(matches!(
+            Command::decode(&evil),
+            Err(DimseError::BadElement { .. })
+        ));
         // US with bad length
         let evil = [0, 0, 0, 1, 1, 0, 0, 0, 5];
         assert_eq!(Command::decode(&evil), Err(DimseError::BadLength(0x0100)));
         // no command field
         assert_eq!(Command::decode(&[]), Err(DimseError::NoCommandField));
-        assert_eq!(Command::decode(&vec![0; MAX_COMMAND_BYTES + 1]), Err(DimseError::TooLarge));
+        assert_eq!(
+            Command::decode(&vec![0; MAX_COMMAND_BYTES + 1]),
+            Err(DimseError::TooLarge)
+        );
     }
 
     #[test]

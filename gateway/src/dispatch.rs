@@ -73,7 +73,15 @@ pub async fn run(
     let mut slots: BTreeMap<u64, Slot> = BTreeMap::new();
     let now = Instant::now();
     for entry in stored {
-        slots.insert(entry.seq, Slot { entry, attempts: 0, due: now, in_flight: false });
+        slots.insert(
+            entry.seq,
+            Slot {
+                entry,
+                attempts: 0,
+                due: now,
+                in_flight: false,
+            },
+        );
     }
     if !slots.is_empty() {
         info!(destination = %name, queued = slots.len(), "resuming queue");
@@ -197,7 +205,10 @@ mod tests {
             let d = backoff(i, m, attempt);
             let nominal = (i * 2u32.pow((attempt - 1).min(20))).min(m);
             assert!(d <= nominal, "attempt {attempt}: {d:?} > {nominal:?}");
-            assert!(d >= nominal / 2, "attempt {attempt}: {d:?} < half of {nominal:?}");
+            assert!(
+                d >= nominal / 2,
+                "attempt {attempt}: {d:?} < half of {nominal:?}"
+            );
         }
         assert!(backoff(i, m, 30) <= m);
         let samples: std::collections::HashSet<_> = (0..20).map(|_| backoff(i, m, 3)).collect();

@@ -10,7 +10,11 @@ use dicom_gateway::node::Node;
 use tracing::info;
 
 #[derive(Parser)]
-#[command(name = "dicom-gateway", version, about = "Secure DICOM store-and-forward gateway")]
+#[command(
+    name = "dicom-gateway",
+    version,
+    about = "Secure DICOM store-and-forward gateway"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -83,12 +87,18 @@ const EX_USAGE: u8 = 64;
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -119,7 +129,13 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             })
         }
-        Command::Demo { dir, studies, objects, object_kib, keep_running } => {
+        Command::Demo {
+            dir,
+            studies,
+            objects,
+            object_kib,
+            keep_running,
+        } => {
             init_logging("warn");
             let opts = dicom_gateway::demo::DemoOptions {
                 dir,
@@ -130,18 +146,25 @@ fn main() -> ExitCode {
             };
             report(runtime.block_on(dicom_gateway::demo::run(opts)))
         }
-        Command::Pki { command: PkiCommand::Init { dir, sites } } => {
-            report(dicom_gateway::pki::init(&dir, &sites).map(|f| {
-                println!("CA: {}", f.ca_cert.display());
-                for (site, cert, key) in f.sites {
-                    println!("{site}: {} {}", cert.display(), key.display());
-                }
-            }))
-        }
-        Command::Keys { command: KeysCommand::NewKek { out } } => report(
+        Command::Pki {
+            command: PkiCommand::Init { dir, sites },
+        } => report(dicom_gateway::pki::init(&dir, &sites).map(|f| {
+            println!("CA: {}", f.ca_cert.display());
+            for (site, cert, key) in f.sites {
+                println!("{site}: {} {}", cert.display(), key.display());
+            }
+        })),
+        Command::Keys {
+            command: KeysCommand::NewKek { out },
+        } => report(
             keystore::Kek::generate_file(&out)
                 .with_context(|| format!("writing {}", out.display()))
-                .map(|()| println!("wrote {} (mode 0600); keep it off the data volume and back it up", out.display())),
+                .map(|()| {
+                    println!(
+                        "wrote {} (mode 0600); keep it off the data volume and back it up",
+                        out.display()
+                    )
+                }),
         ),
     }
 }

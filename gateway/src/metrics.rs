@@ -57,7 +57,9 @@ impl Metrics {
                 "dicom_gateway_delivery_seconds",
                 "Seconds from commit to confirmed delivery",
             )
-            .buckets(vec![0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0, 3600.0]),
+            .buckets(vec![
+                0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0, 3600.0,
+            ]),
             &["destination"],
         )
         .expect("static metric definition");
@@ -65,15 +67,51 @@ impl Metrics {
             .register(Box::new(delivery_seconds.clone()))
             .expect("metric registered once");
         Metrics {
-            objects_received: cv("objects_received_total", "Objects accepted after a synced commit", &["listener"]),
-            bytes_received: cv("bytes_received_total", "Bytes accepted after a synced commit", &["listener"]),
-            objects_refused: cv("objects_refused_total", "Objects refused", &["listener", "reason"]),
-            connections: cv("connections_total", "Incoming associations and link connections", &["listener", "result"]),
-            objects_delivered: cv("objects_delivered_total", "Objects confirmed by a destination", &["destination"]),
-            bytes_delivered: cv("bytes_delivered_total", "Bytes confirmed by a destination", &["destination"]),
-            delivery_failures: cv("delivery_failures_total", "Failed delivery attempts", &["destination", "kind"]),
-            queue_depth: gv("queue_depth", "Objects waiting for a destination", &["destination"]),
-            queue_parked: gv("queue_parked", "Objects refused permanently and kept for an operator", &["destination"]),
+            objects_received: cv(
+                "objects_received_total",
+                "Objects accepted after a synced commit",
+                &["listener"],
+            ),
+            bytes_received: cv(
+                "bytes_received_total",
+                "Bytes accepted after a synced commit",
+                &["listener"],
+            ),
+            objects_refused: cv(
+                "objects_refused_total",
+                "Objects refused",
+                &["listener", "reason"],
+            ),
+            connections: cv(
+                "connections_total",
+                "Incoming associations and link connections",
+                &["listener", "result"],
+            ),
+            objects_delivered: cv(
+                "objects_delivered_total",
+                "Objects confirmed by a destination",
+                &["destination"],
+            ),
+            bytes_delivered: cv(
+                "bytes_delivered_total",
+                "Bytes confirmed by a destination",
+                &["destination"],
+            ),
+            delivery_failures: cv(
+                "delivery_failures_total",
+                "Failed delivery attempts",
+                &["destination", "kind"],
+            ),
+            queue_depth: gv(
+                "queue_depth",
+                "Objects waiting for a destination",
+                &["destination"],
+            ),
+            queue_parked: gv(
+                "queue_parked",
+                "Objects refused permanently and kept for an operator",
+                &["destination"],
+            ),
             delivery_seconds,
             registry,
         }

@@ -52,9 +52,11 @@ impl Node {
     pub async fn start(cfg: Config) -> Result<Node> {
         let file = cfg.file.display().to_string();
         if let Some(tls) = &cfg.tls {
-            crate::tls::check_node_name(tls, &cfg.node.name).with_context(|| format!("{file}: [tls] cert"))?;
+            crate::tls::check_node_name(tls, &cfg.node.name)
+                .with_context(|| format!("{file}: [tls] cert"))?;
         }
-        let kek = keystore::Kek::load(&cfg.keystore.kek_file).with_context(|| format!("{file}: keystore.kek_file"))?;
+        let kek = keystore::Kek::load(&cfg.keystore.kek_file)
+            .with_context(|| format!("{file}: keystore.kek_file"))?;
         let opts = SpoolOptions {
             segment_bytes: cfg.spool.segment_bytes,
             max_object_bytes: cfg.spool.max_object_bytes,
@@ -63,7 +65,12 @@ impl Node {
         let data_dir = cfg.node.data_dir.clone();
         let spool = tokio::task::spawn_blocking(move || Spool::open(&data_dir, kek, opts))
             .await?
-            .with_context(|| format!("{file}: cannot open the spool in node.data_dir {}", cfg.node.data_dir.display()))?;
+            .with_context(|| {
+                format!(
+                    "{file}: cannot open the spool in node.data_dir {}",
+                    cfg.node.data_dir.display()
+                )
+            })?;
         let metrics = Arc::new(Metrics::new());
         let client_tls = match &cfg.tls {
             Some(t) => Some(Arc::new(crate::tls::client_config(t)?)),
@@ -108,10 +115,11 @@ impl Node {
                     *max_pdu_length,
                     Duration::from_secs(*timeout_secs),
                 )),
-                DestinationKind::Folder { path } => Sender::Folder(
-                    FolderSender::new(path)
-                        .with_context(|| format!("{file}: destination[{}].path {}", dest.name, path.display()))?,
-                ),
+                DestinationKind::Folder { path } => {
+                    Sender::Folder(FolderSender::new(path).with_context(|| {
+                        format!("{file}: destination[{}].path {}", dest.name, path.display())
+                    })?)
+                }
             };
             worker_tasks.spawn(crate::dispatch::run(
                 dest.clone(),

@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
 };
 
 /// What `init` wrote.
@@ -62,7 +62,11 @@ pub fn init(dir: &Path, sites: &[String]) -> Result<PkiFiles> {
     let ca_cert = ca.self_signed(&ca_key)?;
     let ca_cert_path = dir.join("ca.crt");
     write_new(&ca_cert_path, ca_cert.pem().as_bytes(), 0o644)?;
-    write_new(&dir.join("ca.key"), ca_key.serialize_pem().as_bytes(), 0o600)?;
+    write_new(
+        &dir.join("ca.key"),
+        ca_key.serialize_pem().as_bytes(),
+        0o600,
+    )?;
     let issuer = Issuer::new(ca, ca_key);
 
     let mut out = Vec::new();

@@ -17,8 +17,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dicom_ul::association::server::{AccessControl, DefaultNegotiation};
 use dicom_ul::association::AsyncServerAssociation;
+use dicom_ul::association::server::{AccessControl, DefaultNegotiation};
 use dicom_ul::pdu::{
     AbortRQSource, AssociationRJServiceUserReason, PDataValue, PDataValueType,
     PresentationContextResultReason, UserIdentity,
@@ -143,7 +143,8 @@ impl DicomServer {
         let peer = socket.peer_addr().ok();
         let _ = socket.set_nodelay(true);
         let timeout = Duration::from_secs(self.cfg.timeout_secs);
-        let assoc = match tokio::time::timeout(timeout, self.options.establish_async(socket)).await {
+        let assoc = match tokio::time::timeout(timeout, self.options.establish_async(socket)).await
+        {
             Ok(Ok(a)) => a,
             Ok(Err(e)) => {
                 info!(listener = %name, ?peer, error = %e, "association refused");
@@ -174,7 +175,9 @@ impl DicomServer {
             state: State::Idle,
         };
         match session.run(shutdown).await {
-            Outcome::Closed(reason) => debug!(listener = %name, ?peer, %reason, "association closed"),
+            Outcome::Closed(reason) => {
+                debug!(listener = %name, ?peer, %reason, "association closed")
+            }
             outcome => debug!(listener = %name, ?peer, ?outcome, "association ended"),
         }
     }
@@ -288,7 +291,8 @@ impl Session<'_> {
                 if pdv.is_last {
                     let bytes = std::mem::take(&mut self.command);
                     let cmd = Command::decode(&bytes).map_err(|e| e.to_string())?;
-                    self.command_received(cmd, pdv.presentation_context_id).await?;
+                    self.command_received(cmd, pdv.presentation_context_id)
+                        .await?;
                 }
                 Ok(())
             }
@@ -299,9 +303,13 @@ impl Session<'_> {
     async fn command_received(&mut self, cmd: Command, context_id: u8) -> Result<(), String> {
         match cmd.field {
             field::C_ECHO_RQ => {
-                self.respond(context_id, &cmd.response(status::SUCCESS)).await?;
+                self.respond(context_id, &cmd.response(status::SUCCESS))
+                    .await?;
                 if cmd.has_data_set {
-                    self.state = State::Discarding { request: cmd, context_id };
+                    self.state = State::Discarding {
+                        request: cmd,
+                        context_id,
+                    };
                 }
                 Ok(())
             }
@@ -327,7 +335,10 @@ impl Session<'_> {
             f if cmd.is_request() => {
                 debug!(command = format!("0x{f:04X}"), "unsupported DIMSE command");
                 if cmd.has_data_set {
-                    self.state = State::Discarding { request: cmd, context_id };
+                    self.state = State::Discarding {
+                        request: cmd,
+                        context_id,
+                    };
                     Ok(())
                 } else {
                     self.respond(context_id, &cmd.response(status::UNRECOGNIZED_OPERATION))
@@ -347,12 +358,18 @@ impl Session<'_> {
             .affected_sop_class
             .clone()
             .filter(|u| dimse::is_valid_uid(u))
-            .ok_or((status::INVALID_ARGUMENT_VALUE, "invalid Affected SOP Class UID".to_owned()))?;
+            .ok_or((
+                status::INVALID_ARGUMENT_VALUE,
+                "invalid Affected SOP Class UID".to_owned(),
+            ))?;
         let instance = cmd
             .affected_sop_instance
             .clone()
             .filter(|u| dimse::is_valid_uid(u))
-            .ok_or((status::INVALID_ARGUMENT_VALUE, "invalid Affected SOP Instance UID".to_owned()))?;
+            .ok_or((
+                status::INVALID_ARGUMENT_VALUE,
+                "invalid Affected SOP Instance UID".to_owned(),
+            ))?;
         if class != abstract_syntax {
             return Err((
                 status::DATASET_DOES_NOT_MATCH,
@@ -377,7 +394,10 @@ impl Session<'_> {
     async fn data(&mut self, pdv: PDataValue) -> Result<(), String> {
         match &mut self.state {
             State::Idle => Err("data set received without a command".into()),
-            State::Discarding { request, context_id } => {
+            State::Discarding {
+                request,
+                context_id,
+            } => {
                 if *context_id != pdv.presentation_context_id {
                     return Err("data set on another presentation context".into());
                 }
@@ -431,7 +451,9 @@ impl Session<'_> {
                 match w.commit().await {
                     Ok(committed) => {
                         m.objects_received.with_label_values(&[listener]).inc();
-                        m.bytes_received.with_label_values(&[listener]).inc_by(bytes);
+                        m.bytes_received
+                            .with_label_values(&[listener])
+                            .inc_by(bytes);
                         debug!(%listener, ?committed, bytes, "stored");
                         (status::SUCCESS, None)
                     }
@@ -452,7 +474,9 @@ impl Session<'_> {
                 status::INVALID_ARGUMENT_VALUE => "invalid_argument",
                 _ => "failure",
             };
-            m.objects_refused.with_label_values(&[listener, reason]).inc();
+            m.objects_refused
+                .with_label_values(&[listener, reason])
+                .inc();
             warn!(%listener, status = format!("0x{code:04X}"), reason = comment.as_deref().unwrap_or(""), "C-STORE refused");
         }
         let mut rsp = request.response(code);
@@ -479,9 +503,10 @@ impl Session<'_> {
 /// Map a spool failure to a C-STORE status and a log-safe comment.
 fn failure_status(e: &SpoolError) -> (u16, String) {
     let code = match e {
-        SpoolError::Store(_) | SpoolError::Key(_) | SpoolError::Internal(_) | SpoolError::TooLarge(_) => {
-            status::OUT_OF_RESOURCES
-        }
+        SpoolError::Store(_)
+        | SpoolError::Key(_)
+        | SpoolError::Internal(_)
+        | SpoolError::TooLarge(_) => status::OUT_OF_RESOURCES,
         SpoolError::IdentityMismatch(_) => status::DATASET_DOES_NOT_MATCH,
         SpoolError::Format(_) => status::CANNOT_UNDERSTAND,
         SpoolError::Corrupt(..) | SpoolError::NotFound(_) => status::PROCESSING_FAILURE,

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 
 use crate::config::TlsSection;
@@ -100,7 +100,10 @@ pub fn cert_has_dns_name(cert: &CertificateDer<'_>, name: &str) -> bool {
 /// Check that the node's own certificate carries `node_name`.
 pub fn check_node_name(tls: &TlsSection, node_name: &str) -> Result<(), TlsError> {
     let certs = load_certs(&tls.cert)?;
-    if certs.first().is_some_and(|c| cert_has_dns_name(c, node_name)) {
+    if certs
+        .first()
+        .is_some_and(|c| cert_has_dns_name(c, node_name))
+    {
         Ok(())
     } else {
         Err(TlsError::NameMismatch {
@@ -133,7 +136,8 @@ impl ClientCertVerifier for AllowedPeers {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
         if peer_name(end_entity, &self.allowed).is_none() {
             return Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::ApplicationVerificationFailure,
@@ -166,7 +170,10 @@ impl ClientCertVerifier for AllowedPeers {
 }
 
 /// Server config for a link listener: TLS 1.3, mutual auth, ALPN h2.
-pub fn server_config(tls: &TlsSection, allowed_peers: &[String]) -> Result<rustls::ServerConfig, TlsError> {
+pub fn server_config(
+    tls: &TlsSection,
+    allowed_peers: &[String],
+) -> Result<rustls::ServerConfig, TlsError> {
     let provider = provider();
     let roots = load_roots(&tls.ca)?;
     let inner = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())

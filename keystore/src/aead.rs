@@ -418,7 +418,6 @@ mod tests {
         assert_ne!(a, b);
     }
 
-
     const MIB: usize = 1024 * 1024;
     const ID_A: &[u8] = b"study=1.2.3|series=1.2.3.4|sop=1.2.3.4.5|object=1";
     const ID_B: &[u8] = b"study=1.2.3|series=1.2.3.4|sop=1.2.3.4.6|object=2";

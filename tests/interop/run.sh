@@ -13,6 +13,7 @@
 #   INTEROP_DIRECT_ONLY=1     only the direct sends and the compare self-tests (no gateway needed)
 #   INTEROP_KEEP=1            keep the work directory (it is always kept when something failed)
 #   INTEROP_DELIVERY_TIMEOUT  seconds to wait for delivery through the gateways (default 300)
+#   INTEROP_STALL_TIMEOUT     ... and give up earlier once no new object arrived for this long (default 120)
 #   INTEROP_STUDY_SIZE        number of generated objects (default 300)
 #   DCMTK_BIN_DIR             where DCMTK's storescp/storescu are (default /usr/bin; pynetdicom
 #                             puts its own storescp/storescu first on PATH, so never rely on PATH)
@@ -26,6 +27,7 @@ DIRECT_ONLY=${INTEROP_DIRECT_ONLY:-0}
 KEEP=${INTEROP_KEEP:-0}
 DELIVERY_TIMEOUT=${INTEROP_DELIVERY_TIMEOUT:-300}
 STUDY_SIZE=${INTEROP_STUDY_SIZE:-300}
+STALL_TIMEOUT=${INTEROP_STALL_TIMEOUT:-120}
 SETTLE=${INTEROP_SETTLE:-5}
 MIN_DIRECT=250
 DCMTK_BIN_DIR=${DCMTK_BIN_DIR:-/usr/bin}
@@ -56,7 +58,7 @@ indent() { sed 's/^/    | /'; }
 show_tail() { # file [lines]
 	if [[ -s $1 ]]; then
 		log "last lines of $1:"
-		tail -n "${2:-25}" "$1" | indent
+		tail -n "${2:-25}" "$1" | sed 's/\x1b\[[0-9;]*m//g' | indent
 	fi
 }
 summary() {
@@ -85,7 +87,7 @@ start_bg() {
 # stop_bg PID NAME [TIMEOUT] [group]: SIGTERM (to the process, or its whole group), wait, then SIGKILL.
 # Sets LAST_RC to the exit status; returns 1 if it had to be killed.
 stop_bg() {
-	local pid=$1 name=$2 timeout=${3:-30} target=$1 graceful=0
+	local pid=$1 name=$2 timeout=${3:-30} target=$1 killed=0
 	[[ ${4:-} == group ]] && target="-$1"
 	if alive "$pid"; then
 		kill -TERM -- "$target" 2>/dev/null || true
@@ -94,7 +96,7 @@ stop_bg() {
 		if alive "$pid"; then
 			log "WARN: $name (pid $pid) still running ${timeout}s after SIGTERM, killing it"
 			kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
-			graceful=1
+			killed=1
 		fi
 	fi
 	LAST_RC=0
@@ -104,7 +106,7 @@ stop_bg() {
 	local p rest=()
 	for p in "${PIDS[@]}"; do [[ $p == "$pid" ]] || rest+=("$p"); done
 	PIDS=("${rest[@]}")
-	return $graceful
+	return $killed
 }
 
 cleanup() {
@@ -368,7 +370,7 @@ gateway_run() { # sender
 
 	local deadline=$((SECONDS + 60)) ready_a=000 ready_b=000
 	while ((SECONDS < deadline)); do
-		alive "${GW_PID[a]}" && alive "${GW_PID[b]}" || break
+		if ! alive "${GW_PID[a]}" || ! alive "${GW_PID[b]}"; then break; fi
 		[[ $ready_b == 200 ]] || ready_b=$(http_status "http://127.0.0.1:$P_B_HTTP/readyz")
 		[[ $ready_a == 200 ]] || ready_a=$(http_status "http://127.0.0.1:$P_A_HTTP/readyz")
 		[[ $ready_a == 200 && $ready_b == 200 ]] && break
@@ -386,13 +388,21 @@ gateway_run() { # sender
 
 	send "$s" "$P_A_DICOM" GW_A "$WORK/logs/send-gw-$s.log"
 
-	local want=${DIRECT_COUNT[$s]} have next_report=$((SECONDS + 10))
+	local want=${DIRECT_COUNT[$s]} have last=-1 last_change=$SECONDS next_report=$((SECONDS + 15))
 	deadline=$((SECONDS + DELIVERY_TIMEOUT))
 	while :; do
 		have=$(count_files "$gw_dir")
 		((have >= want)) && break
+		if ((have != last)); then
+			last=$have
+			last_change=$SECONDS
+		fi
 		if ((SECONDS >= deadline)); then
 			log "[$s] delivery timeout after ${DELIVERY_TIMEOUT}s: $have of $want objects arrived"
+			break
+		fi
+		if ((SECONDS - last_change >= STALL_TIMEOUT)); then
+			log "[$s] no new object for ${STALL_TIMEOUT}s: $have of $want objects arrived, giving up"
 			break
 		fi
 		if ! alive "${GW_PID[a]}" || ! alive "${GW_PID[b]}"; then
@@ -401,7 +411,7 @@ gateway_run() { # sender
 		fi
 		if ((SECONDS >= next_report)); then
 			log "[$s]   $have/$want objects delivered so far"
-			next_report=$((SECONDS + 10))
+			next_report=$((SECONDS + 15))
 		fi
 		sleep 1
 	done

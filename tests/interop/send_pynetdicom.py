@@ -4,23 +4,29 @@
     send_pynetdicom.py HOST PORT [--called-ae AE] [--calling-ae AE]
                        [--max-contexts N] (--file-list FILE | FILE...)
 
-Files are grouped by their (SOP class, transfer syntax) pair, both taken from
-the file meta. Each association requests one presentation context per pair
+Files are grouped by their (SOP class, transfer syntax) pair (SOP class from
+the data set, transfer syntax from the file meta). Each association requests one presentation context per pair
 (with that single transfer syntax) and carries at most --max-contexts of them
 (128 is the protocol's limit), so several associations are used when needed.
 Files are sent from disk as they are (pynetdicom's chunked mode: the data set
 bytes after the file meta go on the wire unchanged, nothing is decoded or
-transcoded). A failed store or association is reported and the rest goes on.
+transcoded; see read_pairs() for the two exceptions). A failed store or association is reported and the rest goes on.
 Prints a closing line `pynetdicom: X/Y stored ...`; exits 0 only if every file
 was stored with status Success.
 """
 
 import argparse
 import logging
+import os
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 
 import pydicom
+from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
 from pynetdicom import AE, _config
 from pynetdicom.dsutils import encode, split_dataset
 
@@ -28,27 +34,58 @@ from pynetdicom.dsutils import encode, split_dataset
 _config.STORE_SEND_CHUNKED_DATASET = True
 
 
-def read_pairs(paths):
+def fixed_meta_copy(path, meta, offset, sop_class, sop_inst, tmpdir):
+    """Copy `path` with its file meta's SOP class/instance set to the data set's.
+
+    pynetdicom's file sending takes the C-STORE Affected SOP Class/Instance
+    UIDs from the file meta; a few of pydicom's test files have a file meta
+    that disagrees with their data set, which would make a non-conformant
+    request. The data set bytes are kept unchanged.
+    """
+    meta = FileMetaDataset(meta)
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_inst
+    buf = DicomBytesIO()
+    write_file_meta_info(buf, meta, enforce_standard=True)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data_set = f.read()
+    out = os.path.join(tmpdir, "%d-%s" % (len(os.listdir(tmpdir)), os.path.basename(path)))
+    with open(out, "wb") as f:
+        f.write(b"\0" * 128 + b"DICM" + buf.getvalue() + data_set)
+    return out
+
+
+def read_pairs(paths, tmpdir):
     """Return ([(sop class, TS, path, path or Dataset to send)], [(path, why)]).
 
-    A data set of odd byte length cannot go on the wire as it is (PDV
-    fragments must have even length, DCMTK aborts the association), so such a
-    file is decoded and sent re-encoded by pydicom if that makes it even
-    (e.g. a deflated stream without its pad byte), and skipped otherwise.
+    Files are sent as they are, from disk, except:
+    - a data set of odd byte length cannot go on the wire as it is (PDV
+      fragments must have even length, DCMTK aborts the association), so such
+      a file is decoded and sent re-encoded by pydicom if that makes it even
+      (e.g. a deflated stream without its pad byte), and skipped otherwise;
+    - a file whose meta names another SOP class/instance than its data set is
+      sent from a copy with a corrected file meta and the same data set bytes.
     """
     items, bad = [], []
     for p in paths:
         try:
             meta, offset = split_dataset(Path(p))
-            sop_class = str(meta.MediaStorageSOPClassUID)
             ts = meta.TransferSyntaxUID
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ids = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
+            sop_class = str(ids.SOPClassUID)
+            sop_inst = str(ids.SOPInstanceUID)
         except Exception as exc:  # noqa: BLE001 - report and go on
-            bad.append((p, "cannot read file meta: %s" % exc))
+            bad.append((p, "cannot read file meta or SOP class/instance: %s" % exc))
             continue
         payload = p
         if (Path(p).stat().st_size - offset) % 2:
             try:
-                ds = pydicom.dcmread(p)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    ds = pydicom.dcmread(p)
                 raw = encode(ds, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
             except Exception:  # noqa: BLE001
                 raw = None
@@ -57,6 +94,12 @@ def read_pairs(paths):
                 continue
             print("pynetdicom: note: %s has an odd-length data set, sending it re-encoded by pydicom" % p)
             payload = ds
+        elif (str(meta.get("MediaStorageSOPClassUID", "")), str(meta.get("MediaStorageSOPInstanceUID", ""))) != (
+            sop_class,
+            sop_inst,
+        ):
+            print("pynetdicom: note: %s: file meta SOP class/instance differ from the data set's, fixing the meta" % p)
+            payload = fixed_meta_copy(p, meta, offset, sop_class, sop_inst, tmpdir)
         items.append((sop_class, str(ts), p, payload))
     return items, bad
 
@@ -92,12 +135,14 @@ def main():
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
 
     paths = list(args.files)
     if args.file_list:
         with open(args.file_list) as f:
             paths += [line.strip() for line in f if line.strip()]
-    items, bad = read_pairs(paths)
+    tmp = tempfile.TemporaryDirectory(prefix="send_pynetdicom-")
+    items, bad = read_pairs(paths, tmp.name)
 
     stored = warned = 0
     failed = list(bad)
@@ -136,6 +181,7 @@ def main():
             assoc.release()
         ae.shutdown()
 
+    tmp.cleanup()
     for p, why in failed:
         print("pynetdicom: FAILED %s: %s" % (p, why))
     total = len(paths)

@@ -16,9 +16,7 @@
 use std::time::{Duration, Instant};
 
 use dicom_ul::association::client::AsyncClientAssociation;
-use dicom_ul::pdu::{
-    AbortRQSource, PDataValue, PDataValueType, PresentationContextResultReason,
-};
+use dicom_ul::pdu::{AbortRQSource, PDataValue, PDataValueType, PresentationContextResultReason};
 use dicom_ul::{ClientAssociationOptions, Pdu};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
@@ -38,7 +36,9 @@ const IDLE: Duration = Duration::from_secs(30);
 /// A source of an object's bytes, in order.
 pub trait Chunks {
     /// The next chunk, or `None` at the end.
-    fn next_chunk(&mut self) -> impl std::future::Future<Output = Result<Option<Vec<u8>>, SendError>> + Send;
+    fn next_chunk(
+        &mut self,
+    ) -> impl std::future::Future<Output = Result<Option<Vec<u8>>, SendError>> + Send;
 }
 
 impl Chunks for ObjectReader {
@@ -159,7 +159,13 @@ impl DicomSender {
             if found.is_none() && !idle.is_empty() {
                 // Replace one pooled association by a new one that also has this context.
                 let old = idle.swap_remove(0);
-                donor = Some(old.scu.contexts.iter().map(|(c, t, _)| (c.clone(), t.clone())).collect());
+                donor = Some(
+                    old.scu
+                        .contexts
+                        .iter()
+                        .map(|(c, t, _)| (c.clone(), t.clone()))
+                        .collect(),
+                );
                 stale.push(old);
             }
         }
@@ -200,17 +206,30 @@ impl DicomSender {
             }
             // A pooled association may have been closed by the peer while idle: the object
             // is still in the spool, and the dispatcher retries (with a fresh association).
-            Err(e) if reused => Err(SendError::Transient(format!("{e} (on a pooled association)"))),
+            Err(e) if reused => Err(SendError::Transient(format!(
+                "{e} (on a pooled association)"
+            ))),
             Err(e) => Err(e),
         }
     }
 
-    async fn store(&self, mut p: Pooled, ctx: u8, mut reader: ObjectReader) -> Result<Pooled, SendError> {
+    async fn store(
+        &self,
+        mut p: Pooled,
+        ctx: u8,
+        mut reader: ObjectReader,
+    ) -> Result<Pooled, SendError> {
         let meta = reader.meta.clone();
         let skip = meta.dataset_offset as usize;
         match p
             .scu
-            .store(ctx, &meta.sop_class_uid, &meta.sop_instance_uid, &mut reader, skip)
+            .store(
+                ctx,
+                &meta.sop_class_uid,
+                &meta.sop_instance_uid,
+                &mut reader,
+                skip,
+            )
             .await
         {
             Ok(()) => {
@@ -255,7 +274,13 @@ impl Scu {
             .presentation_contexts()
             .iter()
             .filter(|pc| pc.reason == PresentationContextResultReason::Acceptance)
-            .map(|pc| (pc.abstract_syntax.clone(), pc.transfer_syntax.clone(), pc.id))
+            .map(|pc| {
+                (
+                    pc.abstract_syntax.clone(),
+                    pc.transfer_syntax.clone(),
+                    pc.id,
+                )
+            })
             .collect();
         debug!(%address, "association established");
         Ok(Scu {
@@ -283,7 +308,9 @@ impl Scu {
     pub async fn abort(&mut self) {
         let _ = tokio::time::timeout(
             Duration::from_secs(2),
-            self.assoc.send(&Pdu::AbortRQ { source: AbortRQSource::ServiceUser }),
+            self.assoc.send(&Pdu::AbortRQ {
+                source: AbortRQSource::ServiceUser,
+            }),
         )
         .await;
     }
@@ -300,10 +327,15 @@ impl Scu {
     ) -> Result<(), SendError> {
         let msg_id = self.ids.next_id();
         let rq = Command::store_rq(msg_id, sop_class, sop_instance);
-        self.send_pdv(ctx, PDataValueType::Command, true, rq.encode()).await?;
+        self.send_pdv(ctx, PDataValueType::Command, true, rq.encode())
+            .await?;
 
         let peer_max = self.assoc.acceptor_max_pdu_length();
-        let limit = if peer_max == 0 { MAX_SEND_PDU } else { peer_max.min(MAX_SEND_PDU) };
+        let limit = if peer_max == 0 {
+            MAX_SEND_PDU
+        } else {
+            peer_max.min(MAX_SEND_PDU)
+        };
         let max_data = (limit as usize).saturating_sub(6).max(1024);
         let mut pending: Vec<u8> = Vec::with_capacity(max_data);
         while let Some(seg) = chunks.next_chunk().await? {
@@ -316,14 +348,16 @@ impl Scu {
             while !data.is_empty() {
                 if pending.len() == max_data {
                     let full = std::mem::replace(&mut pending, Vec::with_capacity(max_data));
-                    self.send_pdv(ctx, PDataValueType::Data, false, full).await?;
+                    self.send_pdv(ctx, PDataValueType::Data, false, full)
+                        .await?;
                 }
                 let n = (max_data - pending.len()).min(data.len());
                 pending.extend_from_slice(&data[..n]);
                 data = &data[n..];
             }
         }
-        self.send_pdv(ctx, PDataValueType::Data, true, pending).await?;
+        self.send_pdv(ctx, PDataValueType::Data, true, pending)
+            .await?;
 
         // Wait for the C-STORE-RSP.
         let mut command = Vec::new();
@@ -336,25 +370,35 @@ impl Scu {
                 Pdu::PData { data } => {
                     for pdv in data {
                         if pdv.value_type != PDataValueType::Command {
-                            return Err(SendError::Transient("unexpected data PDV in response".into()));
+                            return Err(SendError::Transient(
+                                "unexpected data PDV in response".into(),
+                            ));
                         }
                         if command.len() + pdv.data.len() > dimse::MAX_COMMAND_BYTES {
                             return Err(SendError::Transient("response command too large".into()));
                         }
                         command.extend_from_slice(&pdv.data);
                         if pdv.is_last {
-                            let rsp = Command::decode(&command).map_err(|e| transient("response", e))?;
+                            let rsp =
+                                Command::decode(&command).map_err(|e| transient("response", e))?;
                             return check_response(&rsp, msg_id);
                         }
                     }
                 }
-                Pdu::AbortRQ { .. } => return Err(SendError::Transient("peer aborted the association".into())),
+                Pdu::AbortRQ { .. } => {
+                    return Err(SendError::Transient("peer aborted the association".into()));
+                }
                 Pdu::ReleaseRQ => {
                     let _ = self.assoc.send(&Pdu::ReleaseRP).await;
-                    return Err(SendError::Transient("peer released the association before responding".into()));
+                    return Err(SendError::Transient(
+                        "peer released the association before responding".into(),
+                    ));
                 }
                 other => {
-                    return Err(SendError::Transient(format!("unexpected PDU {}", other.short_description())));
+                    return Err(SendError::Transient(format!(
+                        "unexpected PDU {}",
+                        other.short_description()
+                    )));
                 }
             }
         }
@@ -393,7 +437,13 @@ fn check_response(rsp: &Command, msg_id: u16) -> Result<(), SendError> {
             "peer answered C-STORE with status 0x{status:04X}{}",
             rsp.error_comment
                 .as_deref()
-                .map(|c| format!(" ({})", c.chars().filter(|c| !c.is_control()).take(64).collect::<String>()))
+                .map(|c| format!(
+                    " ({})",
+                    c.chars()
+                        .filter(|c| !c.is_control())
+                        .take(64)
+                        .collect::<String>()
+                ))
                 .unwrap_or_default()
         ))),
     }

@@ -28,7 +28,9 @@ impl FolderSender {
     /// A sender into `dir` (created if missing).
     pub fn new(dir: &Path) -> std::io::Result<FolderSender> {
         std::fs::create_dir_all(dir)?;
-        Ok(FolderSender { dir: dir.to_owned() })
+        Ok(FolderSender {
+            dir: dir.to_owned(),
+        })
     }
 
     /// Write one object as `<object id>.dcm`.
@@ -39,7 +41,8 @@ impl FolderSender {
             return Ok(());
         }
         let dir = self.dir.clone();
-        let io = |e: std::io::Error| SendError::Transient(format!("folder {}: {e}", self.dir.display()));
+        let io =
+            |e: std::io::Error| SendError::Transient(format!("folder {}: {e}", self.dir.display()));
         let mut file = tokio::task::spawn_blocking(move || open_unnamed(&dir))
             .await
             .map_err(|e| SendError::Transient(e.to_string()))?

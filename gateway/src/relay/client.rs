@@ -76,10 +76,13 @@ impl GatewaySender {
             .map_err(|_| SendError::Transient("connect timed out".into()))?
             .map_err(|e| SendError::Transient(format!("connect: {e}")))?;
         let _ = tcp.set_nodelay(true);
-        let tls = tokio::time::timeout(self.timeout, self.connector.connect(self.server_name.clone(), tcp))
-            .await
-            .map_err(|_| SendError::Transient("TLS handshake timed out".into()))?
-            .map_err(|e| SendError::Transient(format!("TLS handshake: {e}")))?;
+        let tls = tokio::time::timeout(
+            self.timeout,
+            self.connector.connect(self.server_name.clone(), tcp),
+        )
+        .await
+        .map_err(|_| SendError::Transient("TLS handshake timed out".into()))?
+        .map_err(|e| SendError::Transient(format!("TLS handshake: {e}")))?;
         let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
         b.timer(TokioTimer::new())
             .initial_stream_window_size(2 << 20)
@@ -123,7 +126,11 @@ impl GatewaySender {
         let epilogue = format!("\r\n--{boundary}--\r\n");
         let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(2);
         let producer = tokio::spawn(async move {
-            if tx.send(Ok(Frame::data(Bytes::from(preamble)))).await.is_err() {
+            if tx
+                .send(Ok(Frame::data(Bytes::from(preamble))))
+                .await
+                .is_err()
+            {
                 return;
             }
             loop {
@@ -146,14 +153,19 @@ impl GatewaySender {
             rx.recv().await.map(|item| (item, rx))
         });
         let body: Body = StreamBody::new(stream).boxed();
-        let req = Request::post(format!("https://{}:{}{}", self.host, self.port, super::STOW_PATH))
-            .header(
-                header::CONTENT_TYPE,
-                format!("multipart/related; type=\"application/dicom\"; boundary={boundary}"),
-            )
-            .header(header::ACCEPT, "application/json")
-            .body(body)
-            .map_err(|e| SendError::Transient(format!("request: {e}")))?;
+        let req = Request::post(format!(
+            "https://{}:{}{}",
+            self.host,
+            self.port,
+            super::STOW_PATH
+        ))
+        .header(
+            header::CONTENT_TYPE,
+            format!("multipart/related; type=\"application/dicom\"; boundary={boundary}"),
+        )
+        .header(header::ACCEPT, "application/json")
+        .body(body)
+        .map_err(|e| SendError::Transient(format!("request: {e}")))?;
         let result = sender.send_request(req).await;
         producer.abort();
         let resp = match result {
@@ -172,7 +184,10 @@ impl GatewaySender {
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
-        let detail = String::from_utf8_lossy(&body).chars().take(200).collect::<String>();
+        let detail = String::from_utf8_lossy(&body)
+            .chars()
+            .take(200)
+            .collect::<String>();
         match status {
             StatusCode::OK => Ok(()),
             StatusCode::CONFLICT => Err(SendError::Permanent(format!(

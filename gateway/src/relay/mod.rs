@@ -53,7 +53,10 @@ mod tests {
         let v = content_digest(&d);
         assert!(v.starts_with("sha-256=:") && v.ends_with(':'));
         assert_eq!(parse_content_digest(&v), Some(d));
-        assert_eq!(parse_content_digest(&format!("sha-512=:AAAA:, {v}")), Some(d));
+        assert_eq!(
+            parse_content_digest(&format!("sha-512=:AAAA:, {v}")),
+            Some(d)
+        );
         assert_eq!(parse_content_digest("sha-256=:AAAA:"), None);
         assert_eq!(parse_content_digest("garbage"), None);
     }

@@ -95,19 +95,32 @@ impl LinkServer {
         tasks.wait().await;
     }
 
-    async fn connection(self: Arc<Self>, socket: TcpStream, addr: std::net::SocketAddr, shutdown: CancellationToken) {
+    async fn connection(
+        self: Arc<Self>,
+        socket: TcpStream,
+        addr: std::net::SocketAddr,
+        shutdown: CancellationToken,
+    ) {
         let name = self.cfg.name.clone();
         let _ = socket.set_nodelay(true);
-        let tls = match tokio::time::timeout(Duration::from_secs(10), self.acceptor.accept(socket)).await {
+        let tls = match tokio::time::timeout(Duration::from_secs(10), self.acceptor.accept(socket))
+            .await
+        {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 info!(listener = %name, peer = %addr, error = %e, "link handshake failed");
-                self.metrics.connections.with_label_values(&[&name, "handshake_failed"]).inc();
+                self.metrics
+                    .connections
+                    .with_label_values(&[&name, "handshake_failed"])
+                    .inc();
                 return;
             }
             Err(_) => {
                 info!(listener = %name, peer = %addr, "link handshake timed out");
-                self.metrics.connections.with_label_values(&[&name, "timeout"]).inc();
+                self.metrics
+                    .connections
+                    .with_label_values(&[&name, "timeout"])
+                    .inc();
                 return;
             }
         };
@@ -119,10 +132,16 @@ impl LinkServer {
             .and_then(|c| crate::tls::peer_name(c, &self.cfg.allowed_peers));
         let Some(peer) = peer else {
             // The verifier already refused such peers; this is a second line.
-            self.metrics.connections.with_label_values(&[&name, "rejected"]).inc();
+            self.metrics
+                .connections
+                .with_label_values(&[&name, "rejected"])
+                .inc();
             return;
         };
-        self.metrics.connections.with_label_values(&[&name, "accepted"]).inc();
+        self.metrics
+            .connections
+            .with_label_values(&[&name, "accepted"])
+            .inc();
         debug!(listener = %name, %peer, "link connection");
         let server = self.clone();
         let peer2 = peer.clone();
@@ -177,13 +196,14 @@ impl LinkServer {
                 "expected multipart/related; type=\"application/dicom\"",
             );
         }
-        let Ok(boundary) = multer::parse_boundary(&ct) else {
+        let Some(boundary) = boundary_of(&ct) else {
             return text(StatusCode::BAD_REQUEST, "no multipart boundary");
         };
         let stream = BodyStream::new(req.into_body())
             .try_filter_map(|frame| async move { Ok(frame.into_data().ok()) });
         let constraints = multer::Constraints::new().size_limit(
-            multer::SizeLimit::new().per_field(self.max_object_bytes + dataset::MAX_META_BYTES as u64 + 1024),
+            multer::SizeLimit::new()
+                .per_field(self.max_object_bytes + dataset::MAX_META_BYTES as u64 + 1024),
         );
         let mut multipart = multer::Multipart::with_constraints(stream, boundary, constraints);
         let mut results = Vec::new();
@@ -243,7 +263,10 @@ impl LinkServer {
 
     async fn part(&self, mut field: multer::Field<'static>, peer: &str) -> PartResult {
         let h = field.headers();
-        let ct = h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let ct = h
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
         if !ct.trim().eq_ignore_ascii_case("application/dicom") {
             return PartResult::BadRequest("part is not application/dicom".into());
         }
@@ -251,7 +274,11 @@ impl LinkServer {
             .get("content-id")
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
-            .filter(|v| !v.is_empty() && v.len() <= MAX_CONTENT_ID && v.bytes().all(|b| b.is_ascii_graphic()))
+            .filter(|v| {
+                !v.is_empty()
+                    && v.len() <= MAX_CONTENT_ID
+                    && v.bytes().all(|b| b.is_ascii_graphic())
+            })
             .map(str::to_owned)
         else {
             return PartResult::BadRequest("part has no usable Content-ID".into());
@@ -272,7 +299,9 @@ impl LinkServer {
                 return PartResult::Duplicate;
             }
             Ok(DedupState::Conflict) => {
-                return PartResult::Conflict("this transfer was stored earlier with different content".into());
+                return PartResult::Conflict(
+                    "this transfer was stored earlier with different content".into(),
+                );
             }
             Err(e) => return PartResult::Unavailable(e.to_string()),
         }
@@ -287,7 +316,9 @@ impl LinkServer {
             }
             match field.chunk().await {
                 Ok(Some(c)) => head.extend_from_slice(&c),
-                Ok(None) => return PartResult::BadRequest("part ends inside the Part-10 header".into()),
+                Ok(None) => {
+                    return PartResult::BadRequest("part ends inside the Part-10 header".into());
+                }
                 Err(e) => return PartResult::BadRequest(format!("multipart: {e}")),
             }
             if head.len() > dataset::MAX_META_BYTES + 144 + (1 << 20) {
@@ -333,18 +364,41 @@ impl LinkServer {
         let bytes = writer.len();
         match writer.commit().await {
             Ok(Committed::Stored(id)) => {
-                self.metrics.objects_received.with_label_values(&[&self.cfg.name]).inc();
-                self.metrics.bytes_received.with_label_values(&[&self.cfg.name]).inc_by(bytes);
+                self.metrics
+                    .objects_received
+                    .with_label_values(&[&self.cfg.name])
+                    .inc();
+                self.metrics
+                    .bytes_received
+                    .with_label_values(&[&self.cfg.name])
+                    .inc_by(bytes);
                 debug!(listener = %self.cfg.name, object = %id, bytes, "stored from link");
                 PartResult::Stored
             }
             Ok(Committed::Duplicate) => PartResult::Duplicate,
-            Err(SpoolError::IdentityMismatch("content of this transfer")) => {
-                PartResult::Conflict("this transfer was stored earlier with different content".into())
-            }
+            Err(SpoolError::IdentityMismatch("content of this transfer")) => PartResult::Conflict(
+                "this transfer was stored earlier with different content".into(),
+            ),
             Err(e) => spool_failure(e),
         }
     }
+}
+
+/// The `boundary` parameter of a multipart content type (RFC 2046: 1 to 70 characters).
+fn boundary_of(content_type: &str) -> Option<String> {
+    content_type.split(';').skip(1).find_map(|param| {
+        let (k, v) = param.split_once('=')?;
+        if !k.trim().eq_ignore_ascii_case("boundary") {
+            return None;
+        }
+        let v = v.trim();
+        let v = v
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or(v);
+        (!v.is_empty() && v.len() <= 70 && v.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
+            .then(|| v.to_owned())
+    })
 }
 
 fn spool_failure(e: SpoolError) -> PartResult {
@@ -356,11 +410,32 @@ fn spool_failure(e: SpoolError) -> PartResult {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn boundaries() {
+        use super::boundary_of;
+        let ct = "multipart/related; type=\"application/dicom\"; boundary=abc-123";
+        assert_eq!(boundary_of(ct).as_deref(), Some("abc-123"));
+        assert_eq!(
+            boundary_of("multipart/related; boundary=\"q r\"").as_deref(),
+            Some("q r")
+        );
+        assert_eq!(boundary_of("multipart/related"), None);
+        assert_eq!(
+            boundary_of(&format!("multipart/related; boundary={}", "x".repeat(71))),
+            None
+        );
+    }
+}
+
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain"),
+    );
     r
 }
 
@@ -369,7 +444,9 @@ fn json(status: StatusCode, stored: usize, failed: usize) -> Response<Full<Bytes
     let body = format!("{{\"stored\":{stored},\"failed\":{failed}}}");
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     r
 }

@@ -31,8 +31,8 @@ use tracing::{debug, warn};
 
 use crate::dataset::{self, Identity, Scan};
 use crate::sop::Encoding;
-use rocks::{Cf, Store};
 pub use rocks::StoreError;
+use rocks::{Cf, Store};
 
 /// Version byte of a metadata record.
 const META_VERSION: u8 = 1;
@@ -156,7 +156,12 @@ impl ObjectMeta {
             out.extend_from_slice(&(s.len() as u16).to_be_bytes());
             out.extend_from_slice(s.as_bytes());
         }
-        for n in [self.length, self.dataset_offset, self.segments, self.received_at_ms] {
+        for n in [
+            self.length,
+            self.dataset_offset,
+            self.segments,
+            self.received_at_ms,
+        ] {
             out.extend_from_slice(&n.to_be_bytes());
         }
         out.extend_from_slice(&self.digest);
@@ -178,8 +183,14 @@ impl ObjectMeta {
             *n = u64::from_be_bytes(r.take(8)?.try_into().ok()?);
         }
         let digest: [u8; 32] = r.take(32)?.try_into().ok()?;
-        let [study_uid, series_uid, sop_instance_uid, sop_class_uid, transfer_syntax, source] =
-            <[String; 6]>::try_from(strings).ok()?;
+        let [
+            study_uid,
+            series_uid,
+            sop_instance_uid,
+            sop_class_uid,
+            transfer_syntax,
+            source,
+        ] = <[String; 6]>::try_from(strings).ok()?;
         Some(ObjectMeta {
             id,
             study_uid,
@@ -363,8 +374,7 @@ async fn blocking<T: Send + 'static>(
 impl Spool {
     /// Open the spool in `dir` with the given KEK, removing what interrupted ingests left.
     pub fn open(dir: &Path, kek: Kek, opts: SpoolOptions) -> Result<Spool, SpoolError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| SpoolError::Store(StoreError::from_io(dir, e)))?;
+        std::fs::create_dir_all(dir).map_err(|e| SpoolError::Store(StoreError::from_io(dir, e)))?;
         let store = Store::open(dir)?;
         let index = kek.index_hasher();
         let inner = Inner {
@@ -399,7 +409,10 @@ impl Spool {
                 b.delete(Cf::Ingest, k);
             }
             s.commit(b, true)?;
-            warn!(count = orphans.len(), "removed partial objects left by an interrupted ingest");
+            warn!(
+                count = orphans.len(),
+                "removed partial objects left by an interrupted ingest"
+            );
         }
         let mut max_seq = 0u64;
         for (_, v) in s.scan_prefix(Cf::Refs, &[], usize::MAX)? {
@@ -423,25 +436,37 @@ impl Spool {
 
     /// Start writing an object. `header` is the Part-10 header the stream starts with.
     pub fn writer(&self, ingest: Ingest) -> Result<ObjectWriter, SpoolError> {
-        let encoding = crate::sop::encoding(&ingest.transfer_syntax).ok_or(
-            SpoolError::Format(dataset::FormatError::Malformed("unsupported transfer syntax")),
-        )?;
+        let encoding = crate::sop::encoding(&ingest.transfer_syntax).ok_or(SpoolError::Format(
+            dataset::FormatError::Malformed("unsupported transfer syntax"),
+        ))?;
         let header = dataset::part10_header(
             &ingest.sop_class,
             &ingest.sop_instance,
             &ingest.transfer_syntax,
-            Some(&ingest.source).filter(|s| crate::config::check_ae(s).is_ok()).map(|s| s.as_str()),
+            Some(&ingest.source)
+                .filter(|s| crate::config::check_ae(s).is_ok())
+                .map(|s| s.as_str()),
         );
         Ok(ObjectWriter::new(self.clone(), ingest, encoding, header, 0))
     }
 
     /// Start writing an object whose Part-10 header arrives as part of the stream (a STOW-RS
     /// part): the header is stored as received.
-    pub fn writer_for_part10(&self, ingest: Ingest, header_len: usize) -> Result<ObjectWriter, SpoolError> {
-        let encoding = crate::sop::encoding(&ingest.transfer_syntax).ok_or(
-            SpoolError::Format(dataset::FormatError::Malformed("unsupported transfer syntax")),
-        )?;
-        Ok(ObjectWriter::new(self.clone(), ingest, encoding, Vec::new(), header_len))
+    pub fn writer_for_part10(
+        &self,
+        ingest: Ingest,
+        header_len: usize,
+    ) -> Result<ObjectWriter, SpoolError> {
+        let encoding = crate::sop::encoding(&ingest.transfer_syntax).ok_or(SpoolError::Format(
+            dataset::FormatError::Malformed("unsupported transfer syntax"),
+        ))?;
+        Ok(ObjectWriter::new(
+            self.clone(),
+            ingest,
+            encoding,
+            Vec::new(),
+            header_len,
+        ))
     }
 
     /// Register to hear about new queue entries for `dest`, then read the queue as stored.
@@ -459,7 +484,11 @@ impl Spool {
         let mut prefix = dest.as_bytes().to_vec();
         prefix.push(0);
         let mut out = Vec::new();
-        for (k, v) in self.inner.store.scan_prefix(Cf::Queue, &prefix, usize::MAX)? {
+        for (k, v) in self
+            .inner
+            .store
+            .scan_prefix(Cf::Queue, &prefix, usize::MAX)?
+        {
             let seq = k
                 .get(prefix.len()..)
                 .and_then(|b| <[u8; 8]>::try_from(b).ok())
@@ -480,17 +509,29 @@ impl Spool {
     pub fn queue_len(&self, dest: &str) -> Result<usize, SpoolError> {
         let mut prefix = dest.as_bytes().to_vec();
         prefix.push(0);
-        Ok(self.inner.store.scan_prefix(Cf::Queue, &prefix, usize::MAX)?.len())
+        Ok(self
+            .inner
+            .store
+            .scan_prefix(Cf::Queue, &prefix, usize::MAX)?
+            .len())
     }
 
     /// Number of objects in the spool.
     pub fn object_count(&self) -> Result<usize, SpoolError> {
-        Ok(self.inner.store.scan_prefix(Cf::Meta, &[], usize::MAX)?.len())
+        Ok(self
+            .inner
+            .store
+            .scan_prefix(Cf::Meta, &[], usize::MAX)?
+            .len())
     }
 
     /// Number of stored segments, committed or not (diagnostics and tests).
     pub fn segment_count(&self) -> Result<usize, SpoolError> {
-        Ok(self.inner.store.scan_prefix(Cf::Seg, &[], usize::MAX)?.len())
+        Ok(self
+            .inner
+            .store
+            .scan_prefix(Cf::Seg, &[], usize::MAX)?
+            .len())
     }
 
     /// Read an object's metadata.
@@ -544,7 +585,10 @@ impl Spool {
             return self.inner.kek.unwrap(&w, &kid).map_err(SpoolError::Key);
         }
         if !create {
-            return Err(SpoolError::Corrupt(ObjectId([0; 16]), "study key missing".into()));
+            return Err(SpoolError::Corrupt(
+                ObjectId([0; 16]),
+                "study key missing".into(),
+            ));
         }
         let _g = self
             .inner
@@ -684,7 +728,13 @@ pub struct ObjectWriter {
 }
 
 impl ObjectWriter {
-    fn new(spool: Spool, ingest: Ingest, encoding: Encoding, header: Vec<u8>, header_len: usize) -> Self {
+    fn new(
+        spool: Spool,
+        ingest: Ingest,
+        encoding: Encoding,
+        header: Vec<u8>,
+        header_len: usize,
+    ) -> Self {
         let dataset_offset = if header.is_empty() {
             Some(header_len)
         } else {
@@ -769,7 +819,11 @@ impl ObjectWriter {
             sop_class: self.ingest.sop_class.clone(),
             transfer_syntax: self.ingest.transfer_syntax.clone(),
         };
-        let kid = self.spool.inner.index.id("study", resolved.study.as_bytes());
+        let kid = self
+            .spool
+            .inner
+            .index
+            .id("study", resolved.study.as_bytes());
         let spool = self.spool.clone();
         let id = ObjectId::random()?;
         let dek = blocking(move || {
@@ -813,13 +867,19 @@ impl ObjectWriter {
             .sealing
             .as_ref()
             .ok_or_else(|| SpoolError::Internal("sealing before identity".into()))?;
-        let id = self.id.ok_or_else(|| SpoolError::Internal("no object id".into()))?;
+        let id = self
+            .id
+            .ok_or_else(|| SpoolError::Internal("no object id".into()))?;
         let index = self.next_index;
-        let sealed = keystore::seal_segment(dek, aad, index, is_final, &chunk).map_err(SpoolError::Key)?;
+        let sealed =
+            keystore::seal_segment(dek, aad, index, is_final, &chunk).map_err(SpoolError::Key)?;
         drop(chunk);
         let spool = self.spool.clone();
         blocking(move || {
-            spool.inner.store.put_unsynced(Cf::Seg, &seg_key(&id, index), &sealed)?;
+            spool
+                .inner
+                .store
+                .put_unsynced(Cf::Seg, &seg_key(&id, index), &sealed)?;
             Ok(())
         })
         .await?;
@@ -845,7 +905,9 @@ impl ObjectWriter {
             .sealing
             .clone()
             .ok_or_else(|| SpoolError::Internal("no identity".into()))?;
-        let id = self.id.ok_or_else(|| SpoolError::Internal("no object id".into()))?;
+        let id = self
+            .id
+            .ok_or_else(|| SpoolError::Internal("no object id".into()))?;
         let digest = self.digest.clone().finish();
         let meta = ObjectMeta {
             id,
@@ -861,7 +923,8 @@ impl ObjectWriter {
             segments: self.next_index,
             received_at_ms: now_ms(),
         };
-        let sealed_meta = keystore::seal_record(&dek, &meta_ad(&id), &meta.encode()).map_err(SpoolError::Key)?;
+        let sealed_meta =
+            keystore::seal_record(&dek, &meta_ad(&id), &meta.encode()).map_err(SpoolError::Key)?;
         let spool = self.spool.clone();
         let routes = self.ingest.routes.clone();
         let dedup = self.ingest.dedup;
@@ -876,7 +939,9 @@ impl ObjectWriter {
                 match spool.dedup_state(key, &digest)? {
                     DedupState::New => {}
                     DedupState::Identical => return Ok((Committed::Duplicate, Vec::new())),
-                    DedupState::Conflict => return Err(SpoolError::IdentityMismatch("content of this transfer")),
+                    DedupState::Conflict => {
+                        return Err(SpoolError::IdentityMismatch("content of this transfer"));
+                    }
                 }
             }
             let mut b = s.batch();
@@ -891,7 +956,14 @@ impl ObjectWriter {
                 qv.push(0);
                 b.put(Cf::Queue, &queue_key(dest, seq), &qv);
                 b.put(Cf::Refs, &ref_key(&id, dest), &seq.to_be_bytes());
-                entries.push((dest.clone(), QueueEntry { seq, object: id, parked: false }));
+                entries.push((
+                    dest.clone(),
+                    QueueEntry {
+                        seq,
+                        object: id,
+                        parked: false,
+                    },
+                ));
             }
             if let Some(key) = dedup {
                 let mut v = digest.to_vec();
@@ -964,15 +1036,21 @@ impl ObjectReader {
                 .inner
                 .store
                 .get(Cf::Seg, &seg_key(&id, index))?
-                .ok_or_else(|| SpoolError::Corrupt(id, format!("segment {index} missing (truncated)")))?;
-            keystore::open_segment(&dek, &aad, index, &sealed).map_err(|e| SpoolError::Corrupt(id, e.to_string()))
+                .ok_or_else(|| {
+                    SpoolError::Corrupt(id, format!("segment {index} missing (truncated)"))
+                })?;
+            keystore::open_segment(&dek, &aad, index, &sealed)
+                .map_err(|e| SpoolError::Corrupt(id, e.to_string()))
         })
         .await?;
         self.next += 1;
         if is_final {
             self.done = true;
             if self.next != self.meta.segments {
-                return Err(SpoolError::Corrupt(id, "segment count differs from metadata".into()));
+                return Err(SpoolError::Corrupt(
+                    id,
+                    "segment count differs from metadata".into(),
+                ));
             }
         }
         Ok(Some(plain))
