@@ -43,6 +43,9 @@ pub fn backoff(initial: Duration, max: Duration, attempt: u32) -> Duration {
     nominal.mul_f64(jitter)
 }
 
+/// What a send task reports: the queue sequence, and the object's (bytes, received-at ms).
+type SendOutcome = (u64, Result<(u64, u64), SendError>);
+
 #[derive(Debug)]
 struct Slot {
     entry: QueueEntry,
@@ -88,7 +91,7 @@ pub async fn run(
     }
     let depth = metrics.queue_depth.with_label_values(&[&name]);
     let parked = metrics.queue_parked.with_label_values(&[&name]);
-    let mut tasks: JoinSet<(u64, Result<(u64, u64), SendError>)> = JoinSet::new();
+    let mut tasks: JoinSet<SendOutcome> = JoinSet::new();
     loop {
         depth.set(slots.values().filter(|s| !s.entry.parked).count() as i64);
         parked.set(slots.values().filter(|s| s.entry.parked).count() as i64);

@@ -192,7 +192,7 @@ enum State {
         request: Command,
         context_id: u8,
         /// `None` once a failure was decided; the rest of the data set is discarded.
-        writer: Option<ObjectWriter>,
+        writer: Option<Box<ObjectWriter>>,
         failure: Option<(u16, String)>,
     },
     /// Discarding the data set of a command we refuse.
@@ -320,7 +320,7 @@ impl Session<'_> {
                         .await;
                 }
                 let (writer, failure) = match self.start_store(&cmd, context_id) {
-                    Ok(w) => (Some(w), None),
+                    Ok(w) => (Some(Box::new(w)), None),
                     Err(f) => (None, Some(f)),
                 };
                 self.state = State::Storing {

@@ -410,25 +410,6 @@ fn spool_failure(e: SpoolError) -> PartResult {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn boundaries() {
-        use super::boundary_of;
-        let ct = "multipart/related; type=\"application/dicom\"; boundary=abc-123";
-        assert_eq!(boundary_of(ct).as_deref(), Some("abc-123"));
-        assert_eq!(
-            boundary_of("multipart/related; boundary=\"q r\"").as_deref(),
-            Some("q r")
-        );
-        assert_eq!(boundary_of("multipart/related"), None);
-        assert_eq!(
-            boundary_of(&format!("multipart/related; boundary={}", "x".repeat(71))),
-            None
-        );
-    }
-}
-
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *r.status_mut() = status;
@@ -449,4 +430,23 @@ fn json(status: StatusCode, stored: usize, failed: usize) -> Response<Full<Bytes
         http::HeaderValue::from_static("application/json"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn boundaries() {
+        use super::boundary_of;
+        let ct = "multipart/related; type=\"application/dicom\"; boundary=abc-123";
+        assert_eq!(boundary_of(ct).as_deref(), Some("abc-123"));
+        assert_eq!(
+            boundary_of("multipart/related; boundary=\"q r\"").as_deref(),
+            Some("q r")
+        );
+        assert_eq!(boundary_of("multipart/related"), None);
+        assert_eq!(
+            boundary_of(&format!("multipart/related; boundary={}", "x".repeat(71))),
+            None
+        );
+    }
 }

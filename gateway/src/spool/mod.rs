@@ -704,6 +704,10 @@ impl StoreError {
     }
 }
 
+/// How a writer seals, once the object's identity is known: (study key, identity AAD,
+/// study key id, identity).
+type Sealing = (Arc<Dek>, Vec<u8>, [u8; 16], ResolvedIdentity);
+
 /// Writes one object into the spool, segment by segment.
 ///
 /// Dropping a writer that was not committed deletes what it wrote.
@@ -719,7 +723,7 @@ pub struct ObjectWriter {
     /// For STOW parts: the header length announced by the caller.
     header_len: usize,
     /// Study key, identity AAD and key id, once the identity is known.
-    sealing: Option<(Arc<Dek>, Vec<u8>, [u8; 16], ResolvedIdentity)>,
+    sealing: Option<Sealing>,
     next_index: u64,
     written: u64,
     digest: Sha256,

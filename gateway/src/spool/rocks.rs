@@ -74,6 +74,9 @@ impl From<rocksdb::Error> for StoreError {
     }
 }
 
+/// A key and its value, as read.
+pub(crate) type Pair = (Box<[u8]>, Box<[u8]>);
+
 /// The RocksDB handle.
 pub(crate) struct Store {
     db: DB,
@@ -167,7 +170,7 @@ impl Store {
         cf: Cf,
         prefix: &[u8],
         limit: usize,
-    ) -> Result<Vec<(Box<[u8]>, Box<[u8]>)>, StoreError> {
+    ) -> Result<Vec<Pair>, StoreError> {
         let mut out = Vec::new();
         let iter = self
             .db
