@@ -1,0 +1,187 @@
+//! The DICOM listener's DIMSE behaviour, driven by a raw dicom-ul association, and the
+//! admin HTTP endpoint.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use dicom_gateway::demo::{self, DemoObject};
+use dicom_gateway::dimse::{Command, field, status};
+use dicom_gateway_e2e::*;
+use dicom_ul::association::client::AsyncClientAssociation;
+use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
+use dicom_ul::{ClientAssociationOptions, Pdu};
+use tokio::net::TcpStream;
+
+async fn associate(addr: std::net::SocketAddr) -> (AsyncClientAssociation<TcpStream>, u8, u8) {
+    let assoc = ClientAssociationOptions::new()
+        .calling_ae_title("TEST_SCU")
+        .called_ae_title("GW_A")
+        .with_presentation_context(dicom_gateway::dimse::VERIFICATION_SOP_CLASS, vec![demo::EXPLICIT_VR_LE])
+        .with_presentation_context(demo::CT_IMAGE_STORAGE, vec![demo::EXPLICIT_VR_LE])
+        .read_timeout(Duration::from_secs(10))
+        .establish_async(addr.to_string())
+        .await
+        .expect("association");
+    let ctx = |class: &str| {
+        assoc
+            .presentation_contexts()
+            .iter()
+            .find(|pc| pc.abstract_syntax == class && pc.reason == PresentationContextResultReason::Acceptance)
+            .map(|pc| pc.id)
+            .expect("accepted context")
+    };
+    let echo = ctx(dicom_gateway::dimse::VERIFICATION_SOP_CLASS);
+    let store = ctx(demo::CT_IMAGE_STORAGE);
+    (assoc, echo, store)
+}
+
+async fn send_pdv(assoc: &mut AsyncClientAssociation<TcpStream>, ctx: u8, ty: PDataValueType, data: Vec<u8>) {
+    assoc
+        .send(&Pdu::PData {
+            data: vec![PDataValue {
+                presentation_context_id: ctx,
+                value_type: ty,
+                is_last: true,
+                data,
+            }],
+        })
+        .await
+        .expect("send");
+}
+
+async fn response(assoc: &mut AsyncClientAssociation<TcpStream>) -> Command {
+    match assoc.receive().await.expect("response") {
+        Pdu::PData { data } => Command::decode(&data[0].data).expect("command"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn echo_unknown_commands_and_mismatched_uids_get_proper_statuses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pacs = Storescp::start(&tmp.path().join("pacs"));
+    let mut sites = TwoSites::start(SiteOptions {
+        pacs_port: pacs.port,
+        a_listener_extra: String::new(),
+        a_spool: String::new(),
+    })
+    .await;
+    let (mut assoc, echo_ctx, store_ctx) = associate(sites.a_dicom()).await;
+
+    // C-ECHO
+    send_pdv(&mut assoc, echo_ctx, PDataValueType::Command, Command::echo_rq(7).encode()).await;
+    let rsp = response(&mut assoc).await;
+    assert_eq!((rsp.field, rsp.responded_to, rsp.status), (field::C_ECHO_RSP, Some(7), Some(status::SUCCESS)));
+
+    // A C-FIND-RQ is not served: a failure status, not silence.
+    let find = Command {
+        field: 0x0020,
+        message_id: Some(8),
+        affected_sop_class: Some(dicom_gateway::dimse::VERIFICATION_SOP_CLASS.into()),
+        ..Default::default()
+    };
+    send_pdv(&mut assoc, echo_ctx, PDataValueType::Command, find.encode()).await;
+    let rsp = response(&mut assoc).await;
+    assert_eq!((rsp.field, rsp.responded_to, rsp.status), (0x8020, Some(8), Some(status::UNRECOGNIZED_OPERATION)));
+
+    // A C-STORE whose command names another SOP instance than its data set: 0xA900.
+    let obj: DemoObject = study(1, "MISMATCH^UID", 4096).remove(0);
+    let rq = Command::store_rq(9, &obj.sop_class, "1.2.3.4.5.6.7");
+    send_pdv(&mut assoc, store_ctx, PDataValueType::Command, rq.encode()).await;
+    send_pdv(&mut assoc, store_ctx, PDataValueType::Data, obj.dataset.clone()).await;
+    let rsp = response(&mut assoc).await;
+    assert_eq!((rsp.field, rsp.responded_to, rsp.status), (field::C_STORE_RSP, Some(9), Some(status::DATASET_DOES_NOT_MATCH)));
+
+    // The same association still stores a correct object.
+    let rq = Command::store_rq(10, &obj.sop_class, &obj.sop_instance);
+    send_pdv(&mut assoc, store_ctx, PDataValueType::Command, rq.encode()).await;
+    send_pdv(&mut assoc, store_ctx, PDataValueType::Data, obj.dataset.clone()).await;
+    let rsp = response(&mut assoc).await;
+    assert_eq!(rsp.status, Some(status::SUCCESS));
+    assert_eq!(rsp.affected_sop_instance.as_deref(), Some(obj.sop_instance.as_str()));
+    assoc.release().await.expect("release");
+
+    assert!(eventually(Duration::from_secs(30), || pacs.count() == 1).await);
+    assert_eq!(pacs.received(), expected(&[obj]));
+    sites.stop().await;
+}
+
+/// An abort in the middle of a data set keeps nothing of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn abort_mid_object_keeps_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pacs = Storescp::start(&tmp.path().join("pacs"));
+    let mut sites = TwoSites::start(SiteOptions {
+        pacs_port: pacs.port,
+        a_listener_extra: String::new(),
+        a_spool: "segment_bytes = 65536".into(),
+    })
+    .await;
+    let (mut assoc, _, store_ctx) = associate(sites.a_dicom()).await;
+    let obj = study(1, "ABORTED^MID", 1 << 20).remove(0);
+    let rq = Command::store_rq(1, &obj.sop_class, &obj.sop_instance);
+    send_pdv(&mut assoc, store_ctx, PDataValueType::Command, rq.encode()).await;
+    // Half the data set (several segments), never marked last, then an abort.
+    for chunk in obj.dataset[..obj.dataset.len() / 2].chunks(100_000) {
+        assoc
+            .send(&Pdu::PData {
+                data: vec![PDataValue {
+                    presentation_context_id: store_ctx,
+                    value_type: PDataValueType::Data,
+                    is_last: false,
+                    data: chunk.to_vec(),
+                }],
+            })
+            .await
+            .unwrap();
+    }
+    let spool = sites.a.as_ref().unwrap().spool().unwrap().clone();
+    // The partial object did reach the spool (so the check below means something).
+    assert!(eventually(Duration::from_secs(10), || spool.segment_count().unwrap() > 0).await);
+    assoc.abort().await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || spool.segment_count().unwrap() == 0).await,
+        "segments of the aborted object remain"
+    );
+    assert_eq!(spool.object_count().unwrap(), 0);
+    drop(spool);
+    sites.stop().await;
+    assert_eq!(pacs.count(), 0);
+}
+
+fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn admin_endpoint_answers_health_readiness_and_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pacs = Storescp::start(&tmp.path().join("pacs"));
+    let mut sites = TwoSites::start(SiteOptions {
+        pacs_port: pacs.port,
+        a_listener_extra: String::new(),
+        a_spool: String::new(),
+    })
+    .await;
+    let http = sites.a.as_ref().unwrap().http_addr.unwrap();
+    let addr = http;
+    let (h, r, m, n) = tokio::task::spawn_blocking(move || {
+        (
+            http_get(addr, "/healthz"),
+            http_get(addr, "/readyz"),
+            http_get(addr, "/metrics"),
+            http_get(addr, "/nope"),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(m.starts_with("HTTP/1.1 200") && m.contains("dicom_gateway_"), "{m}");
+    assert!(n.starts_with("HTTP/1.1 404"), "{n}");
+    sites.stop().await;
+}
