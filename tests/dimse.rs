@@ -16,7 +16,10 @@ async fn associate(addr: std::net::SocketAddr) -> (AsyncClientAssociation<TcpStr
     let assoc = ClientAssociationOptions::new()
         .calling_ae_title("TEST_SCU")
         .called_ae_title("GW_A")
-        .with_presentation_context(dicom_gateway::dimse::VERIFICATION_SOP_CLASS, vec![demo::EXPLICIT_VR_LE])
+        .with_presentation_context(
+            dicom_gateway::dimse::VERIFICATION_SOP_CLASS,
+            vec![demo::EXPLICIT_VR_LE],
+        )
         .with_presentation_context(demo::CT_IMAGE_STORAGE, vec![demo::EXPLICIT_VR_LE])
         .read_timeout(Duration::from_secs(10))
         .establish_async(addr.to_string())
@@ -26,7 +29,10 @@ async fn associate(addr: std::net::SocketAddr) -> (AsyncClientAssociation<TcpStr
         assoc
             .presentation_contexts()
             .iter()
-            .find(|pc| pc.abstract_syntax == class && pc.reason == PresentationContextResultReason::Acceptance)
+            .find(|pc| {
+                pc.abstract_syntax == class
+                    && pc.reason == PresentationContextResultReason::Acceptance
+            })
             .map(|pc| pc.id)
             .expect("accepted context")
     };
@@ -35,7 +41,12 @@ async fn associate(addr: std::net::SocketAddr) -> (AsyncClientAssociation<TcpStr
     (assoc, echo, store)
 }
 
-async fn send_pdv(assoc: &mut AsyncClientAssociation<TcpStream>, ctx: u8, ty: PDataValueType, data: Vec<u8>) {
+async fn send_pdv(
+    assoc: &mut AsyncClientAssociation<TcpStream>,
+    ctx: u8,
+    ty: PDataValueType,
+    data: Vec<u8>,
+) {
     assoc
         .send(&Pdu::PData {
             data: vec![PDataValue {
@@ -69,9 +80,18 @@ async fn echo_unknown_commands_and_mismatched_uids_get_proper_statuses() {
     let (mut assoc, echo_ctx, store_ctx) = associate(sites.a_dicom()).await;
 
     // C-ECHO
-    send_pdv(&mut assoc, echo_ctx, PDataValueType::Command, Command::echo_rq(7).encode()).await;
+    send_pdv(
+        &mut assoc,
+        echo_ctx,
+        PDataValueType::Command,
+        Command::echo_rq(7).encode(),
+    )
+    .await;
     let rsp = response(&mut assoc).await;
-    assert_eq!((rsp.field, rsp.responded_to, rsp.status), (field::C_ECHO_RSP, Some(7), Some(status::SUCCESS)));
+    assert_eq!(
+        (rsp.field, rsp.responded_to, rsp.status),
+        (field::C_ECHO_RSP, Some(7), Some(status::SUCCESS))
+    );
 
     // A C-FIND-RQ is not served: a failure status, not silence.
     let find = Command {
@@ -82,23 +102,48 @@ async fn echo_unknown_commands_and_mismatched_uids_get_proper_statuses() {
     };
     send_pdv(&mut assoc, echo_ctx, PDataValueType::Command, find.encode()).await;
     let rsp = response(&mut assoc).await;
-    assert_eq!((rsp.field, rsp.responded_to, rsp.status), (0x8020, Some(8), Some(status::UNRECOGNIZED_OPERATION)));
+    assert_eq!(
+        (rsp.field, rsp.responded_to, rsp.status),
+        (0x8020, Some(8), Some(status::UNRECOGNIZED_OPERATION))
+    );
 
     // A C-STORE whose command names another SOP instance than its data set: 0xA900.
     let obj: DemoObject = study(1, "MISMATCH^UID", 4096).remove(0);
     let rq = Command::store_rq(9, &obj.sop_class, "1.2.3.4.5.6.7");
     send_pdv(&mut assoc, store_ctx, PDataValueType::Command, rq.encode()).await;
-    send_pdv(&mut assoc, store_ctx, PDataValueType::Data, obj.dataset.clone()).await;
+    send_pdv(
+        &mut assoc,
+        store_ctx,
+        PDataValueType::Data,
+        obj.dataset.clone(),
+    )
+    .await;
     let rsp = response(&mut assoc).await;
-    assert_eq!((rsp.field, rsp.responded_to, rsp.status), (field::C_STORE_RSP, Some(9), Some(status::DATASET_DOES_NOT_MATCH)));
+    assert_eq!(
+        (rsp.field, rsp.responded_to, rsp.status),
+        (
+            field::C_STORE_RSP,
+            Some(9),
+            Some(status::DATASET_DOES_NOT_MATCH)
+        )
+    );
 
     // The same association still stores a correct object.
     let rq = Command::store_rq(10, &obj.sop_class, &obj.sop_instance);
     send_pdv(&mut assoc, store_ctx, PDataValueType::Command, rq.encode()).await;
-    send_pdv(&mut assoc, store_ctx, PDataValueType::Data, obj.dataset.clone()).await;
+    send_pdv(
+        &mut assoc,
+        store_ctx,
+        PDataValueType::Data,
+        obj.dataset.clone(),
+    )
+    .await;
     let rsp = response(&mut assoc).await;
     assert_eq!(rsp.status, Some(status::SUCCESS));
-    assert_eq!(rsp.affected_sop_instance.as_deref(), Some(obj.sop_instance.as_str()));
+    assert_eq!(
+        rsp.affected_sop_instance.as_deref(),
+        Some(obj.sop_instance.as_str())
+    );
     assoc.release().await.expect("release");
 
     assert!(eventually(Duration::from_secs(30), || pacs.count() == 1).await);
@@ -137,10 +182,16 @@ async fn abort_mid_object_keeps_nothing() {
     }
     let spool = sites.a.as_ref().unwrap().spool().unwrap().clone();
     // The partial object did reach the spool (so the check below means something).
-    assert!(eventually(Duration::from_secs(10), || spool.segment_count().unwrap() > 0).await);
+    assert!(
+        eventually(Duration::from_secs(10), || spool.segment_count().unwrap()
+            > 0)
+        .await
+    );
     assoc.abort().await.unwrap();
     assert!(
-        eventually(Duration::from_secs(10), || spool.segment_count().unwrap() == 0).await,
+        eventually(Duration::from_secs(10), || spool.segment_count().unwrap()
+            == 0)
+        .await,
         "segments of the aborted object remain"
     );
     assert_eq!(spool.object_count().unwrap(), 0);
@@ -151,7 +202,11 @@ async fn abort_mid_object_keeps_nothing() {
 
 fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
@@ -181,7 +236,10 @@ async fn admin_endpoint_answers_health_readiness_and_metrics() {
     .unwrap();
     assert!(h.starts_with("HTTP/1.1 200"), "{h}");
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
-    assert!(m.starts_with("HTTP/1.1 200") && m.contains("dicom_gateway_"), "{m}");
+    assert!(
+        m.starts_with("HTTP/1.1 200") && m.contains("dicom_gateway_"),
+        "{m}"
+    );
     assert!(n.starts_with("HTTP/1.1 404"), "{n}");
     sites.stop().await;
 }

@@ -1069,3 +1069,152 @@ impl ObjectReader {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::demo::{DemoObject, generate_object};
+
+    fn open(dir: &Path) -> Spool {
+        let opts = SpoolOptions {
+            segment_bytes: 64 * 1024,
+            ..SpoolOptions::default()
+        };
+        Spool::open(dir, Kek::from_bytes([3; 32]), opts).unwrap()
+    }
+
+    fn ingest(o: &DemoObject, routes: &[&str], dedup: Option<DedupKey>) -> Ingest {
+        Ingest {
+            sop_class: o.sop_class.clone(),
+            sop_instance: o.sop_instance.clone(),
+            transfer_syntax: o.transfer_syntax.clone(),
+            source: "TEST".into(),
+            routes: routes.iter().map(|s| s.to_string()).collect(),
+            dedup,
+        }
+    }
+
+    async fn store(spool: &Spool, o: &DemoObject, routes: &[&str]) -> ObjectId {
+        let mut w = spool.writer(ingest(o, routes, None)).unwrap();
+        for c in o.dataset.chunks(10_000) {
+            w.write(c).await.unwrap();
+        }
+        match w.commit().await.unwrap() {
+            Committed::Stored(id) => id,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn round_trip_queues_and_deletion_after_the_last_destination() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = open(dir.path());
+        let o = generate_object("1.2.3", "1.2.3.1", 1, "ROUND^TRIP", 300_000).unwrap();
+        let id = store(&spool, &o, &["x", "y"]).await;
+        let mut r = spool.open_object(id).await.unwrap();
+        assert_eq!(r.meta.study_uid, "1.2.3");
+        assert_eq!(r.meta.series_uid, "1.2.3.1");
+        assert_eq!(r.meta.sop_instance_uid, o.sop_instance);
+        assert!(r.meta.segments > 4, "several segments expected");
+        let all = r.read_all().await.unwrap();
+        assert_eq!(&all[r.meta.dataset_offset as usize..], &o.dataset[..]);
+        let (qx, _) = spool.subscribe("x").unwrap();
+        let (qy, _) = spool.subscribe("y").unwrap();
+        assert_eq!((qx.len(), qy.len()), (1, 1));
+        assert!(!spool.complete("x", qx[0]).await.unwrap());
+        assert_eq!(spool.object_count().unwrap(), 1);
+        assert!(spool.complete("y", qy[0]).await.unwrap());
+        assert_eq!(spool.object_count().unwrap(), 0);
+        assert_eq!(spool.segment_count().unwrap(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_segment_moved_to_another_object_fails_to_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = open(dir.path());
+        let a = generate_object("1.2.3", "1.2.3.1", 1, "SWAP^A", 100_000).unwrap();
+        let b = generate_object("1.2.3", "1.2.3.1", 2, "SWAP^B", 100_000).unwrap();
+        let ia = store(&spool, &a, &["x"]).await;
+        let ib = store(&spool, &b, &["x"]).await;
+        let s = &spool.inner.store;
+        let seg_b = s.get(Cf::Seg, &seg_key(&ib, 1)).unwrap().unwrap();
+        s.put_unsynced(Cf::Seg, &seg_key(&ia, 1), &seg_b).unwrap();
+        let mut r = spool.open_object(ia).await.unwrap();
+        let err = r
+            .read_all()
+            .await
+            .expect_err("swapped segment must not open");
+        assert!(matches!(err, SpoolError::Corrupt(..)), "{err}");
+        // and a dropped final segment is a truncation, not a short read
+        let last = spool.open_object(ib).await.unwrap().meta.segments - 1;
+        let mut b2 = s.batch();
+        b2.delete(Cf::Seg, &seg_key(&ib, last));
+        s.commit(b2, true).unwrap();
+        let err = spool
+            .open_object(ib)
+            .await
+            .unwrap()
+            .read_all()
+            .await
+            .expect_err("truncated");
+        assert!(err.to_string().contains("missing"), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_interrupted_ingest_is_removed_at_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let spool = open(dir.path());
+            let o = generate_object("1.2.3", "1.2.3.1", 1, "CRASH^MID", 400_000).unwrap();
+            let mut w = spool.writer(ingest(&o, &["x"], None)).unwrap();
+            w.write(&o.dataset[..300_000]).await.unwrap();
+            assert!(spool.segment_count().unwrap() > 0);
+            // A crash: the writer's cleanup never runs.
+            w.committed = true;
+            drop(w);
+        }
+        let spool = open(dir.path());
+        assert_eq!(spool.segment_count().unwrap(), 0);
+        assert_eq!(spool.object_count().unwrap(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn link_transfers_deduplicate_and_refuse_conflicts() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = open(dir.path());
+        let o = generate_object("1.2.3", "1.2.3.1", 1, "DEDUP^X", 10_000).unwrap();
+        let key = spool.dedup_key("site-a", "<abc@site-a>");
+        let commit = |bytes: Vec<u8>| {
+            let spool = spool.clone();
+            let ing = ingest(&o, &["x"], Some(key));
+            async move {
+                let mut w = spool.writer(ing).unwrap();
+                w.write(&bytes).await.unwrap();
+                w.commit().await
+            }
+        };
+        assert!(matches!(
+            commit(o.dataset.clone()).await,
+            Ok(Committed::Stored(_))
+        ));
+        assert!(matches!(
+            commit(o.dataset.clone()).await,
+            Ok(Committed::Duplicate)
+        ));
+        let mut other = o.dataset.clone();
+        let n = other.len();
+        other[n - 1] ^= 1;
+        assert!(matches!(
+            commit(other).await,
+            Err(SpoolError::IdentityMismatch(_))
+        ));
+        assert_eq!(spool.object_count().unwrap(), 1);
+        assert_eq!(spool.queue_len("x").unwrap(), 1);
+        // nothing of the refused copies is left behind
+        let stored = spool
+            .open_object(spool.subscribe("x").unwrap().0[0].object)
+            .await
+            .unwrap();
+        assert_eq!(spool.segment_count().unwrap() as u64, stored.meta.segments);
+    }
+}
