@@ -148,6 +148,25 @@ fn client_tls(
     )
 }
 
+fn tls12_only(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    ca: &std::path::Path,
+) -> Arc<rustls::ClientConfig> {
+    let roots = dicom_gateway::tls::load_roots(ca).unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(dicom_gateway::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            dicom_gateway::tls::load_certs(cert).unwrap(),
+            dicom_gateway::tls::load_key(key).unwrap(),
+        )
+        .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(cfg)
+}
+
 fn no_client_cert(ca: &std::path::Path) -> Arc<rustls::ClientConfig> {
     let roots = dicom_gateway::tls::load_roots(ca).unwrap();
     let mut cfg = rustls::ClientConfig::builder_with_provider(dicom_gateway::tls::provider())
@@ -159,8 +178,9 @@ fn no_client_cert(ca: &std::path::Path) -> Arc<rustls::ClientConfig> {
     Arc::new(cfg)
 }
 
-/// Peers without a client certificate, with one from another CA, or with a name the
-/// listener does not list, fail the handshake and store nothing; the listed peer succeeds.
+/// Peers without a client certificate, speaking TLS 1.2, with a certificate from another CA,
+/// or with a name the listener does not list, fail the handshake and store nothing; the
+/// listed peer succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn link_refuses_unauthenticated_and_unlisted_peers() {
     let tmp = tempfile::tempdir().unwrap();
@@ -190,6 +210,14 @@ async fn link_refuses_unauthenticated_and_unlisted_peers() {
             no_client_cert(&d.join("pki/ca.crt")),
         ),
         (
+            "TLS 1.2 with a valid certificate",
+            tls12_only(
+                &d.join("pki/site-a.crt"),
+                &d.join("pki/site-a.key"),
+                &d.join("pki/ca.crt"),
+            ),
+        ),
+        (
             "certificate from another CA",
             client_tls(
                 &other.join("site-a.crt"),
@@ -217,13 +245,14 @@ async fn link_refuses_unauthenticated_and_unlisted_peers() {
         );
     }
     let b = sites.b.as_ref().unwrap();
-    assert!(
+    // The server counts each refusal (its task may finish just after the client's error).
+    let counted = eventually(Duration::from_secs(5), || {
         b.metrics
             .render()
-            .contains("result=\"handshake_failed\"} 3"),
-        "{}",
-        b.metrics.render()
-    );
+            .contains("result=\"handshake_failed\"} 4")
+    })
+    .await;
+    assert!(counted, "{}", b.metrics.render());
 
     // Control: the listed peer with its own certificate gets through.
     let ok = attempt(client_tls(

@@ -106,7 +106,8 @@ async fn restart_of_site_b_mid_transfer_delivers_everything_exactly_once() {
     let second = study(30, "RESTART^TWO", 128 * 1024);
 
     assert_eq!(send(sites.a_dicom(), "GW_A", &first).await, first.len());
-    // Stop B while A is still relaying the first batch.
+    // Stop B once deliveries have started, while A is still relaying the first batch.
+    assert!(eventually(Duration::from_secs(30), || pacs.count() >= 2).await);
     sites.stop_b().await;
     let delivered_at_stop = pacs.count();
     assert!(delivered_at_stop < first.len() + second.len());
