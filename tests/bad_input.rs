@@ -9,19 +9,13 @@ use dicom_gateway::relay::client::GatewaySender;
 use dicom_gateway::spool::{Ingest, Spool, SpoolOptions};
 use dicom_gateway_e2e::*;
 
-fn no_extra(pacs_port: u16) -> SiteOptions {
-    SiteOptions {
-        pacs_port,
-        a_listener_extra: String::new(),
-        a_spool: String::new(),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn wrong_called_ae_title_is_rejected_and_nothing_is_stored() {
-    let tmp = tempfile::tempdir().unwrap();
-    let pacs = Storescp::start(&tmp.path().join("pacs"));
-    let mut sites = TwoSites::start(no_extra(pacs.port)).await;
+    let Fixture {
+        tmp: _tmp,
+        pacs: _pacs,
+        mut sites,
+    } = Fixture::start("", "").await;
     let objects = study(2, "WRONG^AE", 4096);
     let err = dicom_gateway::demo::send_objects(
         &sites.a_dicom().to_string(),
@@ -47,14 +41,11 @@ async fn wrong_called_ae_title_is_rejected_and_nothing_is_stored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn calling_ae_title_outside_the_allow_list_is_rejected() {
-    let tmp = tempfile::tempdir().unwrap();
-    let pacs = Storescp::start(&tmp.path().join("pacs"));
-    let mut sites = TwoSites::start(SiteOptions {
-        pacs_port: pacs.port,
-        a_listener_extra: "allowed_calling_ae_titles = [\"MODALITY1\"]".into(),
-        a_spool: String::new(),
-    })
-    .await;
+    let Fixture {
+        tmp: _tmp,
+        pacs: _pacs,
+        mut sites,
+    } = Fixture::start("allowed_calling_ae_titles = [\"MODALITY1\"]", "").await;
     let objects = study(1, "CALLING^AE", 4096);
     let addr = sites.a_dicom().to_string();
     let refused =
@@ -72,14 +63,11 @@ async fn calling_ae_title_outside_the_allow_list_is_rejected() {
 /// An object over the size limit is refused with 0xA700 and leaves no segment behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn object_that_cannot_be_persisted_gets_a700_and_leaves_nothing() {
-    let tmp = tempfile::tempdir().unwrap();
-    let pacs = Storescp::start(&tmp.path().join("pacs"));
-    let mut sites = TwoSites::start(SiteOptions {
-        pacs_port: pacs.port,
-        a_listener_extra: String::new(),
-        a_spool: "segment_bytes = 65536\nmax_object_bytes = 1048576".into(),
-    })
-    .await;
+    let Fixture {
+        tmp: _tmp,
+        pacs,
+        mut sites,
+    } = Fixture::start("", "segment_bytes = 65536\nmax_object_bytes = 1048576").await;
     let big = study(1, "TOO^BIG", 3 << 20);
     let err = dicom_gateway::demo::send_objects(
         &sites.a_dicom().to_string(),
@@ -91,7 +79,7 @@ async fn object_that_cannot_be_persisted_gets_a700_and_leaves_nothing() {
     .await
     .expect_err("must be refused");
     assert!(err.to_string().contains("0xA700"), "{err}");
-    let a = sites.a.as_ref().unwrap().spool().unwrap().clone();
+    let a = sites.a_spool();
     assert_eq!(a.object_count().unwrap(), 0);
     assert_eq!(
         a.segment_count().unwrap(),
@@ -183,9 +171,11 @@ fn no_client_cert(ca: &std::path::Path) -> Arc<rustls::ClientConfig> {
 /// listed peer succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn link_refuses_unauthenticated_and_unlisted_peers() {
-    let tmp = tempfile::tempdir().unwrap();
-    let pacs = Storescp::start(&tmp.path().join("pacs"));
-    let mut sites = TwoSites::start(no_extra(pacs.port)).await;
+    let Fixture {
+        tmp,
+        pacs,
+        mut sites,
+    } = Fixture::start("", "").await;
     // B does not deliver while we look at its spool.
     drop(pacs);
     let d = sites.dir.path().to_owned();
@@ -262,17 +252,7 @@ async fn link_refuses_unauthenticated_and_unlisted_peers() {
     ))
     .await;
     assert!(ok.is_ok(), "{ok:?}");
-    assert_eq!(
-        sites
-            .b
-            .as_ref()
-            .unwrap()
-            .spool()
-            .unwrap()
-            .object_count()
-            .unwrap(),
-        1
-    );
+    assert_eq!(sites.b_spool().object_count().unwrap(), 1);
     // An identical re-send of the same transfer is a success without a second copy.
     let again = attempt(client_tls(
         &d.join("pki/site-a.crt"),
@@ -281,26 +261,18 @@ async fn link_refuses_unauthenticated_and_unlisted_peers() {
     ))
     .await;
     assert!(again.is_ok(), "{again:?}");
-    assert_eq!(
-        sites
-            .b
-            .as_ref()
-            .unwrap()
-            .spool()
-            .unwrap()
-            .object_count()
-            .unwrap(),
-        1
-    );
+    assert_eq!(sites.b_spool().object_count().unwrap(), 1);
     sites.stop().await;
 }
 
 /// A server that is not the configured peer (wrong name) is refused by the sender.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sender_refuses_a_server_without_the_expected_name() {
-    let tmp = tempfile::tempdir().unwrap();
-    let pacs = Storescp::start(&tmp.path().join("pacs"));
-    let mut sites = TwoSites::start(no_extra(pacs.port)).await;
+    let Fixture {
+        tmp,
+        pacs: _pacs,
+        mut sites,
+    } = Fixture::start("", "").await;
     let d = sites.dir.path().to_owned();
     let (spool, id) = one_object_spool(&tmp.path().join("sender")).await;
     let sender = GatewaySender::new(
@@ -316,16 +288,6 @@ async fn sender_refuses_a_server_without_the_expected_name() {
     .unwrap();
     let r = sender.send(spool.open_object(id).await.unwrap()).await;
     assert!(r.is_err(), "must not talk to a server that is not site-c");
-    assert_eq!(
-        sites
-            .b
-            .as_ref()
-            .unwrap()
-            .spool()
-            .unwrap()
-            .object_count()
-            .unwrap(),
-        0
-    );
+    assert_eq!(sites.b_spool().object_count().unwrap(), 0);
     sites.stop().await;
 }

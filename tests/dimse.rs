@@ -69,14 +69,11 @@ async fn response(assoc: &mut AsyncClientAssociation<TcpStream>) -> Command {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn echo_unknown_commands_and_mismatched_uids_get_proper_statuses() {
-    let tmp = tempfile::tempdir().unwrap();
-    let pacs = Storescp::start(&tmp.path().join("pacs"));
-    let mut sites = TwoSites::start(SiteOptions {
-        pacs_port: pacs.port,
-        a_listener_extra: String::new(),
-        a_spool: String::new(),
-    })
-    .await;
+    let Fixture {
+        tmp: _tmp,
+        pacs,
+        mut sites,
+    } = Fixture::start("", "").await;
     let (mut assoc, echo_ctx, store_ctx) = associate(sites.a_dicom()).await;
 
     // C-ECHO
@@ -154,14 +151,11 @@ async fn echo_unknown_commands_and_mismatched_uids_get_proper_statuses() {
 /// An abort in the middle of a data set keeps nothing of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn abort_mid_object_keeps_nothing() {
-    let tmp = tempfile::tempdir().unwrap();
-    let pacs = Storescp::start(&tmp.path().join("pacs"));
-    let mut sites = TwoSites::start(SiteOptions {
-        pacs_port: pacs.port,
-        a_listener_extra: String::new(),
-        a_spool: "segment_bytes = 65536".into(),
-    })
-    .await;
+    let Fixture {
+        tmp: _tmp,
+        pacs,
+        mut sites,
+    } = Fixture::start("", "segment_bytes = 65536").await;
     let (mut assoc, _, store_ctx) = associate(sites.a_dicom()).await;
     let obj = study(1, "ABORTED^MID", 1 << 20).remove(0);
     let rq = Command::store_rq(1, &obj.sop_class, &obj.sop_instance);
@@ -180,7 +174,7 @@ async fn abort_mid_object_keeps_nothing() {
             .await
             .unwrap();
     }
-    let spool = sites.a.as_ref().unwrap().spool().unwrap().clone();
+    let spool = sites.a_spool();
     // The partial object did reach the spool (so the check below means something).
     assert!(
         eventually(Duration::from_secs(10), || spool.segment_count().unwrap()
@@ -214,14 +208,11 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn admin_endpoint_answers_health_readiness_and_metrics() {
-    let tmp = tempfile::tempdir().unwrap();
-    let pacs = Storescp::start(&tmp.path().join("pacs"));
-    let mut sites = TwoSites::start(SiteOptions {
-        pacs_port: pacs.port,
-        a_listener_extra: String::new(),
-        a_spool: String::new(),
-    })
-    .await;
+    let Fixture {
+        tmp: _tmp,
+        pacs: _pacs,
+        mut sites,
+    } = Fixture::start("", "").await;
     let http = sites.a.as_ref().unwrap().http_addr.unwrap();
     let addr = http;
     let (h, r, m, n) = tokio::task::spawn_blocking(move || {

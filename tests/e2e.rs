@@ -8,14 +8,11 @@ use dicom_gateway_e2e::*;
 /// holds anything readable from them afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn relays_byte_for_byte_and_leaves_no_plaintext_at_rest() {
-    let tmp = tempfile::tempdir().unwrap();
-    let pacs = Storescp::start(&tmp.path().join("pacs"));
-    let mut sites = TwoSites::start(SiteOptions {
-        pacs_port: pacs.port,
-        a_listener_extra: String::new(),
-        a_spool: String::new(),
-    })
-    .await;
+    let Fixture {
+        tmp: _tmp,
+        pacs,
+        mut sites,
+    } = Fixture::start("", "").await;
 
     let marker = "ZZMARKER^SCANTEST";
     let mut objects = study(24, marker, 64 * 1024);
@@ -53,8 +50,8 @@ async fn relays_byte_for_byte_and_leaves_no_plaintext_at_rest() {
     );
 
     // Delivered objects leave both spools.
-    let a = sites.a.as_ref().unwrap().spool().unwrap().clone();
-    let b = sites.b.as_ref().unwrap().spool().unwrap().clone();
+    let a = sites.a_spool();
+    let b = sites.b_spool();
     assert!(eventually(Duration::from_secs(10), || a.object_count().unwrap() == 0).await);
     assert!(eventually(Duration::from_secs(10), || b.object_count().unwrap() == 0).await);
     drop((a, b));
@@ -94,14 +91,11 @@ async fn relays_byte_for_byte_and_leaves_no_plaintext_at_rest() {
 /// Site B stops in the middle of a transfer and comes back: everything arrives, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restart_of_site_b_mid_transfer_delivers_everything_exactly_once() {
-    let tmp = tempfile::tempdir().unwrap();
-    let pacs = Storescp::start(&tmp.path().join("pacs"));
-    let mut sites = TwoSites::start(SiteOptions {
-        pacs_port: pacs.port,
-        a_listener_extra: String::new(),
-        a_spool: String::new(),
-    })
-    .await;
+    let Fixture {
+        tmp: _tmp,
+        pacs,
+        mut sites,
+    } = Fixture::start("", "").await;
     let first = study(30, "RESTART^ONE", 128 * 1024);
     let second = study(30, "RESTART^TWO", 128 * 1024);
 
@@ -114,7 +108,7 @@ async fn restart_of_site_b_mid_transfer_delivers_everything_exactly_once() {
 
     // A keeps accepting while B is away and holds everything not confirmed.
     assert_eq!(send(sites.a_dicom(), "GW_A", &second).await, second.len());
-    let a = sites.a.as_ref().unwrap().spool().unwrap().clone();
+    let a = sites.a_spool();
     assert!(
         a.queue_len("site-b").unwrap() >= second.len(),
         "site A must hold what B has not confirmed"
@@ -144,14 +138,11 @@ async fn restart_of_site_b_mid_transfer_delivers_everything_exactly_once() {
 /// A restart of site A itself resumes its queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restart_of_site_a_resumes_its_queue() {
-    let tmp = tempfile::tempdir().unwrap();
-    let pacs = Storescp::start(&tmp.path().join("pacs"));
-    let mut sites = TwoSites::start(SiteOptions {
-        pacs_port: pacs.port,
-        a_listener_extra: String::new(),
-        a_spool: String::new(),
-    })
-    .await;
+    let Fixture {
+        tmp: _tmp,
+        pacs,
+        mut sites,
+    } = Fixture::start("", "").await;
     // B is down, so everything stays queued at A.
     sites.stop_b().await;
     let objects = study(10, "RESUME^A", 32 * 1024);

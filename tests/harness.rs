@@ -285,6 +285,52 @@ retry_max_ms = 1000
     }
 }
 
+/// Two sites delivering to a fresh DCMTK storescp, all in temporary folders.
+pub struct Fixture {
+    /// Scratch folder for the test (storescp output lives below it).
+    pub tmp: tempfile::TempDir,
+    /// The PACS at site B.
+    pub pacs: Storescp,
+    /// The two sites.
+    pub sites: TwoSites,
+}
+
+impl Fixture {
+    /// Start storescp and both sites; the strings are extra TOML for site A's DICOM
+    /// listener and `[spool]` sections.
+    pub async fn start(a_listener_extra: &str, a_spool: &str) -> Fixture {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let pacs = Storescp::start(&tmp.path().join("pacs"));
+        let sites = TwoSites::start(SiteOptions {
+            pacs_port: pacs.port,
+            a_listener_extra: a_listener_extra.to_owned(),
+            a_spool: a_spool.to_owned(),
+        })
+        .await;
+        Fixture { tmp, pacs, sites }
+    }
+}
+
+impl TwoSites {
+    /// Site A's spool (site A must be running).
+    pub fn a_spool(&self) -> dicom_gateway::spool::Spool {
+        self.a
+            .as_ref()
+            .and_then(|n| n.spool())
+            .expect("site a running")
+            .clone()
+    }
+
+    /// Site B's spool (site B must be running).
+    pub fn b_spool(&self) -> dicom_gateway::spool::Spool {
+        self.b
+            .as_ref()
+            .and_then(|n| n.spool())
+            .expect("site b running")
+            .clone()
+    }
+}
+
 /// Generate `n` objects of one study with a distinctive patient name.
 pub fn study(n: u32, patient: &str, pixel_bytes: usize) -> Vec<DemoObject> {
     let study = demo::new_uid();
