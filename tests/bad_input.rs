@@ -291,3 +291,146 @@ async fn sender_refuses_a_server_without_the_expected_name() {
     assert_eq!(sites.b_spool().object_count().unwrap(), 0);
     sites.stop().await;
 }
+
+/// POST a raw body to the link listener as site A; returns the HTTP status.
+async fn raw_post(
+    port: u16,
+    tls: Arc<rustls::ClientConfig>,
+    content_type: &str,
+    body: Vec<u8>,
+) -> u16 {
+    use http_body_util::{BodyExt, Full};
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("site-b").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("https://127.0.0.1:{port}/dicomweb/studies"))
+        .header("content-type", content_type)
+        .body(Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let _ = resp.into_body().collect().await;
+    status
+}
+
+/// Send part headers of 8 MiB without an end, then stall; returns the status received.
+async fn endless_headers(port: u16, tls: Arc<rustls::ClientConfig>, content_type: &str) -> u16 {
+    use futures_util::StreamExt;
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("site-b").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let head = b"--XyZ\r\nContent-Type: application/dicom\r\nX-Pad: ".to_vec();
+    let chunks = std::iter::once(head).chain(std::iter::repeat_n(vec![b'a'; 1 << 20], 8));
+    let body = futures_util::stream::iter(chunks)
+        .map(|c| Ok::<_, std::io::Error>(Frame::data(bytes::Bytes::from(c))))
+        .chain(futures_util::stream::pending());
+    let req = http::Request::post(format!("https://127.0.0.1:{port}/dicomweb/studies"))
+        .header("content-type", content_type)
+        .body(StreamBody::new(body))
+        .unwrap();
+    match send.send_request(req).await {
+        Ok(resp) => resp.status().as_u16(),
+        Err(e) => panic!("no response: {e}"),
+    }
+}
+
+/// Malformed STOW requests from an authenticated peer get a 4xx and store nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_stow_requests_are_refused_and_store_nothing() {
+    let Fixture {
+        tmp: _tmp,
+        pacs: _pacs,
+        mut sites,
+    } = Fixture::start("", "").await;
+    let d = sites.dir.path().to_owned();
+    let tls = client_tls(
+        &d.join("pki/site-a.crt"),
+        &d.join("pki/site-a.key"),
+        &d.join("pki/ca.crt"),
+    );
+    let port = sites.link_port;
+    let obj = study(1, "STOW^BAD", 4096).remove(0);
+    let mut part10 = dicom_gateway::dataset::part10_header(
+        &obj.sop_class,
+        &obj.sop_instance,
+        &obj.transfer_syntax,
+        None,
+    );
+    part10.extend_from_slice(&obj.dataset);
+    let digest = {
+        let mut h = keystore::Sha256::new();
+        h.update(&part10);
+        h.finish()
+    };
+    let ct = "multipart/related; type=\"application/dicom\"; boundary=XyZ";
+    let body = |digest: &[u8; 32], content: &[u8]| {
+        let mut b = format!(
+            "--XyZ\r\nContent-Type: application/dicom\r\nContent-ID: <t1@site-a>\r\nContent-Digest: {}\r\n\r\n",
+            dicom_gateway::relay::content_digest(digest)
+        )
+        .into_bytes();
+        b.extend_from_slice(content);
+        b.extend_from_slice(b"\r\n--XyZ--\r\n");
+        b
+    };
+    // Digest that does not match the content.
+    let mut wrong = digest;
+    wrong[0] ^= 1;
+    assert_eq!(
+        raw_post(port, tls.clone(), ct, body(&wrong, &part10)).await,
+        400
+    );
+    // Not multipart/related.
+    assert_eq!(
+        raw_post(port, tls.clone(), "application/dicom", part10.clone()).await,
+        415
+    );
+    // Not a Part-10 stream.
+    assert_eq!(
+        raw_post(port, tls.clone(), ct, body(&digest, &obj.dataset)).await,
+        400
+    );
+    // Part headers that never end: the listener must refuse after a bounded amount, while
+    // the peer is still sending (the body below then stalls forever, so an unbounded
+    // listener would wait, and the hang guard fails the test).
+    let endless = endless_headers(port, tls.clone(), ct);
+    let status = tokio::time::timeout(Duration::from_secs(60), endless)
+        .await
+        .expect("the listener kept buffering part headers");
+    assert_eq!(status, 400);
+    assert_eq!(sites.b_spool().object_count().unwrap(), 0);
+    assert_eq!(sites.b_spool().segment_count().unwrap(), 0);
+    // Control: the well-formed request is stored.
+    assert_eq!(
+        raw_post(port, tls.clone(), ct, body(&digest, &part10)).await,
+        200
+    );
+    assert_eq!(sites.b_spool().object_count().unwrap(), 1);
+    sites.stop().await;
+}

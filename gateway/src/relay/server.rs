@@ -10,10 +10,11 @@
 //! - memory per request is bounded by the HTTP/2 window and one spool segment.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::TryStreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyStream, Full};
 use hyper::body::Incoming;
@@ -28,6 +29,10 @@ use crate::config::LinkListener;
 use crate::dataset;
 use crate::metrics::Metrics;
 use crate::spool::{Committed, DedupState, Ingest, Spool, SpoolError};
+
+/// Bytes a request may carry outside part bodies (preamble, boundaries, part headers).
+/// One HTTP/2 frame (at most 1 MiB) may straddle a header and a body, hence the margin.
+const MAX_OUTSIDE_PARTS: u64 = (1 << 20) + 64 * 1024;
 
 /// Longest `Content-ID` accepted.
 const MAX_CONTENT_ID: usize = 200;
@@ -199,15 +204,29 @@ impl LinkServer {
         let Some(boundary) = boundary_of(&ct) else {
             return text(StatusCode::BAD_REQUEST, "no multipart boundary");
         };
+        // multer buffers part headers until the blank line without a limit of its own, so
+        // bytes pulled while no part body is being read are counted and bounded here.
+        let between_parts = Arc::new(AtomicU64::new(0));
+        let in_part = Arc::new(AtomicBool::new(false));
+        let (count, active) = (between_parts.clone(), in_part.clone());
         let stream = BodyStream::new(req.into_body())
-            .try_filter_map(|frame| async move { Ok(frame.into_data().ok()) });
-        let constraints = multer::Constraints::new().size_limit(
-            multer::SizeLimit::new()
-                .per_field(self.max_object_bytes + dataset::MAX_META_BYTES as u64 + 1024),
-        );
+            .try_filter_map(|frame| async move { Ok(frame.into_data().ok()) })
+            .map(move |item| {
+                let chunk = item.map_err(std::io::Error::other)?;
+                if !active.load(Ordering::Relaxed)
+                    && count.fetch_add(chunk.len() as u64, Ordering::Relaxed) > MAX_OUTSIDE_PARTS
+                {
+                    return Err(std::io::Error::other("multipart headers too large"));
+                }
+                Ok(chunk)
+            });
+        let part_limit = self.max_object_bytes + dataset::MAX_META_BYTES as u64 + 1024;
+        let constraints =
+            multer::Constraints::new().size_limit(multer::SizeLimit::new().per_field(part_limit));
         let mut multipart = multer::Multipart::with_constraints(stream, boundary, constraints);
         let mut results = Vec::new();
         loop {
+            in_part.store(false, Ordering::Relaxed);
             let field = match multipart.next_field().await {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
@@ -216,6 +235,8 @@ impl LinkServer {
                     break;
                 }
             };
+            in_part.store(true, Ordering::Relaxed);
+            between_parts.store(0, Ordering::Relaxed);
             results.push(self.part(field, peer).await);
         }
         self.respond(results)
