@@ -92,6 +92,9 @@ pub async fn run(
     let depth = metrics.queue_depth.with_label_values(&[&name]);
     let parked = metrics.queue_parked.with_label_values(&[&name]);
     let mut tasks: JoinSet<SendOutcome> = JoinSet::new();
+    // Log a failing destination once (warn) and its recovery once (info); per-object
+    // retries go to debug, so a peer that is down does not flood the log.
+    let mut failing = false;
     loop {
         depth.set(slots.values().filter(|s| !s.entry.parked).count() as i64);
         parked.set(slots.values().filter(|s| s.entry.parked).count() as i64);
@@ -147,6 +150,10 @@ pub async fn run(
                         match spool.complete(&name, entry).await {
                             Ok(_) => {
                                 slots.remove(&seq);
+                                if failing {
+                                    failing = false;
+                                    info!(destination = %name, "destination recovered");
+                                }
                                 metrics.objects_delivered.with_label_values(&[&name]).inc();
                                 metrics.bytes_delivered.with_label_values(&[&name]).inc_by(bytes);
                                 let age_ms = crate::spool::now_ms().saturating_sub(received_ms);
@@ -166,7 +173,12 @@ pub async fn run(
                         let delay = backoff(initial, max, slot.attempts);
                         slot.due = Instant::now() + delay;
                         metrics.delivery_failures.with_label_values(&[&name, "transient"]).inc();
-                        warn!(destination = %name, object = %slot.entry.object, attempt = slot.attempts, retry_in_ms = delay.as_millis() as u64, reason = %msg, "delivery failed; will retry");
+                        if failing {
+                            debug!(destination = %name, object = %slot.entry.object, attempt = slot.attempts, retry_in_ms = delay.as_millis() as u64, reason = %msg, "delivery failed; will retry");
+                        } else {
+                            failing = true;
+                            warn!(destination = %name, reason = %msg, queued = slots.len(), "destination failing; objects stay queued and are retried with backoff");
+                        }
                     }
                     Err(SendError::Permanent(msg)) => {
                         metrics.delivery_failures.with_label_values(&[&name, "permanent"]).inc();

@@ -1,0 +1,83 @@
+//! A write failure in the spool (here: the file-size limit of the process, which makes
+//! RocksDB's writes fail with EFBIG as they would with ENOSPC) is answered with 0xA700;
+//! everything acknowledged before survives a restart and is delivered, and the refused
+//! object leaves nothing behind.
+//!
+//! This test lives in its own binary because it changes a process-wide resource limit.
+
+use std::time::Duration;
+
+use dicom_gateway::demo;
+use dicom_gateway_e2e::*;
+
+fn limit_file_size(bytes: u64) {
+    let lim = libc::rlimit {
+        rlim_cur: bytes,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain libc calls with a valid struct; SIGXFSZ is ignored so an over-limit
+    // write fails with EFBIG instead of killing the test process.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+        assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &lim), 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn write_failure_answers_a700_and_keeps_what_was_acknowledged() {
+    let Fixture {
+        tmp: _tmp,
+        pacs,
+        mut sites,
+    } = Fixture::start("", "").await;
+    // Keep everything at site A.
+    sites.stop_b().await;
+    let addr = sites.a_dicom().to_string();
+    let objects = study(40, "DISK^FULL", 1 << 20);
+
+    limit_file_size(12 << 20);
+    let mut acked = Vec::new();
+    let mut refusal = None;
+    for o in &objects {
+        match demo::send_objects(&addr, "TEST_SCU", "GW_A", vec![o.clone()], |_| {}).await {
+            Ok(1) => acked.push(o.clone()),
+            Ok(n) => panic!("unexpected count {n}"),
+            Err(e) => {
+                refusal = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    limit_file_size(libc::RLIM_INFINITY);
+    let refusal = refusal.expect("the size limit was never hit: the test proves nothing");
+    assert!(refusal.contains("0xA700"), "{refusal}");
+    assert!(
+        !acked.is_empty(),
+        "nothing was acknowledged before the failure"
+    );
+
+    // Restart A: what was acknowledged is queued, and only that.
+    let a = sites.a.take().unwrap();
+    a.stop().await;
+    let cfg = dicom_gateway::config::Config::load(&sites.dir.path().join("site-a.toml")).unwrap();
+    sites.a = Some(dicom_gateway::node::Node::start(cfg).await.unwrap());
+    let spool = sites.a_spool();
+    assert_eq!(spool.queue_len("site-b").unwrap(), acked.len());
+    let (entries, _) = spool.subscribe("site-b").unwrap();
+    let mut segments = 0;
+    for e in entries {
+        segments += spool.open_object(e.object).await.unwrap().meta.segments as usize;
+    }
+    assert_eq!(
+        spool.segment_count().unwrap(),
+        segments,
+        "the refused object left segments"
+    );
+    drop(spool);
+
+    sites.start_b().await;
+    assert!(eventually(Duration::from_secs(60), || pacs.count() >= acked.len()).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(pacs.received(), expected(&acked));
+    sites.stop().await;
+}
