@@ -365,9 +365,11 @@ async fn endless_headers(port: u16, tls: Arc<rustls::ClientConfig>, content_type
 async fn malformed_stow_requests_are_refused_and_store_nothing() {
     let Fixture {
         tmp: _tmp,
-        pacs: _pacs,
+        pacs,
         mut sites,
     } = Fixture::start("", "").await;
+    // No PACS: B keeps what it stores, so the counts below are stable.
+    drop(pacs);
     let d = sites.dir.path().to_owned();
     let tls = client_tls(
         &d.join("pki/site-a.crt"),
@@ -426,11 +428,62 @@ async fn malformed_stow_requests_are_refused_and_store_nothing() {
     assert_eq!(status, 400);
     assert_eq!(sites.b_spool().object_count().unwrap(), 0);
     assert_eq!(sites.b_spool().segment_count().unwrap(), 0);
+    // Large objects, streamed by the gateway's own sender in 1 MiB segments, are stored
+    // (the first chunk of a part can be larger than its Part-10 header: this once failed
+    // with "Part-10 header too large").
+    let sender_spool = Spool::open(
+        &_tmp.path().join("big-sender"),
+        keystore::Kek::from_bytes([5; 32]),
+        SpoolOptions::default(),
+    )
+    .unwrap();
+    let gw = GatewaySender::new(
+        &format!("https://127.0.0.1:{port}"),
+        "site-b",
+        tls.clone(),
+        "site-a",
+    )
+    .unwrap();
+    for big in study(5, "STOW^BIG", 6 << 20) {
+        let mut w = sender_spool
+            .writer(Ingest {
+                sop_class: big.sop_class.clone(),
+                sop_instance: big.sop_instance.clone(),
+                transfer_syntax: big.transfer_syntax.clone(),
+                source: "TEST".into(),
+                routes: vec!["out".into()],
+                dedup: None,
+            })
+            .unwrap();
+        w.write(&big.dataset).await.unwrap();
+        let dicom_gateway::spool::Committed::Stored(id) = w.commit().await.unwrap() else {
+            panic!("not stored")
+        };
+        let r = gw.send(sender_spool.open_object(id).await.unwrap()).await;
+        assert!(r.is_ok(), "{r:?}");
+    }
+    assert_eq!(sites.b_spool().object_count().unwrap(), 5);
+
     // Control: the well-formed request is stored.
     assert_eq!(
         raw_post(port, tls.clone(), ct, body(&digest, &part10)).await,
         200
     );
-    assert_eq!(sites.b_spool().object_count().unwrap(), 1);
+    assert_eq!(sites.b_spool().object_count().unwrap(), 6);
+    // The same transfer again with other bytes (and their own correct digest) is refused
+    // with 409, and nothing is overwritten.
+    let mut other = part10.clone();
+    let n = other.len();
+    other[n - 1] ^= 0xFF;
+    let other_digest = {
+        let mut h = keystore::Sha256::new();
+        h.update(&other);
+        h.finish()
+    };
+    assert_eq!(
+        raw_post(port, tls.clone(), ct, body(&other_digest, &other)).await,
+        409
+    );
+    assert_eq!(sites.b_spool().object_count().unwrap(), 6);
     sites.stop().await;
 }

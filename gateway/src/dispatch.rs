@@ -46,6 +46,9 @@ pub fn backoff(initial: Duration, max: Duration, attempt: u32) -> Duration {
 /// What a send task reports: the queue sequence, and the object's (bytes, received-at ms).
 type SendOutcome = (u64, Result<(u64, u64), SendError>);
 
+/// How long in-flight sends may run on after shutdown was requested.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 #[derive(Debug)]
 struct Slot {
     entry: QueueEntry,
@@ -95,6 +98,7 @@ pub async fn run(
     // Log a failing destination once (warn) and its recovery once (info); per-object
     // retries go to debug, so a peer that is down does not flood the log.
     let mut failing = false;
+    let mut stop_deadline: Option<Instant> = None;
     loop {
         depth.set(slots.values().filter(|s| !s.entry.parked).count() as i64);
         parked.set(slots.values().filter(|s| s.entry.parked).count() as i64);
@@ -192,9 +196,19 @@ pub async fn run(
                 }
             }
             _ = sleep_until(next_due), if next_due.is_some() && tasks.len() < concurrency => {}
+            _ = sleep_until(stop_deadline), if stop_deadline.is_some() => {}
         }
-        if shutdown.is_cancelled() && tasks.is_empty() {
-            break;
+        if shutdown.is_cancelled() {
+            let deadline = *stop_deadline.get_or_insert_with(|| Instant::now() + SHUTDOWN_GRACE);
+            if tasks.is_empty() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                // The objects stay queued; the peer deduplicates a transfer it already has.
+                warn!(destination = %name, in_flight = tasks.len(), "abandoning in-flight sends at shutdown");
+                tasks.abort_all();
+                break;
+            }
         }
     }
     sender.close().await;

@@ -332,6 +332,11 @@ impl LinkServer {
         let meta = loop {
             match dataset::parse_part10_header(&head) {
                 Ok(Some(m)) => break m,
+                // The parser bounds the meta group; this only guards against a parser that
+                // keeps asking for more.
+                Ok(None) if head.len() > dataset::MAX_META_BYTES + 144 => {
+                    return PartResult::BadRequest("Part-10 header too large".into());
+                }
                 Ok(None) => {}
                 Err(e) => return PartResult::BadRequest(e.to_string()),
             }
@@ -341,9 +346,6 @@ impl LinkServer {
                     return PartResult::BadRequest("part ends inside the Part-10 header".into());
                 }
                 Err(e) => return PartResult::BadRequest(format!("multipart: {e}")),
-            }
-            if head.len() > dataset::MAX_META_BYTES + 144 + (1 << 20) {
-                return PartResult::BadRequest("Part-10 header too large".into());
             }
         };
         if crate::sop::encoding(&meta.transfer_syntax).is_none() {
