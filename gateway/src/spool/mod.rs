@@ -718,10 +718,8 @@ pub struct ObjectWriter {
     encoding: Encoding,
     /// Plaintext not yet sealed (starts with the Part-10 header).
     buf: Vec<u8>,
-    /// Offset of the data set in the stream, once known.
-    dataset_offset: Option<usize>,
-    /// For STOW parts: the header length announced by the caller.
-    header_len: usize,
+    /// Offset of the data set in the stream.
+    dataset_offset: usize,
     /// Study key, identity AAD and key id, once the identity is known.
     sealing: Option<Sealing>,
     next_index: u64,
@@ -739,10 +737,11 @@ impl ObjectWriter {
         header: Vec<u8>,
         header_len: usize,
     ) -> Self {
+        // A header we wrote ourselves, or one arriving in the stream (`header_len`).
         let dataset_offset = if header.is_empty() {
-            Some(header_len)
+            header_len
         } else {
-            Some(header.len())
+            header.len()
         };
         let mut digest = Sha256::new();
         digest.update(&header);
@@ -754,7 +753,6 @@ impl ObjectWriter {
             encoding,
             buf: header,
             dataset_offset,
-            header_len,
             sealing: None,
             next_index: 0,
             written,
@@ -804,7 +802,7 @@ impl ObjectWriter {
 
     /// Find the identity in the buffered prefix; resolve the study key when found.
     async fn try_resolve(&mut self, complete: bool) -> Result<(), SpoolError> {
-        let offset = self.dataset_offset.unwrap_or(self.header_len);
+        let offset = self.dataset_offset;
         let ds = self.buf.get(offset..).unwrap_or(&[]);
         let ident = match dataset::scan_identity(ds, self.encoding, complete)? {
             Scan::Done(id) => id,
@@ -922,7 +920,7 @@ impl ObjectWriter {
             transfer_syntax: resolved.transfer_syntax,
             source: self.ingest.source.clone(),
             length: self.written,
-            dataset_offset: self.dataset_offset.unwrap_or(0) as u64,
+            dataset_offset: self.dataset_offset as u64,
             digest,
             segments: self.next_index,
             received_at_ms: now_ms(),
