@@ -66,6 +66,19 @@ async fn relays_byte_for_byte_and_leaves_no_plaintext_at_rest() {
 
     sites.stop().await;
 
+    // Nothing identifying reached the logs (info level, as operators run it).
+    let logs = captured_logs();
+    assert!(logs.contains("node ready"), "no logs captured");
+    for needle in [marker, study_uid.as_str(), instance_probe.as_str()] {
+        assert!(!logs.contains(needle), "{needle} appears in the logs");
+    }
+    for o in &objects {
+        assert!(
+            !logs.contains(&o.sop_instance),
+            "a SOP Instance UID appears in the logs"
+        );
+    }
+
     // Positive control: the markers are findable where plaintext is expected.
     assert!(!files_containing(&pacs.out, marker.as_bytes()).is_empty());
     assert!(!files_containing(&pacs.out, &pixel_probe).is_empty());

@@ -433,18 +433,15 @@ fn check_response(rsp: &Command, msg_id: u16) -> Result<(), SendError> {
     let status = rsp.status.unwrap_or(0xFFFF);
     match dimse::classify(status) {
         StatusClass::Success | StatusClass::Warning => Ok(()),
-        _ => Err(SendError::Transient(format!(
-            "peer answered C-STORE with status 0x{status:04X}{}",
-            rsp.error_comment
-                .as_deref()
-                .map(|c| format!(
-                    " ({})",
-                    c.chars()
-                        .filter(|c| !c.is_control())
-                        .take(64)
-                        .collect::<String>()
-                ))
-                .unwrap_or_default()
-        ))),
+        _ => {
+            // A peer's error comment may name the object; keep it out of warn-level logs.
+            if let Some(c) = &rsp.error_comment {
+                let c: String = c.chars().filter(|c| !c.is_control()).take(64).collect();
+                debug!(status = format!("0x{status:04X}"), comment = %c, "C-STORE failed");
+            }
+            Err(SendError::Transient(format!(
+                "peer answered C-STORE with status 0x{status:04X}"
+            )))
+        }
     }
 }
