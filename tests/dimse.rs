@@ -90,6 +90,27 @@ async fn echo_unknown_commands_and_mismatched_uids_get_proper_statuses() {
         (field::C_ECHO_RSP, Some(7), Some(status::SUCCESS))
     );
 
+    // A C-ECHO carrying a data set gets one answer, a refusal, after its data.
+    let mut odd_echo = Command::echo_rq(6);
+    odd_echo.has_data_set = true;
+    send_pdv(
+        &mut assoc,
+        echo_ctx,
+        PDataValueType::Command,
+        odd_echo.encode(),
+    )
+    .await;
+    send_pdv(&mut assoc, echo_ctx, PDataValueType::Data, vec![0; 8]).await;
+    let rsp = response(&mut assoc).await;
+    assert_eq!(
+        (rsp.field, rsp.responded_to, rsp.status),
+        (
+            field::C_ECHO_RSP,
+            Some(6),
+            Some(status::UNRECOGNIZED_OPERATION)
+        )
+    );
+
     // A C-FIND-RQ is not served: a failure status, not silence.
     let find = Command {
         field: 0x0020,

@@ -302,16 +302,17 @@ impl Session<'_> {
 
     async fn command_received(&mut self, cmd: Command, context_id: u8) -> Result<(), String> {
         match cmd.field {
+            field::C_ECHO_RQ if cmd.has_data_set => {
+                // A C-ECHO never carries a data set: discard it, then refuse.
+                self.state = State::Discarding {
+                    request: cmd,
+                    context_id,
+                };
+                Ok(())
+            }
             field::C_ECHO_RQ => {
                 self.respond(context_id, &cmd.response(status::SUCCESS))
-                    .await?;
-                if cmd.has_data_set {
-                    self.state = State::Discarding {
-                        request: cmd,
-                        context_id,
-                    };
-                }
-                Ok(())
+                    .await
             }
             field::C_STORE_RQ => {
                 if !cmd.has_data_set {
