@@ -292,72 +292,75 @@ async fn sender_refuses_a_server_without_the_expected_name() {
     sites.stop().await;
 }
 
-/// POST a raw body to the link listener as site A; returns the HTTP status.
+/// POST `body` to the link listener as the holder of `tls`; returns the HTTP status.
+async fn post<B>(port: u16, tls: Arc<rustls::ClientConfig>, content_type: &str, body: B) -> u16
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("site-b").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("https://127.0.0.1:{port}/dicomweb/studies"))
+        .header("content-type", content_type)
+        .body(body)
+        .unwrap();
+    let resp = send.send_request(req).await.expect("no response");
+    let status = resp.status().as_u16();
+    let _ = resp.into_body().collect().await;
+    status
+}
+
+/// POST a body held in memory.
 async fn raw_post(
     port: u16,
     tls: Arc<rustls::ClientConfig>,
     content_type: &str,
     body: Vec<u8>,
 ) -> u16 {
-    use http_body_util::{BodyExt, Full};
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let name = rustls::pki_types::ServerName::try_from("site-b").unwrap();
-    let stream = tokio_rustls::TlsConnector::from(tls)
-        .connect(name, tcp)
-        .await
-        .unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
+    post(
+        port,
+        tls,
+        content_type,
+        http_body_util::Full::new(bytes::Bytes::from(body)),
     )
     .await
-    .unwrap();
-    tokio::spawn(conn);
-    let req = http::Request::post(format!("https://127.0.0.1:{port}/dicomweb/studies"))
-        .header("content-type", content_type)
-        .body(Full::new(bytes::Bytes::from(body)))
-        .unwrap();
-    let resp = send.send_request(req).await.unwrap();
-    let status = resp.status().as_u16();
-    let _ = resp.into_body().collect().await;
-    status
 }
 
 /// Send part headers of 8 MiB without an end, then stall; returns the status received.
 async fn endless_headers(port: u16, tls: Arc<rustls::ClientConfig>, content_type: &str) -> u16 {
     use futures_util::StreamExt;
-    use http_body_util::StreamBody;
-    use hyper::body::Frame;
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let name = rustls::pki_types::ServerName::try_from("site-b").unwrap();
-    let stream = tokio_rustls::TlsConnector::from(tls)
-        .connect(name, tcp)
-        .await
-        .unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
     let head = b"--XyZ\r\nContent-Type: application/dicom\r\nX-Pad: ".to_vec();
     let chunks = std::iter::once(head).chain(std::iter::repeat_n(vec![b'a'; 1 << 20], 8));
     let body = futures_util::stream::iter(chunks)
-        .map(|c| Ok::<_, std::io::Error>(Frame::data(bytes::Bytes::from(c))))
+        .map(|c| Ok::<_, std::io::Error>(hyper::body::Frame::data(bytes::Bytes::from(c))))
         .chain(futures_util::stream::pending());
-    let req = http::Request::post(format!("https://127.0.0.1:{port}/dicomweb/studies"))
-        .header("content-type", content_type)
-        .body(StreamBody::new(body))
-        .unwrap();
-    match send.send_request(req).await {
-        Ok(resp) => resp.status().as_u16(),
-        Err(e) => panic!("no response: {e}"),
-    }
+    post(
+        port,
+        tls,
+        content_type,
+        http_body_util::StreamBody::new(body),
+    )
+    .await
+}
+
+fn sha256(data: &[u8]) -> [u8; 32] {
+    let mut h = keystore::Sha256::new();
+    h.update(data);
+    h.finish()
 }
 
 /// Malformed STOW requests from an authenticated peer get a 4xx and store nothing.
@@ -385,11 +388,7 @@ async fn malformed_stow_requests_are_refused_and_store_nothing() {
         None,
     );
     part10.extend_from_slice(&obj.dataset);
-    let digest = {
-        let mut h = keystore::Sha256::new();
-        h.update(&part10);
-        h.finish()
-    };
+    let digest = sha256(&part10);
     let ct = "multipart/related; type=\"application/dicom\"; boundary=XyZ";
     let body = |digest: &[u8; 32], content: &[u8]| {
         let mut b = format!(
@@ -475,11 +474,7 @@ async fn malformed_stow_requests_are_refused_and_store_nothing() {
     let mut other = part10.clone();
     let n = other.len();
     other[n - 1] ^= 0xFF;
-    let other_digest = {
-        let mut h = keystore::Sha256::new();
-        h.update(&other);
-        h.finish()
-    };
+    let other_digest = sha256(&other);
     assert_eq!(
         raw_post(port, tls.clone(), ct, body(&other_digest, &other)).await,
         409
