@@ -60,6 +60,20 @@ async fn send_pdv(
         .expect("send");
 }
 
+/// Send a C-STORE-RQ naming `instance` with `dataset` in one PDV; return the response.
+async fn store(
+    assoc: &mut AsyncClientAssociation<TcpStream>,
+    ctx: u8,
+    msg_id: u16,
+    obj: &DemoObject,
+    instance: &str,
+) -> Command {
+    let rq = Command::store_rq(msg_id, &obj.sop_class, instance);
+    send_pdv(assoc, ctx, PDataValueType::Command, rq.encode()).await;
+    send_pdv(assoc, ctx, PDataValueType::Data, obj.dataset.clone()).await;
+    response(assoc).await
+}
+
 async fn response(assoc: &mut AsyncClientAssociation<TcpStream>) -> Command {
     match assoc.receive().await.expect("response") {
         Pdu::PData { data } => Command::decode(&data[0].data).expect("command"),
@@ -127,16 +141,7 @@ async fn echo_unknown_commands_and_mismatched_uids_get_proper_statuses() {
 
     // A C-STORE whose command names another SOP instance than its data set: 0xA900.
     let obj: DemoObject = study(1, "MISMATCH^UID", 4096).remove(0);
-    let rq = Command::store_rq(9, &obj.sop_class, "1.2.3.4.5.6.7");
-    send_pdv(&mut assoc, store_ctx, PDataValueType::Command, rq.encode()).await;
-    send_pdv(
-        &mut assoc,
-        store_ctx,
-        PDataValueType::Data,
-        obj.dataset.clone(),
-    )
-    .await;
-    let rsp = response(&mut assoc).await;
+    let rsp = store(&mut assoc, store_ctx, 9, &obj, "1.2.3.4.5.6.7").await;
     assert_eq!(
         (rsp.field, rsp.responded_to, rsp.status),
         (
@@ -147,16 +152,7 @@ async fn echo_unknown_commands_and_mismatched_uids_get_proper_statuses() {
     );
 
     // The same association still stores a correct object.
-    let rq = Command::store_rq(10, &obj.sop_class, &obj.sop_instance);
-    send_pdv(&mut assoc, store_ctx, PDataValueType::Command, rq.encode()).await;
-    send_pdv(
-        &mut assoc,
-        store_ctx,
-        PDataValueType::Data,
-        obj.dataset.clone(),
-    )
-    .await;
-    let rsp = response(&mut assoc).await;
+    let rsp = store(&mut assoc, store_ctx, 10, &obj, &obj.sop_instance).await;
     assert_eq!(rsp.status, Some(status::SUCCESS));
     assert_eq!(
         rsp.affected_sop_instance.as_deref(),

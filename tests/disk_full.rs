@@ -57,10 +57,7 @@ async fn write_failure_answers_a700_and_keeps_what_was_acknowledged() {
     );
 
     // Restart A: what was acknowledged is queued, and only that.
-    let a = sites.a.take().unwrap();
-    a.stop().await;
-    let cfg = dicom_gateway::config::Config::load(&sites.dir.path().join("site-a.toml")).unwrap();
-    sites.a = Some(dicom_gateway::node::Node::start(cfg).await.unwrap());
+    sites.restart_a().await;
     let spool = sites.a_spool();
     assert_eq!(spool.queue_len("site-b").unwrap(), acked.len());
     let (entries, _) = spool.subscribe("site-b").unwrap();

@@ -160,15 +160,9 @@ async fn restart_of_site_a_resumes_its_queue() {
     sites.stop_b().await;
     let objects = study(10, "RESUME^A", 32 * 1024);
     assert_eq!(send(sites.a_dicom(), "GW_A", &objects).await, objects.len());
-    let a = sites.a.take().unwrap();
-    assert_eq!(
-        a.spool().unwrap().queue_len("site-b").unwrap(),
-        objects.len()
-    );
-    a.stop().await;
+    assert_eq!(sites.a_spool().queue_len("site-b").unwrap(), objects.len());
     // Restart A from its config and data folder, then bring B back.
-    let cfg = dicom_gateway::config::Config::load(&sites.dir.path().join("site-a.toml")).unwrap();
-    sites.a = Some(dicom_gateway::node::Node::start(cfg).await.unwrap());
+    sites.restart_a().await;
     sites.start_b().await;
     assert!(eventually(Duration::from_secs(60), || pacs.count() >= objects.len()).await);
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -288,6 +288,15 @@ retry_max_ms = 1000
         self.b = Some(Node::start(cfg).await.expect("start b"));
     }
 
+    /// Stop site A and start it again from its config and data folder.
+    pub async fn restart_a(&mut self) {
+        if let Some(a) = self.a.take() {
+            a.stop().await;
+        }
+        let cfg = Config::load(&self.dir.path().join("site-a.toml")).expect("config a");
+        self.a = Some(Node::start(cfg).await.expect("restart a"));
+    }
+
     /// Stop site B and wait until its spool is closed.
     pub async fn stop_b(&mut self) {
         if let Some(b) = self.b.take() {
