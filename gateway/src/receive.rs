@@ -263,12 +263,13 @@ impl Session<'_> {
         .await;
     }
 
-    fn accepted_context(&self, id: u8) -> Option<(String, String)> {
+    /// The accepted presentation context `id`: (abstract syntax, transfer syntax).
+    fn accepted_context(&self, id: u8) -> Option<(&str, &str)> {
         self.assoc
             .presentation_contexts()
             .iter()
             .find(|pc| pc.id == id && pc.reason == PresentationContextResultReason::Acceptance)
-            .map(|pc| (pc.abstract_syntax.clone(), pc.transfer_syntax.clone()))
+            .map(|pc| (pc.abstract_syntax.as_str(), pc.transfer_syntax.as_str()))
     }
 
     /// Handle one PDV. An `Err` aborts the association.
@@ -381,7 +382,7 @@ impl Session<'_> {
         let ingest = Ingest {
             sop_class: class,
             sop_instance: instance,
-            transfer_syntax: ts,
+            transfer_syntax: ts.to_owned(),
             source: self.assoc.peer_ae_title().trim().to_owned(),
             routes: self.server.cfg.route_to.clone(),
             dedup: None,
