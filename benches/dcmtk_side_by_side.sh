@@ -57,6 +57,13 @@
 # Exit status 0 only if every object arrived, byte for byte, both ways.
 set -euo pipefail
 
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source-path=SCRIPTDIR source=../tests/interop/lib.sh
+source "$HERE/../tests/interop/lib.sh"
+LOG_TAG=bench
+LOG_FD=2
+POLL_INTERVAL=0.1
+
 BIN=${DICOM_GATEWAY_BIN:-${CARGO_TARGET_DIR:-/var/tmp/dicom-gateway-target}/release/dicom-gateway}
 [[ $BIN == /* ]] || BIN="$PWD/$BIN"
 read -r -a DATASETS <<<"${BENCH_DATASETS:-ct mg huge}"
@@ -64,65 +71,15 @@ declare -A COUNT=([ct]=${BENCH_CT_COUNT:-200} [mg]=${BENCH_MG_COUNT:-4} [huge]=$
 DELIVERY_TIMEOUT=${BENCH_DELIVERY_TIMEOUT:-300}
 STALL_TIMEOUT=${BENCH_STALL_TIMEOUT:-60}
 KEEP=${BENCH_KEEP:-0}
-DCMTK_BIN_DIR=${DCMTK_BIN_DIR:-/usr/bin}
-STORESCP="$DCMTK_BIN_DIR/storescp"
-STORESCU="$DCMTK_BIN_DIR/storescu"
-PY=${PYTHON:-python3}
 PDU=131072
 REPEAT=${BENCH_REPEAT:-5}
 
-# Without it DCMTK waits ~40 ms (delayed ACK) per object.
-export TCP_NODELAY=1
-
 FAILED=0
-PIDS=()
 WORK=""
 
-log() { printf '[bench %4ds] %s\n' "$SECONDS" "$*" >&2; }
-fail() {
-	FAILED=$((FAILED + 1))
-	log "FAIL: $*"
-}
 now_us() { echo "${EPOCHREALTIME//[.,]/}"; }
 
 # ------------------------------------------------------------------ processes
-
-alive() { # pid: running and not a zombie
-	local s
-	s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-	s=${s##*) }
-	[[ ${s:0:1} != Z ]]
-}
-
-# start_bg LOGFILE CMD...: start CMD in its own session, remember it, set LAST_PID.
-start_bg() {
-	local logf=$1
-	shift
-	setsid "$@" >"$logf" 2>&1 </dev/null &
-	LAST_PID=$!
-	PIDS+=("$LAST_PID")
-}
-
-# stop_bg PID NAME: SIGTERM, wait up to 30 s, then SIGKILL; forget PID.
-stop_bg() {
-	local pid=$1 name=$2 deadline=$((SECONDS + 30))
-	if alive "$pid"; then
-		kill -TERM "$pid" 2>/dev/null || true
-		while alive "$pid" && ((SECONDS < deadline)); do sleep 0.1; done
-		if alive "$pid"; then
-			log "WARN: $name (pid $pid) still running 30s after SIGTERM, killing it"
-			kill -KILL "$pid" 2>/dev/null || true
-		fi
-	fi
-	wait "$pid" 2>/dev/null || true
-	forget "$pid"
-}
-
-forget() { # pid: drop it from PIDS
-	local p rest=()
-	for p in "${PIDS[@]}"; do [[ $p == "$1" ]] || rest+=("$p"); done
-	PIDS=("${rest[@]}")
-}
 
 hwm_mib() { # pid: peak resident set size in MiB
 	awk '/^VmHWM:/ { printf "%.1f", $2 / 1024; found = 1 } END { if (!found) print "n/a" }' \
@@ -132,13 +89,7 @@ hwm_mib() { # pid: peak resident set size in MiB
 cleanup() {
 	local rc=$?
 	set +e
-	local pid deadline=$((SECONDS + 10))
-	for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
-	for pid in "${PIDS[@]}"; do
-		while alive "$pid" && ((SECONDS < deadline)); do sleep 0.1; done
-		kill -KILL "$pid" 2>/dev/null
-		wait "$pid" 2>/dev/null
-	done
+	stop_all_bg
 	((rc == 0 && FAILED > 0)) && rc=1
 	if [[ -n $WORK && -d $WORK ]]; then
 		if ((rc == 0)) && [[ $KEEP != 1 ]]; then
@@ -155,28 +106,6 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # -------------------------------------------------------------------- helpers
-
-free_ports() { # n: print n distinct free loopback ports
-	"$PY" - "$1" <<'EOF'
-import socket, sys
-socks = [socket.socket() for _ in range(int(sys.argv[1]))]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-EOF
-}
-
-wait_port() { # port pid timeout
-	local deadline=$((SECONDS + $3))
-	while ((SECONDS < deadline)); do
-		alive "$2" || return 1
-		if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-		sleep 0.1
-	done
-	return 1
-}
-
-http_status() { curl -s -o /dev/null -m 3 -w '%{http_code}' "$1" || true; }
 
 metric() { # url name label-substring: print the metric's value (0 if absent)
 	curl -s -m 5 "$1" 2>/dev/null | awk -v n="$2" -v l="$3" \
@@ -346,18 +275,6 @@ sys.exit(0 if ok else 1)
 EOF
 }
 
-# start_storescp PORT OUTDIR LOGFILE: sets SCP_PID
-start_storescp() {
-	mkdir -p "$2"
-	start_bg "$3" "$STORESCP" -dhl -aet STORESCP -pdu "$PDU" +B -od "$2" "$1"
-	SCP_PID=$LAST_PID
-	wait_port "$1" "$SCP_PID" 20 || {
-		tail -n 20 "$3" >&2
-		fail "storescp did not come up on port $1"
-		return 1
-	}
-}
-
 # send PORT CALLED_AE LOGFILE FILE...: storescu; sets SENT (successful stores).
 send() {
 	local port=$1 called=$2 logf=$3 rc=0
@@ -368,79 +285,21 @@ send() {
 	((rc == 0)) || log "  storescu exit status $rc (log $logf)"
 }
 
-write_configs() { # rundir
-	cat >"$1/site-a.toml" <<EOF
-[node]
-name = "site-a"
-data_dir = "data-a"
-
-[keystore]
-kek_file = "$WORK/kek-a.key"
-
-[tls]
-cert = "$WORK/pki/site-a.crt"
-key = "$WORK/pki/site-a.key"
-ca = "$WORK/pki/ca.crt"
-
-[http]
-listen = "127.0.0.1:$P_A_HTTP"
-
-[[dicom_listener]]
-name = "lan"
-listen = "127.0.0.1:$P_A_DICOM"
-ae_title = "GW_A"
-allowed_calling_ae_titles = []
-route_to = ["site-b"]
-
-[[destination]]
-name = "site-b"
-kind = "gateway"
-url = "https://127.0.0.1:$P_B_LINK"
-peer_name = "site-b"
-EOF
-	cat >"$1/site-b.toml" <<EOF
-[node]
-name = "site-b"
-data_dir = "data-b"
-
-[keystore]
-kek_file = "$WORK/kek-b.key"
-
-[tls]
-cert = "$WORK/pki/site-b.crt"
-key = "$WORK/pki/site-b.key"
-ca = "$WORK/pki/ca.crt"
-
-[http]
-listen = "127.0.0.1:$P_B_HTTP"
-
-[[link_listener]]
-name = "wan"
-listen = "127.0.0.1:$P_B_LINK"
-allowed_peers = ["site-a"]
-route_to = ["pacs"]
-
-[[destination]]
-name = "pacs"
-kind = "dicom"
-address = "127.0.0.1:$P_SCP"
-ae_title = "STORESCP"
-calling_ae_title = "GW_B"
-EOF
-}
-
 # ------------------------------------------------------------------- the runs
 
 # R_* hold one data set's results; all times in microseconds.
 direct_run() { # run
 	local ds=$1 port t0 t1
 	read -r port <<<"$(free_ports 1)"
-	start_storescp "$port" "$WORK/out/direct-$ds" "$WORK/logs/$ds-storescp-direct.log" || return 0
+	start_storescp "$port" "$WORK/out/direct-$ds" "$WORK/logs/$ds-storescp-direct.log" -pdu "$PDU" || {
+		fail "[$ds] direct: storescp did not start"
+		return 0
+	}
 	t0=$(now_us)
 	send "$port" STORESCP "$WORK/logs/$ds-storescu-direct.log" "${FILES[@]}"
 	t1=$(now_us)
 	R_SCP_DIRECT=$(hwm_mib "$SCP_PID")
-	stop_bg "$SCP_PID" storescp
+	stop_bg "$SCP_PID" storescp || true
 	R_DIRECT=$((t1 - t0))
 	log "[$ds] direct: $SENT/${#FILES[@]} stored in $(fmt_s "$R_DIRECT") s"
 	((SENT == ${#FILES[@]})) || fail "[$ds] direct: only $SENT of ${#FILES[@]} objects stored"
@@ -449,33 +308,25 @@ direct_run() { # run
 gateway_run() { # run data-set
 	local ds=$1 set=$2 t0 t1 rc=0 res name
 	local run="$WORK/gw-$ds" out="$WORK/out/gw-$ds"
-	local -A gw=()
 	mkdir -p "$run"
 	read -r P_SCP P_A_DICOM P_A_HTTP P_B_HTTP P_B_LINK <<<"$(free_ports 5)"
-	write_configs "$run"
-	start_storescp "$P_SCP" "$out" "$WORK/logs/$ds-storescp-gw.log" || return 0
-	start_bg "$WORK/logs/$ds-site-b.log" "$BIN" serve --config "$run/site-b.toml"
-	gw[b]=$LAST_PID
-	start_bg "$WORK/logs/$ds-site-a.log" "$BIN" serve --config "$run/site-a.toml"
-	gw[a]=$LAST_PID
-	local deadline=$((SECONDS + 60)) ready_a=000 ready_b=000
-	while ((SECONDS < deadline)) && alive "${gw[a]}" && alive "${gw[b]}"; do
-		[[ $ready_b == 200 ]] || ready_b=$(http_status "http://127.0.0.1:$P_B_HTTP/readyz")
-		[[ $ready_a == 200 ]] || ready_a=$(http_status "http://127.0.0.1:$P_A_HTTP/readyz")
-		[[ $ready_a == 200 && $ready_b == 200 ]] && break
-		sleep 0.2
-	done
-	if [[ $ready_a != 200 || $ready_b != 200 ]]; then
+	write_configs "$run" "$WORK"
+	start_storescp "$P_SCP" "$out" "$WORK/logs/$ds-storescp-gw.log" -pdu "$PDU" || {
+		fail "[$ds] gateway: storescp did not start"
+		return 0
+	}
+	start_sites "$run" "$WORK/logs/$ds-"
+	if ! wait_sites_ready 60 0.2; then
 		tail -n 20 "$WORK/logs/$ds-site-a.log" "$WORK/logs/$ds-site-b.log" >&2
-		fail "[$ds] gateways not ready within 60s (A /readyz $ready_a, B /readyz $ready_b)"
-		stop_bg "${gw[a]}" site-a
-		stop_bg "${gw[b]}" site-b
-		stop_bg "$SCP_PID" storescp
+		fail "[$ds] gateways not ready within 60s (A /readyz $READY_A, B /readyz $READY_B)"
+		stop_bg "${GW_PID[a]}" site-a || true
+		stop_bg "${GW_PID[b]}" site-b || true
+		stop_bg "$SCP_PID" storescp || true
 		return 0
 	fi
 
 	# The watcher runs during the send; its end time is the newest mtime, not its own poll.
-	wait_delivery "$out" "$WORK/in/$set.sizes" "${gw[a]}" "${gw[b]}" "$SCP_PID" \
+	wait_delivery "$out" "$WORK/in/$set.sizes" "${GW_PID[a]}" "${GW_PID[b]}" "$SCP_PID" \
 		>"$run/delivered" 2>"$WORK/logs/$ds-wait.log" &
 	local watcher=$!
 	PIDS+=("$watcher")
@@ -497,7 +348,7 @@ gateway_run() { # run data-set
 	fi
 
 	# Let both sites record the confirmations (so shutdown interrupts nothing), then stop.
-	deadline=$SECONDS
+	local deadline=$SECONDS
 	((rc != 0)) || deadline=$((SECONDS + 30))
 	while ((SECONDS < deadline)); do
 		(($(metric "http://127.0.0.1:$P_A_HTTP/metrics" dicom_gateway_objects_delivered_total site-b) >= ${#FILES[@]})) &&
@@ -506,11 +357,11 @@ gateway_run() { # run data-set
 	done
 	curl -s -m 5 "http://127.0.0.1:$P_A_HTTP/metrics" >"$WORK/logs/$ds-metrics-a.txt" || true
 	curl -s -m 5 "http://127.0.0.1:$P_B_HTTP/metrics" >"$WORK/logs/$ds-metrics-b.txt" || true
-	R_RSS_A=$(hwm_mib "${gw[a]}")
-	R_RSS_B=$(hwm_mib "${gw[b]}")
+	R_RSS_A=$(hwm_mib "${GW_PID[a]}")
+	R_RSS_B=$(hwm_mib "${GW_PID[b]}")
 	R_SCP_GW=$(hwm_mib "$SCP_PID")
-	for name in a b; do stop_bg "${gw[$name]}" "site-$name"; done
-	stop_bg "$SCP_PID" storescp
+	for name in a b; do stop_bg "${GW_PID[$name]}" "site-$name" || true; done
+	stop_bg "$SCP_PID" storescp || true
 	R_WARN=$(cat "$WORK/logs/$ds-site-a.log" "$WORK/logs/$ds-site-b.log" | sed 's/\x1b\[[0-9;]*m//g' |
 		grep -c -E '\b(WARN|ERROR)\b' || true)
 }
@@ -519,12 +370,7 @@ fmt_s() { awk -v u="$1" 'BEGIN { printf "%.2f", u / 1e6 }'; }
 
 # ----------------------------------------------------------------------- main
 
-for tool in "$STORESCP" "$STORESCU"; do
-	[[ -x $tool ]] || {
-		log "DCMTK tool $tool not found (apt-get install dcmtk)"
-		exit 1
-	}
-done
+need_dcmtk || exit 1
 [[ -x $BIN ]] || {
 	log "gateway binary $BIN not found (build it, or set DICOM_GATEWAY_BIN)"
 	exit 1
@@ -541,9 +387,7 @@ command -v curl >/dev/null || {
 WORK=$(mktemp -d /tmp/dicom-gateway-bench.XXXXXX)
 mkdir -p "$WORK/logs" "$WORK/out" "$WORK/in"
 log "work directory $WORK, gateway $BIN"
-"$BIN" pki init --dir "$WORK/pki" --site site-a --site site-b >"$WORK/logs/pki.log" 2>&1
-"$BIN" keys new-kek --out "$WORK/kek-a.key" >"$WORK/logs/kek.log" 2>&1
-"$BIN" keys new-kek --out "$WORK/kek-b.key" >>"$WORK/logs/kek.log" 2>&1
+init_keys "$WORK" "$WORK/logs"
 
 RESULTS="$WORK/results.tsv"
 printf 'dataset\trep\tobjects\tbytes\tdirect_us\tack_us\te2e_us\trss_a\trss_b\trss_scp_direct\trss_scp_gw\tverify\tgw_warn_lines\n' >"$RESULTS"

@@ -21,6 +21,9 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$HERE/lib.sh"
+LOG_TAG=interop
 BIN=${DICOM_GATEWAY_BIN:-${CARGO_TARGET_DIR:-target}/release/dicom-gateway}
 [[ $BIN == /* ]] || BIN="$PWD/$BIN"
 DIRECT_ONLY=${INTEROP_DIRECT_ONLY:-0}
@@ -30,98 +33,28 @@ STUDY_SIZE=${INTEROP_STUDY_SIZE:-300}
 STALL_TIMEOUT=${INTEROP_STALL_TIMEOUT:-120}
 SETTLE=${INTEROP_SETTLE:-5}
 MIN_DIRECT=250
-DCMTK_BIN_DIR=${DCMTK_BIN_DIR:-/usr/bin}
-STORESCP="$DCMTK_BIN_DIR/storescp"
-STORESCU="$DCMTK_BIN_DIR/storescu"
-PY=${PYTHON:-python3}
 SENDERS=(dcmtk pynetdicom)
-
-# Without it DCMTK waits ~40 ms (delayed ACK) per object.
-export TCP_NODELAY=1
 
 PASSED=0
 FAILED=0
 SUMMARY_PRINTED=0
-PIDS=()
 WORK=""
 
-log() { printf '[interop %4ds] %s\n' "$SECONDS" "$*"; }
 pass() {
 	PASSED=$((PASSED + 1))
 	log "PASS: $*"
-}
-fail() {
-	FAILED=$((FAILED + 1))
-	log "FAIL: $*"
-}
-indent() { sed 's/^/    | /'; }
-show_tail() { # file [lines]
-	if [[ -s $1 ]]; then
-		log "last lines of $1:"
-		tail -n "${2:-25}" "$1" | sed 's/\x1b\[[0-9;]*m//g' | indent
-	fi
 }
 summary() {
 	SUMMARY_PRINTED=1
 	echo "interop: $PASSED passed, $FAILED failed"
 }
 
-# --------------------------------------------------------------- processes
-
-alive() { # pid: running and not a zombie
-	local s
-	s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-	s=${s##*) }
-	[[ ${s:0:1} != Z ]]
-}
-
-# start_bg LOGFILE CMD...: start CMD in its own process group (setsid), remember it, set LAST_PID.
-start_bg() {
-	local logf=$1
-	shift
-	setsid "$@" >"$logf" 2>&1 </dev/null &
-	LAST_PID=$!
-	PIDS+=("$LAST_PID")
-}
-
-# stop_bg PID NAME [TIMEOUT] [group]: SIGTERM (to the process, or its whole group), wait, then SIGKILL.
-# Sets LAST_RC to the exit status; returns 1 if it had to be killed.
-stop_bg() {
-	local pid=$1 name=$2 timeout=${3:-30} target=$1 killed=0
-	[[ ${4:-} == group ]] && target="-$1"
-	if alive "$pid"; then
-		kill -TERM -- "$target" 2>/dev/null || true
-		local deadline=$((SECONDS + timeout))
-		while alive "$pid" && ((SECONDS < deadline)); do sleep 0.2; done
-		if alive "$pid"; then
-			log "WARN: $name (pid $pid) still running ${timeout}s after SIGTERM, killing it"
-			kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
-			killed=1
-		fi
-	fi
-	LAST_RC=0
-	wait "$pid" 2>/dev/null || LAST_RC=$?
-	# whatever it left in its process group (storescp --fork children)
-	kill -KILL -- "-$pid" 2>/dev/null || true
-	local p rest=()
-	for p in "${PIDS[@]}"; do [[ $p == "$pid" ]] || rest+=("$p"); done
-	PIDS=("${rest[@]}")
-	return $killed
-}
+# ------------------------------------------------------------------ cleanup
 
 cleanup() {
 	local rc=$?
 	set +e
-	local pid
-	for pid in "${PIDS[@]}"; do
-		kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null
-	done
-	local deadline=$((SECONDS + 10))
-	for pid in "${PIDS[@]}"; do
-		while alive "$pid" && ((SECONDS < deadline)); do sleep 0.2; done
-		kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null
-		wait "$pid" 2>/dev/null
-	done
+	stop_all_bg
 	if ((SUMMARY_PRINTED == 0)); then
 		log "aborted (exit status $rc)"
 		FAILED=$((FAILED + 1))
@@ -143,41 +76,6 @@ trap 'exit 143' TERM
 
 # ------------------------------------------------------------------ helpers
 
-free_ports() { # n: print n distinct free loopback ports
-	"$PY" - "$1" <<'EOF'
-import socket, sys
-socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(int(sys.argv[1]))]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-for s in socks:
-    s.close()
-EOF
-}
-
-wait_port() { # port pid timeout
-	local deadline=$((SECONDS + $3))
-	while ((SECONDS < deadline)); do
-		alive "$2" || return 1
-		if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-		sleep 0.2
-	done
-	return 1
-}
-
-http_status() { # url: print the HTTP status code (000 if none)
-	"$PY" - "$1" <<'EOF'
-import sys, urllib.request, urllib.error
-try:
-    with urllib.request.urlopen(sys.argv[1], timeout=3) as r:
-        print(r.status)
-except urllib.error.HTTPError as e:
-    print(e.code)
-except Exception:
-    print("000")
-EOF
-}
-
 http_get() { # url file
 	"$PY" - "$1" "$2" <<'EOF' || true
 import sys, urllib.request
@@ -190,17 +88,6 @@ EOF
 }
 
 count_files() { { find "$1" -type f 2>/dev/null || true; } | wc -l; }
-
-start_storescp() { # port outdir logfile
-	mkdir -p "$2"
-	start_bg "$3" "$STORESCP" --fork -dhl -aet STORESCP +B +xa +uf -od "$2" "$1"
-	SCP_PID=$LAST_PID
-	if ! wait_port "$1" "$SCP_PID" 20; then
-		show_tail "$3"
-		log "storescp did not come up on port $1"
-		return 1
-	fi
-}
 
 stop_storescp() {
 	stop_bg "$SCP_PID" storescp 10 group || true
@@ -245,7 +132,7 @@ direct_run() { # sender
 	dir="$WORK/out/direct-$s"
 	read -r port <<<"$(free_ports 1)"
 	log "[$s] direct: $s -> storescp :$port"
-	start_storescp "$port" "$dir" "$WORK/logs/storescp-direct-$s.log"
+	start_storescp "$port" "$dir" "$WORK/logs/storescp-direct-$s.log" --fork +xa +uf
 	send "$s" "$port" STORESCP "$WORK/logs/send-direct-$s.log"
 	stop_storescp
 	DIRECT_COUNT[$s]=$(count_files "$dir")
@@ -263,68 +150,6 @@ direct_run() { # sender
 		indent <"$WORK/logs/selftest-$s.log"
 		fail "[$s] compare.py self-test"
 	fi
-}
-
-write_configs() { # rundir
-	local r=$1
-	cat >"$r/site-a.toml" <<EOF
-[node]
-name = "site-a"
-data_dir = "data-a"
-
-[keystore]
-kek_file = "kek-a.key"
-
-[tls]
-cert = "pki/site-a.crt"
-key = "pki/site-a.key"
-ca = "pki/ca.crt"
-
-[http]
-listen = "127.0.0.1:$P_A_HTTP"
-
-[[dicom_listener]]
-name = "lan"
-listen = "127.0.0.1:$P_A_DICOM"
-ae_title = "GW_A"
-allowed_calling_ae_titles = []
-route_to = ["site-b"]
-
-[[destination]]
-name = "site-b"
-kind = "gateway"
-url = "https://127.0.0.1:$P_B_LINK"
-peer_name = "site-b"
-EOF
-	cat >"$r/site-b.toml" <<EOF
-[node]
-name = "site-b"
-data_dir = "data-b"
-
-[keystore]
-kek_file = "kek-b.key"
-
-[tls]
-cert = "pki/site-b.crt"
-key = "pki/site-b.key"
-ca = "pki/ca.crt"
-
-[http]
-listen = "127.0.0.1:$P_B_HTTP"
-
-[[link_listener]]
-name = "wan"
-listen = "127.0.0.1:$P_B_LINK"
-allowed_peers = ["site-a"]
-route_to = ["pacs"]
-
-[[destination]]
-name = "pacs"
-kind = "dicom"
-address = "127.0.0.1:$P_SCP"
-ae_title = "STORESCP"
-calling_ae_title = "GW_B"
-EOF
 }
 
 stop_gateways() { # sender [quiet]
@@ -351,9 +176,7 @@ gateway_run() { # sender
 	read -r P_SCP P_A_DICOM P_A_HTTP P_B_HTTP P_B_LINK <<<"$(free_ports 5)"
 	log "[$s] through the gateways: $s -> site-a :$P_A_DICOM -> site-b :$P_B_LINK -> storescp :$P_SCP"
 
-	if ! "$BIN" pki init --dir "$RUN/pki" --site site-a --site site-b >"$RUN/pki.log" 2>&1 ||
-		! "$BIN" keys new-kek --out "$RUN/kek-a.key" >"$RUN/kek.log" 2>&1 ||
-		! "$BIN" keys new-kek --out "$RUN/kek-b.key" >>"$RUN/kek.log" 2>&1; then
+	if ! init_keys "$RUN" "$RUN"; then
 		show_tail "$RUN/pki.log"
 		show_tail "$RUN/kek.log"
 		fail "[$s] gateway: pki init / keys new-kek failed"
@@ -361,25 +184,13 @@ gateway_run() { # sender
 	fi
 	write_configs "$RUN"
 
-	start_storescp "$P_SCP" "$gw_dir" "$WORK/logs/storescp-gw-$s.log"
-	GW_PID=([a]="" [b]="")
-	start_bg "$RUN/site-b.log" "$BIN" serve --config "$RUN/site-b.toml"
-	GW_PID[b]=$LAST_PID
-	start_bg "$RUN/site-a.log" "$BIN" serve --config "$RUN/site-a.toml"
-	GW_PID[a]=$LAST_PID
+	start_storescp "$P_SCP" "$gw_dir" "$WORK/logs/storescp-gw-$s.log" --fork +xa +uf
+	start_sites "$RUN" "$RUN/"
 
-	local deadline=$((SECONDS + 60)) ready_a=000 ready_b=000
-	while ((SECONDS < deadline)); do
-		if ! alive "${GW_PID[a]}" || ! alive "${GW_PID[b]}"; then break; fi
-		[[ $ready_b == 200 ]] || ready_b=$(http_status "http://127.0.0.1:$P_B_HTTP/readyz")
-		[[ $ready_a == 200 ]] || ready_a=$(http_status "http://127.0.0.1:$P_A_HTTP/readyz")
-		[[ $ready_a == 200 && $ready_b == 200 ]] && break
-		sleep 0.5
-	done
-	if [[ $ready_a != 200 || $ready_b != 200 ]]; then
+	if ! wait_sites_ready 60 0.5; then
 		show_tail "$RUN/site-b.log"
 		show_tail "$RUN/site-a.log"
-		fail "[$s] gateway: nodes not ready within 60s (site-a /readyz: $ready_a, site-b /readyz: $ready_b)"
+		fail "[$s] gateway: nodes not ready within 60s (site-a /readyz: $READY_A, site-b /readyz: $READY_B)"
 		stop_gateways "$s" quiet
 		stop_storescp
 		return 0
@@ -389,7 +200,7 @@ gateway_run() { # sender
 	send "$s" "$P_A_DICOM" GW_A "$WORK/logs/send-gw-$s.log"
 
 	local want=${DIRECT_COUNT[$s]} have last=-1 last_change=$SECONDS next_report=$((SECONDS + 15))
-	deadline=$((SECONDS + DELIVERY_TIMEOUT))
+	local deadline=$((SECONDS + DELIVERY_TIMEOUT))
 	while :; do
 		have=$(count_files "$gw_dir")
 		((have >= want)) && break
@@ -453,12 +264,7 @@ scan_check() {
 # -------------------------------------------------------------------- main
 
 log "interop test starting (direct only: $DIRECT_ONLY)"
-for tool in "$STORESCP" "$STORESCU"; do
-	[[ -x $tool ]] || {
-		fail "DCMTK tool $tool not found (apt-get install dcmtk)"
-		exit 1
-	}
-done
+need_dcmtk || exit 1
 "$PY" -c 'import pydicom, pynetdicom' 2>/dev/null || {
 	fail "$PY cannot import pydicom and pynetdicom"
 	exit 1
@@ -482,7 +288,6 @@ N_INPUTS=$(wc -l <"$INPUTS/all.txt")
 log "$N_INPUTS input objects ($(grep -c $'\tpydicom$' "$INPUTS/manifest.tsv") pydicom test files, $(grep -c $'\tstudy$' "$INPUTS/manifest.tsv") generated)"
 
 declare -A DIRECT_COUNT=()
-declare -A GW_PID=()
 for s in "${SENDERS[@]}"; do
 	direct_run "$s"
 	if [[ $DIRECT_ONLY != 1 ]]; then
