@@ -436,9 +436,7 @@ impl Spool {
 
     /// Start writing an object. `header` is the Part-10 header the stream starts with.
     pub fn writer(&self, ingest: Ingest) -> Result<ObjectWriter, SpoolError> {
-        let encoding = crate::sop::encoding(&ingest.transfer_syntax).ok_or(SpoolError::Format(
-            dataset::FormatError::Malformed("unsupported transfer syntax"),
-        ))?;
+        let encoding = encoding_of(&ingest.transfer_syntax)?;
         let header = dataset::part10_header(
             &ingest.sop_class,
             &ingest.sop_instance,
@@ -457,9 +455,7 @@ impl Spool {
         ingest: Ingest,
         header_len: usize,
     ) -> Result<ObjectWriter, SpoolError> {
-        let encoding = crate::sop::encoding(&ingest.transfer_syntax).ok_or(SpoolError::Format(
-            dataset::FormatError::Malformed("unsupported transfer syntax"),
-        ))?;
+        let encoding = encoding_of(&ingest.transfer_syntax)?;
         Ok(ObjectWriter::new(
             self.clone(),
             ingest,
@@ -690,6 +686,13 @@ impl Spool {
             let _ = tx.send(entry);
         }
     }
+}
+
+/// The data set encoding of an accepted transfer syntax.
+fn encoding_of(ts: &str) -> Result<Encoding, SpoolError> {
+    crate::sop::encoding(ts).ok_or(SpoolError::Format(dataset::FormatError::Malformed(
+        "unsupported transfer syntax",
+    )))
 }
 
 fn meta_ad(id: &ObjectId) -> Vec<u8> {
