@@ -44,6 +44,7 @@ fn spool_write(c: &mut Criterion) {
                         source: "BENCH".into(),
                         routes: vec![],
                         dedup: None,
+                        strict_uid_match: false,
                     })
                     .unwrap();
                 for chunk in obj.dataset.chunks(256 * 1024) {

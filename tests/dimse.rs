@@ -139,16 +139,22 @@ async fn echo_unknown_commands_and_mismatched_uids_get_proper_statuses() {
         (0x8020, Some(8), Some(status::UNRECOGNIZED_OPERATION))
     );
 
-    // A C-STORE whose command names another SOP instance than its data set: 0xA900.
+    // A C-STORE whose command names another SOP instance than its data set is stored
+    // under the data set's own UIDs (the default), and counted.
     let obj: DemoObject = study(1, "MISMATCH^UID", 4096).remove(0);
     let rsp = store(&mut assoc, store_ctx, 9, &obj, "1.2.3.4.5.6.7").await;
     assert_eq!(
         (rsp.field, rsp.responded_to, rsp.status),
-        (
-            field::C_STORE_RSP,
-            Some(9),
-            Some(status::DATASET_DOES_NOT_MATCH)
-        )
+        (field::C_STORE_RSP, Some(9), Some(status::SUCCESS))
+    );
+    assert!(
+        sites
+            .a
+            .as_ref()
+            .unwrap()
+            .metrics
+            .render()
+            .contains("dicom_gateway_uid_mismatch_total{listener=\"lan\"} 1")
     );
 
     // The same association still stores a correct object.
@@ -160,8 +166,35 @@ async fn echo_unknown_commands_and_mismatched_uids_get_proper_statuses() {
     );
     assoc.release().await.expect("release");
 
-    assert!(eventually(Duration::from_secs(30), || pacs.count() == 1).await);
-    assert_eq!(pacs.received(), expected(&[obj]));
+    // Both arrive, with the data set's own SOP Instance UID in their file meta.
+    assert!(eventually(Duration::from_secs(30), || pacs.count() == 2).await);
+    assert_eq!(pacs.received(), expected(&[obj.clone(), obj.clone()]));
+    for f in all_files(&pacs.out) {
+        let data = std::fs::read(&f).unwrap();
+        let needle = obj.sop_instance.as_bytes();
+        assert!(data[..1024].windows(needle.len()).any(|w| w == needle));
+        assert!(!data.windows(13).any(|w| w == b"1.2.3.4.5.6.7"));
+    }
+    sites.stop().await;
+}
+
+/// With `strict_uid_match = true`, a data set whose SOP instance differs from its command
+/// is refused with 0xA900 and nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn strict_uid_match_refuses_a_mismatch() {
+    let Fixture {
+        tmp: _tmp,
+        pacs: _pacs,
+        mut sites,
+    } = Fixture::start("strict_uid_match = true", "").await;
+    let (mut assoc, _, ctx) = associate(sites.a_dicom()).await;
+    let obj: DemoObject = study(1, "STRICT^UID", 4096).remove(0);
+    let rsp = store(&mut assoc, ctx, 1, &obj, "1.2.3.4.5.6.7").await;
+    assert_eq!(rsp.status, Some(status::DATASET_DOES_NOT_MATCH));
+    assoc.release().await.expect("release");
+    let spool = sites.a_spool();
+    spool.quiesce().await;
+    assert_eq!(spool.object_count().unwrap(), 0);
     sites.stop().await;
 }
 

@@ -60,7 +60,8 @@ async fn write_failure_answers_a700_and_keeps_what_was_acknowledged() {
     sites.restart_a().await;
     let spool = sites.a_spool();
     assert_eq!(spool.queue_len("site-b").unwrap(), acked.len());
-    let (entries, _) = spool.subscribe("site-b").unwrap();
+    spool.quiesce().await;
+    let entries = spool.entries_blocking("site-b").unwrap();
     let mut segments = 0;
     for e in entries {
         segments += spool.open_object(e.object).await.unwrap().meta.segments as usize;

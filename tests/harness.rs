@@ -75,15 +75,22 @@ pub struct Storescp {
 impl Storescp {
     /// Start `storescp +B +uf +xa` on a free port with AE title `STORESCP`.
     pub fn start(out: &Path) -> Storescp {
+        Self::start_with(out, free_port(), &["+xa"])
+    }
+
+    /// Start `storescp +B +uf` with `args` (e.g. `+xi` to accept Implicit VR Little Endian
+    /// only) on `port`, with AE title `STORESCP`.
+    pub fn start_with(out: &Path, port: u16, args: &[&str]) -> Storescp {
         assert!(
             Path::new(STORESCP).exists(),
             "{STORESCP} is missing: install Debian's dcmtk (.ci/run does)"
         );
         std::fs::create_dir_all(out).expect("storescp output dir");
-        let port = free_port();
         let child = Command::new(STORESCP)
             .env("TCP_NODELAY", "1")
-            .args(["+B", "+uf", "+xa", "-aet", "STORESCP", "-od"])
+            .args(["+B", "+uf", "-aet", "STORESCP"])
+            .args(args)
+            .arg("-od")
             .arg(out)
             .arg(port.to_string())
             .stdout(Stdio::null())
@@ -187,6 +194,13 @@ pub struct SiteOptions {
     pub a_listener_extra: String,
     /// Extra TOML for A's `[spool]` section.
     pub a_spool: String,
+    /// B's `[destination.retry]` for its PACS, as inline-table content.
+    pub b_retry: String,
+}
+
+impl SiteOptions {
+    /// B's default retry budget in tests: fast retries, the default attempt budget.
+    pub const B_RETRY: &'static str = r#"initial = "100ms", max_delay = "1s""#;
 }
 
 impl TwoSites {
@@ -213,6 +227,8 @@ key = "pki/site-b.key"
 ca = "pki/ca.crt"
 [http]
 listen = "127.0.0.1:0"
+[spool]
+min_free = "64MiB"
 [[link_listener]]
 name = "wan"
 listen = "127.0.0.1:{link_port}"
@@ -224,10 +240,10 @@ kind = "dicom"
 address = "127.0.0.1:{pacs}"
 ae_title = "STORESCP"
 calling_ae_title = "GW_B"
-retry_initial_ms = 100
-retry_max_ms = 1000
+retry = {{ {retry} }}
 "#,
-                pacs = opts.pacs_port
+                pacs = opts.pacs_port,
+                retry = opts.b_retry,
             ),
         )
         .expect("write config b");
@@ -246,6 +262,7 @@ ca = "pki/ca.crt"
 [http]
 listen = "127.0.0.1:0"
 [spool]
+min_free = "64MiB"
 {spool}
 [[dicom_listener]]
 name = "lan"
@@ -343,6 +360,7 @@ impl Fixture {
             pacs_port: pacs.port,
             a_listener_extra: a_listener_extra.to_owned(),
             a_spool: a_spool.to_owned(),
+            b_retry: SiteOptions::B_RETRY.to_owned(),
         })
         .await;
         Fixture { tmp, pacs, sites }
@@ -420,4 +438,146 @@ pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
                 .unwrap_or(false)
         })
         .collect()
+}
+
+/// Write `objects` as Part-10 files into `dir` (test data for independent senders); returns
+/// the paths in order.
+pub fn write_part10(dir: &Path, objects: &[DemoObject]) -> Vec<PathBuf> {
+    std::fs::create_dir_all(dir).expect("dir");
+    objects
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let mut file = dicom_gateway::dataset::part10_header(
+                &o.sop_class,
+                &o.sop_instance,
+                &o.transfer_syntax,
+                Some("TEST_SCU"),
+            );
+            file.extend_from_slice(&o.dataset);
+            let p = dir.join(format!("{i:05}.dcm"));
+            std::fs::write(&p, file).expect("write test file");
+            p
+        })
+        .collect()
+}
+
+/// Send files with pynetdicom (an independent sender: each file on a context of its own
+/// SOP class and transfer syntax, its bytes unchanged). Returns how many were stored.
+pub fn send_with_pynetdicom(addr: SocketAddr, called: &str, files: &[PathBuf]) -> usize {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("interop/send_pynetdicom.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg(addr.ip().to_string())
+        .arg(addr.port().to_string())
+        .args(["--called-ae", called])
+        .args(files)
+        .output()
+        .expect("run python3 (pynetdicom): .ci/run installs it");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("pynetdicom: ") && l.contains(" stored"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no summary from pynetdicom:\n{text}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    line.trim_start_matches("pynetdicom: ")
+        .split('/')
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("unexpected summary {line:?}"))
+}
+
+/// Convert Part-10 files to Implicit VR Little Endian in place, with DCMTK's dcmconv.
+pub fn to_implicit(files: &[PathBuf]) {
+    for f in files {
+        let tmp = f.with_extension("implicit");
+        let st = Command::new("/usr/bin/dcmconv")
+            .arg("+ti")
+            .arg(f)
+            .arg(&tmp)
+            .status()
+            .expect("dcmconv (DCMTK)");
+        assert!(st.success(), "dcmconv failed on {}", f.display());
+        std::fs::rename(&tmp, f).expect("rename");
+    }
+}
+
+/// The data set hashes of Part-10 files.
+pub fn file_datasets(files: &[PathBuf]) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for f in files {
+        let data = std::fs::read(f).expect("read");
+        let ds = part10_dataset(&data).expect("a Part-10 file");
+        *m.entry(demo::sha256_hex(ds)).or_default() += 1;
+    }
+    m
+}
+
+/// Ask a node's admin socket for its status.
+pub async fn admin_status(node: &Node) -> dicom_gateway::admin::Status {
+    let v =
+        dicom_gateway::admin::request(&node.admin_socket, http::Method::GET, "/v1/status", None)
+            .await
+            .expect("admin status");
+    serde_json::from_value(v).expect("status document")
+}
+
+/// A size-limited tmpfs mounted on a folder (a small disk, for disk-full tests); unmounted
+/// on drop. Needs root, as CI runs.
+pub struct Tmpfs {
+    dir: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mount a tmpfs of `size` (e.g. `"160m"`) on `dir` (created if missing).
+    pub fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).expect("mount point");
+        let st = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .expect("run mount");
+        assert!(
+            st.success(),
+            "cannot mount a tmpfs on {} (the disk-full test needs root)",
+            dir.display()
+        );
+        Tmpfs {
+            dir: dir.to_owned(),
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+/// Fill `dir`'s filesystem with a ballast file until `leave` bytes stay free.
+pub fn fill_until_free(dir: &Path, leave: u64) -> PathBuf {
+    use std::io::Write;
+    let path = dir.join("ballast");
+    let free = dicom_gateway::node::free_bytes(dir).expect("statvfs");
+    let mut f = std::fs::File::create(&path).expect("ballast");
+    let chunk = vec![0xA5u8; 1 << 20];
+    let mut left = free.saturating_sub(leave);
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        f.write_all(&chunk[..n]).expect("write ballast");
+        left -= n as u64;
+    }
+    f.sync_all().expect("sync ballast");
+    path
 }

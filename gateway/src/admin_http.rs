@@ -1,10 +1,15 @@
 //! The admin HTTP endpoint: `GET /healthz`, `/readyz`, `/metrics`.
 //!
-//! Invariants: read-only; `/readyz` answers 200 only once every listener of the node is
-//! bound; `/metrics` exposes only the metrics of [`crate::metrics`] (no patient data).
+//! Invariants: read-only; `/healthz` is 200 while the process serves at all; `/readyz` is
+//! 200 only while the node acknowledges new objects: after start-up recovery and once every
+//! listener is bound, and not while draining for shutdown or after a synced write failed
+//! (see [`Readiness`]); `/metrics` exposes only the metrics of [`crate::metrics`] (no patient
+//! data).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::spool::Spool;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
@@ -18,11 +23,53 @@ use tracing::debug;
 
 use crate::metrics::Metrics;
 
+/// Whether the node acknowledges new objects. Shared by `/readyz`, the admin socket and
+/// the listeners.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    /// Recovery is done and every listener is bound.
+    started: AtomicBool,
+    /// Shutdown began: listeners stop accepting.
+    draining: AtomicBool,
+}
+
+impl Readiness {
+    /// Start-up finished.
+    pub fn set_started(&self) {
+        self.started.store(true, Ordering::SeqCst);
+    }
+
+    /// Shutdown began.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// (ready, why): the one place readiness is decided.
+    pub fn check(&self, spool: &Spool) -> (bool, String) {
+        if !self.started.load(Ordering::SeqCst) {
+            (false, "starting".into())
+        } else if self.draining.load(Ordering::SeqCst) {
+            (false, "draining".into())
+        } else if let Some(d) = spool.low_disk() {
+            (false, format!("not accepting objects: {d}"))
+        } else if spool.storage_failed() {
+            (
+                false,
+                "storage failed: a synced write failed, nothing is acknowledged; check the disk and restart the node".into(),
+            )
+        } else {
+            (true, "ready".into())
+        }
+    }
+}
+
 /// Serve the admin endpoint until `shutdown`.
 pub async fn run(
     listener: TcpListener,
     metrics: Arc<Metrics>,
-    ready: Arc<AtomicBool>,
+    ready: Arc<Readiness>,
+    spool: Spool,
+    tasks: tokio_util::task::TaskTracker,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -36,12 +83,16 @@ pub async fn run(
         let _ = socket.set_nodelay(true);
         let metrics = metrics.clone();
         let ready = ready.clone();
+        let spool = spool.clone();
         let shutdown = shutdown.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let svc = service_fn(move |req| {
                 let metrics = metrics.clone();
                 let ready = ready.clone();
-                async move { Ok::<_, std::convert::Infallible>(route(req, &metrics, &ready)) }
+                let spool = spool.clone();
+                async move {
+                    Ok::<_, std::convert::Infallible>(route(req, &metrics, ready.check(&spool)))
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(socket), svc);
@@ -54,16 +105,18 @@ pub async fn run(
     }
 }
 
-fn route(req: Request<Incoming>, metrics: &Metrics, ready: &AtomicBool) -> Response<Full<Bytes>> {
+fn route(
+    req: Request<Incoming>,
+    metrics: &Metrics,
+    (ready, why): (bool, String),
+) -> Response<Full<Bytes>> {
     let (status, ctype, body) = match (req.method().as_str(), req.uri().path()) {
         ("GET", "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
-        ("GET", "/readyz") if ready.load(Ordering::SeqCst) => {
-            (StatusCode::OK, "text/plain", "ready\n".to_owned())
-        }
+        ("GET", "/readyz") if ready => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
         ("GET", "/readyz") => (
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
-            "starting\n".to_owned(),
+            format!("{why}\n"),
         ),
         ("GET", "/metrics") => (
             StatusCode::OK,

@@ -3,13 +3,15 @@
 //! Owns parsing, path resolution and validation. Invariants once [`Config::load`] returns:
 //! - unknown keys were rejected (every table is `deny_unknown_fields`);
 //! - every relative path is resolved against the folder of the config file;
-//! - every name in a `route_to` list names a configured destination, and names are unique;
+//! - every name in a `route_to` list names a configured destination, at most once, and
+//!   names are unique;
 //! - AE titles are 1–16 printable ASCII characters without a backslash;
 //! - every error names the file, the key and what is wrong.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -127,6 +129,11 @@ pub struct SpoolSection {
     /// How long a link receiver remembers a transfer for deduplication, in seconds.
     #[serde(default = "default_dedup_window_secs")]
     pub dedup_window_secs: u64,
+    /// Free space the data directory's filesystem must keep (a size such as `"10GiB"`).
+    /// Below it, new C-STOREs get 0xA700 and new link requests 503 with Retry-After, and
+    /// `/readyz` is 503; service resumes by itself once space returns.
+    #[serde(default = "default_min_free")]
+    pub min_free: bytesize::ByteSize,
 }
 
 impl Default for SpoolSection {
@@ -135,6 +142,7 @@ impl Default for SpoolSection {
             segment_bytes: default_segment_bytes(),
             max_object_bytes: default_max_object_bytes(),
             dedup_window_secs: default_dedup_window_secs(),
+            min_free: default_min_free(),
         }
     }
 }
@@ -144,6 +152,9 @@ fn default_segment_bytes() -> usize {
 }
 fn default_max_object_bytes() -> u64 {
     16 << 30
+}
+fn default_min_free() -> bytesize::ByteSize {
+    bytesize::ByteSize::gib(1)
 }
 fn default_dedup_window_secs() -> u64 {
     7 * 24 * 3600
@@ -173,6 +184,11 @@ pub struct DicomListener {
     /// Seconds a peer may stay silent before the association is aborted.
     #[serde(default = "default_timeout_secs")]
     pub timeout_secs: u64,
+    /// Refuse (0xA900) a data set whose SOP Class or Instance UID differs from its C-STORE
+    /// command. By default such an object is stored and forwarded under the data set's own
+    /// UIDs, with a warning and a count in `dicom_gateway_uid_mismatch_total`.
+    #[serde(default)]
+    pub strict_uid_match: bool,
 }
 
 fn default_max_pdu() -> u32 {
@@ -207,17 +223,60 @@ pub struct Destination {
     pub name: String,
     /// What kind of destination and its settings.
     pub kind: DestinationKind,
-    /// First retry delay in milliseconds.
-    pub retry_initial_ms: u64,
-    /// Longest retry delay in milliseconds.
-    pub retry_max_ms: u64,
+    /// When and how often to try again, and when to give up (`[destination.retry]`).
+    pub retry: RetryPolicy,
+    /// A gateway request making no progress for this long is abandoned (`send_timeout`).
+    pub send_timeout: Duration,
+    /// Entries this destination may have waiting (dead letters excluded). Past it, new
+    /// objects routed to it are refused (0xA700, or 503 on the link) until it drains.
+    pub max_queue: usize,
 }
 
-fn default_retry_initial_ms() -> u64 {
-    500
+/// `[destination.retry]`: the retry budget of a destination.
+///
+/// A failed attempt is retried after `initial`, then after a delay multiplied by
+/// `multiplier` each time (with jitter, at most `max_delay`). An object whose attempts fail
+/// `max_attempts` times, or that is still failing `max_age` after it was received, becomes a
+/// dead letter. Failures of the destination itself (unreachable, busy) do not count as the
+/// object's attempts: they open the destination's circuit instead.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    /// First retry delay.
+    pub initial: Duration,
+    /// Longest retry delay.
+    pub max_delay: Duration,
+    /// Growth of the delay per attempt (1.0 to 10.0).
+    pub multiplier: f64,
+    /// Failed attempts of one object before it becomes a dead letter.
+    pub max_attempts: u32,
+    /// Age of a still-failing object at which it becomes a dead letter.
+    pub max_age: Duration,
 }
-fn default_retry_max_ms() -> u64 {
-    60_000
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            initial: Duration::from_secs(1),
+            max_delay: Duration::from_secs(300),
+            multiplier: 2.0,
+            max_attempts: 10,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// The TOML shape of `[destination.retry]`; durations read like `"1s"` or `"24h"`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    #[serde(default, with = "humantime_serde")]
+    initial: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    max_delay: Option<Duration>,
+    multiplier: Option<f64>,
+    max_attempts: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    max_age: Option<Duration>,
 }
 
 /// The kind-specific part of a destination.
@@ -272,10 +331,14 @@ impl DestinationKind {
 struct RawDestination {
     name: String,
     kind: String,
-    #[serde(default = "default_retry_initial_ms")]
-    retry_initial_ms: u64,
-    #[serde(default = "default_retry_max_ms")]
-    retry_max_ms: u64,
+    retry: Option<RawRetry>,
+    /// Deprecated: `retry.initial`.
+    retry_initial_ms: Option<u64>,
+    /// Deprecated: `retry.max_delay`.
+    retry_max_ms: Option<u64>,
+    #[serde(default, with = "humantime_serde")]
+    send_timeout: Option<Duration>,
+    max_queue: Option<usize>,
     url: Option<String>,
     peer_name: Option<String>,
     max_in_flight: Option<usize>,
@@ -307,9 +370,10 @@ impl TryFrom<RawDestination> for Destination {
             ("max_pdu_length", r.max_pdu_length.is_some()),
             ("timeout_secs", r.timeout_secs.is_some()),
             ("path", r.path.is_some()),
+            ("send_timeout", r.send_timeout.is_some()),
         ];
         let allowed: &[&str] = match r.kind.as_str() {
-            "gateway" => &["url", "peer_name", "max_in_flight"],
+            "gateway" => &["url", "peer_name", "max_in_flight", "send_timeout"],
             "dicom" => &[
                 "address",
                 "ae_title",
@@ -351,12 +415,39 @@ impl TryFrom<RawDestination> for Destination {
                 })?,
             },
         };
+        let mut retry = RetryPolicy::default();
+        if let Some(ms) = r.retry_initial_ms {
+            retry.initial = Duration::from_millis(ms);
+        }
+        if let Some(ms) = r.retry_max_ms {
+            retry.max_delay = Duration::from_millis(ms);
+        }
+        if let Some(t) = r.retry {
+            if r.retry_initial_ms.is_some() || r.retry_max_ms.is_some() {
+                return Err(format!(
+                    "destination {name:?}: use either [destination.retry] or the deprecated retry_initial_ms/retry_max_ms, not both"
+                ));
+            }
+            retry.initial = t.initial.unwrap_or(retry.initial);
+            retry.max_delay = t.max_delay.unwrap_or(retry.max_delay);
+            retry.multiplier = t.multiplier.unwrap_or(retry.multiplier);
+            retry.max_attempts = t.max_attempts.unwrap_or(retry.max_attempts);
+            retry.max_age = t.max_age.unwrap_or(retry.max_age);
+        }
         Ok(Destination {
             name,
             kind,
-            retry_initial_ms: r.retry_initial_ms,
-            retry_max_ms: r.retry_max_ms,
+            retry,
+            send_timeout: r.send_timeout.unwrap_or(Duration::from_secs(60)),
+            max_queue: r.max_queue.unwrap_or(1_000_000),
         })
+    }
+}
+
+impl Destination {
+    /// True when the deprecated `retry_*_ms` keys were used (for a start-up warning).
+    pub fn uses_deprecated_retry_keys(text: &str) -> bool {
+        text.contains("retry_initial_ms") || text.contains("retry_max_ms")
     }
 }
 
@@ -459,11 +550,27 @@ impl Config {
             if !dest_names.insert(d.name.as_str()) {
                 return Err(self.invalid(key("name"), "duplicate destination name"));
             }
-            if d.retry_initial_ms == 0 || d.retry_max_ms < d.retry_initial_ms {
+            let r = &d.retry;
+            if r.initial.is_zero() || r.max_delay < r.initial {
                 return Err(self.invalid(
-                    key("retry_max_ms"),
-                    "retry_initial_ms must be > 0 and retry_max_ms >= retry_initial_ms",
+                    key("retry.max_delay"),
+                    "retry.initial must be > 0 and retry.max_delay >= retry.initial",
                 ));
+            }
+            if !(1.0..=10.0).contains(&r.multiplier) {
+                return Err(self.invalid(key("retry.multiplier"), "must be between 1.0 and 10.0"));
+            }
+            if r.max_attempts == 0 {
+                return Err(self.invalid(key("retry.max_attempts"), "must be at least 1"));
+            }
+            if r.max_age.is_zero() {
+                return Err(self.invalid(key("retry.max_age"), "must be > 0"));
+            }
+            if d.max_queue == 0 {
+                return Err(self.invalid(key("max_queue"), "must be at least 1"));
+            }
+            if d.send_timeout.is_zero() {
+                return Err(self.invalid(key("send_timeout"), "must be > 0"));
             }
             match &d.kind {
                 DestinationKind::Gateway {
@@ -521,9 +628,16 @@ impl Config {
             if routes.is_empty() {
                 return Err(self.invalid(key, "must name at least one destination"));
             }
+            let mut seen = HashSet::new();
             for r in routes {
                 if !dest_names.contains(r.as_str()) {
                     return Err(self.invalid(key, format!("no destination named {r:?}")));
+                }
+                if !seen.insert(r.as_str()) {
+                    return Err(self.invalid(
+                        key,
+                        format!("names destination {r:?} twice; list each destination once"),
+                    ));
                 }
             }
             Ok(())
@@ -776,6 +890,45 @@ path = "received"
         assert!(e.contains("listen"), "{e}");
         let e = err(&GOOD.replace("kek_file = \"kek.key\"", ""));
         assert!(e.contains("kek_file"), "{e}");
+    }
+
+    #[test]
+    fn route_to_the_same_destination_twice_is_refused() {
+        let e = err(&GOOD.replace("route_to = [\"pacs\"]", "route_to = [\"pacs\", \"pacs\"]"));
+        assert!(e.contains("link_listener[wan].route_to"), "{e}");
+        assert!(e.contains("twice"), "{e}");
+    }
+
+    #[test]
+    fn retry_table_reads_durations_and_legacy_keys_still_work() {
+        let c = parse(&GOOD.replace(
+            "calling_ae_title = \"GW_B\"",
+            "calling_ae_title = \"GW_B\"\nretry = { initial = \"2s\", max_delay = \"1h\", max_attempts = 3, max_age = \"2d\" }",
+        ))
+        .unwrap();
+        let r = c.destination[1].retry;
+        assert_eq!(r.initial, Duration::from_secs(2));
+        assert_eq!(r.max_delay, Duration::from_secs(3600));
+        assert_eq!(r.max_attempts, 3);
+        assert_eq!(r.max_age, Duration::from_secs(2 * 86400));
+        let c = parse(&GOOD.replace(
+            "calling_ae_title = \"GW_B\"",
+            "calling_ae_title = \"GW_B\"\nretry_initial_ms = 250\nretry_max_ms = 4000",
+        ))
+        .unwrap();
+        let r = c.destination[1].retry;
+        assert_eq!(r.initial, Duration::from_millis(250));
+        assert_eq!(r.max_delay, Duration::from_secs(4));
+        let e = err(&GOOD.replace(
+            "calling_ae_title = \"GW_B\"",
+            "calling_ae_title = \"GW_B\"\nretry = { initial = \"soon\" }",
+        ));
+        assert!(e.contains("initial") || e.contains("soon"), "{e}");
+        let e = err(&GOOD.replace(
+            "calling_ae_title = \"GW_B\"",
+            "calling_ae_title = \"GW_B\"\nretry = { max_attempts = 0 }",
+        ));
+        assert!(e.contains("destination[pacs].retry.max_attempts"), "{e}");
     }
 
     #[test]

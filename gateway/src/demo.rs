@@ -20,8 +20,8 @@ use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 
 use crate::config::Config;
+use crate::deliver::DeliveryError;
 use crate::deliver::dicom::{Bytes, Scu};
-use crate::dispatch::SendError;
 use crate::node::Node;
 
 /// CT Image Storage.
@@ -140,7 +140,7 @@ pub async fn send_objects(
     called: &str,
     objects: impl IntoIterator<Item = DemoObject>,
     mut on_sent: impl FnMut(&DemoObject),
-) -> Result<usize, SendError> {
+) -> Result<usize, DeliveryError> {
     let pairs = vec![(CT_IMAGE_STORAGE.to_owned(), EXPLICIT_VR_LE.to_owned())];
     let mut scu: Option<Scu> = None;
     let mut sent = 0;
@@ -170,10 +170,13 @@ pub async fn send_objects(
         let Some(s) = scu.as_mut() else { break };
         let ctx = s
             .context_for(&o.sop_class, &o.transfer_syntax)
-            .ok_or_else(|| SendError::Permanent("context not accepted".into()))?;
+            .ok_or_else(|| {
+                DeliveryError::permanent("no_presentation_context", "context not accepted")
+            })?;
         let mut chunks = Bytes(Some(o.dataset.clone()));
         s.store(ctx, &o.sop_class, &o.sop_instance, &mut chunks, 0)
-            .await?;
+            .await
+            .map_err(crate::deliver::dicom::Stored::into_error)?;
         sent += 1;
         on_sent(&o);
     }

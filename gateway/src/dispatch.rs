@@ -1,60 +1,196 @@
 //! Dispatch: one worker per destination drains its persistent queue.
 //!
 //! The queue lives in the spool (RocksDB); this module keeps an in-memory index of it
-//! (sequence → state) for scheduling. Invariants:
-//! - an entry leaves the queue only through [`Spool::complete`], called after the
-//!   destination confirmed the object;
-//! - a failed send is retried with exponential backoff and jitter, capped at the
-//!   destination's `retry_max_ms`; a restart resumes every entry still in the queue;
-//! - a permanent refusal parks the entry (kept on disk, counted in metrics, never deleted);
-//! - at most `concurrency` sends run at once; shutdown lets them finish.
+//! (sequence → slot) for scheduling, and publishes each destination's state on the
+//! [`Board`] that the admin interface reads.
+//!
+//! Invariants:
+//! - an entry leaves the queue only through [`Spool::complete`] (after the destination
+//!   confirmed the object) or an operator's purge;
+//! - entries are attempted in queue order; a retried entry keeps its place (it is not moved
+//!   behind newer ones), and a failing entry never holds back the entries behind it;
+//! - the failure taxonomy of [`DeliveryError`] decides everything:
+//!   - *unavailable* (the destination is down or busy) opens the destination's circuit: no
+//!     new attempts until its backoff (or the peer's `Retry-After`) has passed, then one
+//!     probe; the object's own budget is not charged, so a long outage dead-letters nothing
+//!     before `max_age`;
+//!   - *transient* charges the object's budget; it is retried after an exponential,
+//!     jittered, capped delay, and becomes a dead letter after `max_attempts` failures or
+//!     once older than `max_age`;
+//!   - *permanent* makes it a dead letter at once;
+//!   - *local* (our own store failed) pauses the destination and is logged as an error; it
+//!     never charges the object or the destination;
+//! - failure records (attempt count and the last reasons) are stored with the entry, so a
+//!   restart neither resets a budget nor forgets why a dead letter died;
+//! - a dead letter is never retried until an operator replays it;
+//! - a destination that is down costs no CPU (the worker sleeps until the circuit's next
+//!   probe) and logs one warning when it starts failing and one line when it recovers;
+//! - at most `concurrency` sends run at once; at shutdown no new send starts, and in-flight
+//!   sends get [`SHUTDOWN_GRACE`] to finish (an abandoned one stays queued, and the next hop
+//!   deduplicates the re-send).
+//!
+//! Cancellation: [`run`] is meant to be spawned; the spool operations it awaits run in
+//! blocking tasks that finish even if it is dropped, and each is idempotent.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use serde::Serialize;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::config::Destination;
-use crate::deliver::Sender;
+use crate::config::{Destination, RetryPolicy};
+use crate::deliver::{DeliveryError, Sender};
 use crate::metrics::Metrics;
-use crate::spool::{QueueEntry, Spool};
-
-/// Why a send failed, and whether to try again.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum SendError {
-    /// Worth retrying (connection lost, peer busy, timeout...).
-    #[error("{0}")]
-    Transient(String),
-    /// Retrying cannot help; park the entry for an operator.
-    #[error("{0}")]
-    Permanent(String),
-}
-
-/// Backoff delay before attempt `attempt` (1-based): exponential, capped, with jitter in
-/// [50 %, 100 %] of the nominal delay.
-pub fn backoff(initial: Duration, max: Duration, attempt: u32) -> Duration {
-    let exp = attempt.saturating_sub(1).min(30);
-    let nominal = initial.saturating_mul(1u32 << exp.min(20)).min(max);
-    let jitter = 0.5 + fastrand::f64() * 0.5;
-    nominal.mul_f64(jitter)
-}
-
-/// What a send task reports: the queue sequence, and the object's (bytes, received-at ms).
-type SendOutcome = (u64, Result<(u64, u64), SendError>);
+use crate::spool::{EntryState, FailureRecord, QueueEntry, QueueEvent, Queued, Spool};
 
 /// How long in-flight sends may run on after shutdown was requested.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Backoff delay before retry number `attempt` (1-based): `initial × multiplier^(n-1)`,
+/// capped at `max`, with jitter in [50 %, 100 %] of the nominal delay.
+pub fn backoff(initial: Duration, multiplier: f64, max: Duration, attempt: u32) -> Duration {
+    let exp = attempt.saturating_sub(1).min(64) as i32;
+    let nominal = initial
+        .as_secs_f64()
+        .mul_add(multiplier.powi(exp), 0.0)
+        .min(max.as_secs_f64());
+    let jitter = 0.5 + fastrand::f64() * 0.5;
+    Duration::from_secs_f64((nominal * jitter).max(0.0))
+}
+
+/// A destination's circuit, as the admin interface shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Circuit {
+    /// Sending normally.
+    Closed,
+    /// The destination failed: waiting before the next probe.
+    Open,
+    /// One probe is in flight; its outcome closes or reopens the circuit.
+    HalfOpen,
+}
+
+/// One destination's state, as published for the admin interface.
+#[derive(Debug, Clone, Serialize)]
+pub struct DestinationStatus {
+    /// The destination's name.
+    pub name: String,
+    /// Its kind (`gateway`, `dicom`, `folder`).
+    pub kind: &'static str,
+    /// Entries waiting (not dead), in flight included.
+    pub queued: usize,
+    /// Their bytes.
+    pub queued_bytes: u64,
+    /// Entries being sent now.
+    pub in_flight: usize,
+    /// Dead letters.
+    pub dead: usize,
+    /// Age of the oldest waiting entry, in seconds.
+    pub oldest_age_seconds: Option<f64>,
+    /// The circuit.
+    pub circuit: Circuit,
+    /// The last failure, with its kind.
+    pub last_error: Option<String>,
+    /// When it happened (ms since the epoch).
+    pub last_error_at_ms: Option<u64>,
+    /// Objects delivered since start.
+    pub delivered: u64,
+    /// The spool failed under this destination (see the logs): it is paused.
+    pub local_failure: bool,
+    /// Sequence numbers in flight (for the queue listing).
+    #[serde(skip)]
+    pub in_flight_seqs: Vec<u64>,
+}
+
+/// Every destination's published state. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Board {
+    inner: Arc<Mutex<BTreeMap<String, DestinationStatus>>>,
+}
+
+impl Board {
+    /// A snapshot of every destination, by name.
+    pub fn snapshot(&self) -> Vec<DestinationStatus> {
+        self.inner
+            .lock()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// A snapshot of one destination.
+    pub fn get(&self, name: &str) -> Option<DestinationStatus> {
+        self.inner.lock().ok().and_then(|m| m.get(name).cloned())
+    }
+
+    fn publish(&self, s: DestinationStatus) {
+        if let Ok(mut m) = self.inner.lock() {
+            m.insert(s.name.clone(), s);
+        }
+    }
+}
 
 #[derive(Debug)]
 struct Slot {
     entry: QueueEntry,
-    attempts: u32,
+    length: u64,
+    received_at_ms: u64,
+    failures: FailureRecord,
     due: Instant,
     in_flight: bool,
+}
+
+/// What a send task reports.
+type SendOutcome = (u64, Result<(), DeliveryError>);
+
+/// The circuit breaker of one destination.
+struct Breaker {
+    state: Circuit,
+    /// Consecutive openings (drives the probe backoff).
+    opens: u32,
+    /// When the next probe may start.
+    until: Instant,
+}
+
+impl Breaker {
+    /// May a send start now, and is it the probe?
+    fn admit(&mut self, now: Instant, in_flight: usize) -> bool {
+        match self.state {
+            Circuit::Closed => true,
+            Circuit::Open if now >= self.until && in_flight == 0 => {
+                self.state = Circuit::HalfOpen;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn success(&mut self) -> bool {
+        let was_failing = self.state != Circuit::Closed;
+        self.state = Circuit::Closed;
+        self.opens = 0;
+        was_failing
+    }
+
+    fn failure(&mut self, policy: &RetryPolicy, retry_after: Option<Duration>) -> Duration {
+        self.opens = self.opens.saturating_add(1);
+        let delay = retry_after
+            .map(|d| d.min(policy.max_delay))
+            .unwrap_or_else(|| {
+                backoff(
+                    policy.initial,
+                    policy.multiplier,
+                    policy.max_delay,
+                    self.opens,
+                )
+            });
+        self.state = Circuit::Open;
+        self.until = Instant::now() + delay;
+        delay
+    }
 }
 
 /// Drain `dest`'s queue until `shutdown`.
@@ -63,139 +199,165 @@ pub async fn run(
     sender: Arc<Sender>,
     spool: Spool,
     metrics: Arc<Metrics>,
+    board: Board,
     shutdown: CancellationToken,
 ) {
     let name = dest.name.clone();
-    let initial = Duration::from_millis(dest.retry_initial_ms);
-    let max = Duration::from_millis(dest.retry_max_ms);
+    let policy = dest.retry;
     let concurrency = sender.concurrency();
-    let (stored, mut rx) = match spool.subscribe(&name) {
+    let (stored, mut rx) = match spool.subscribe(&name).await {
         Ok(x) => x,
         Err(e) => {
-            error!(destination = %name, error = %e, "cannot read the queue; destination disabled");
+            error!(destination = %name, error = %e, "cannot read the queue; destination disabled until restart");
             return;
         }
     };
     let mut slots: BTreeMap<u64, Slot> = BTreeMap::new();
     let now = Instant::now();
-    for entry in stored {
-        slots.insert(
-            entry.seq,
-            Slot {
-                entry,
-                attempts: 0,
-                due: now,
-                in_flight: false,
-            },
-        );
+    for q in stored {
+        let failures = spool
+            .failure(&name, q.entry.seq)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        slots.insert(q.entry.seq, slot(q, failures, now));
     }
     if !slots.is_empty() {
         info!(destination = %name, queued = slots.len(), "resuming queue");
     }
+    let mut status = DestinationStatus {
+        name: name.clone(),
+        kind: dest.kind.as_str(),
+        queued: 0,
+        queued_bytes: 0,
+        in_flight: 0,
+        dead: 0,
+        oldest_age_seconds: None,
+        circuit: Circuit::Closed,
+        last_error: None,
+        last_error_at_ms: None,
+        delivered: 0,
+        local_failure: false,
+        in_flight_seqs: Vec::new(),
+    };
+    let mut breaker = Breaker {
+        state: Circuit::Closed,
+        opens: 0,
+        until: now,
+    };
     let depth = metrics.queue_depth.with_label_values(&[&name]);
-    let parked = metrics.queue_parked.with_label_values(&[&name]);
+    let dead_gauge = metrics.queue_parked.with_label_values(&[&name]);
     let mut tasks: JoinSet<SendOutcome> = JoinSet::new();
-    // Log a failing destination once (warn) and its recovery once (info); per-object
-    // retries go to debug, so a peer that is down does not flood the log.
-    let mut failing = false;
     let mut stop_deadline: Option<Instant> = None;
+    let mut local_failing = false;
     loop {
-        depth.set(slots.values().filter(|s| !s.entry.parked).count() as i64);
-        parked.set(slots.values().filter(|s| s.entry.parked).count() as i64);
-        // Launch what is due, oldest first.
+        publish(&board, &mut status, &slots, breaker.state, local_failing);
+        spool.set_destination_full(&name, status.queued >= dest.max_queue);
+        depth.set(status.queued as i64);
+        dead_gauge.set(status.dead as i64);
+        // Launch what is due, oldest first, as far as the circuit and concurrency allow.
         let now = Instant::now();
         if !shutdown.is_cancelled() {
             for slot in slots.values_mut() {
                 if tasks.len() >= concurrency {
                     break;
                 }
-                if slot.in_flight || slot.entry.parked || slot.due > now {
+                if slot.in_flight || slot.entry.state == EntryState::Dead || slot.due > now {
                     continue;
+                }
+                if !breaker.admit(now, tasks.len()) {
+                    break;
                 }
                 slot.in_flight = true;
                 let sender = sender.clone();
                 let spool = spool.clone();
-                let entry = slot.entry;
+                let seq = slot.entry.seq;
+                let object = slot.entry.object;
                 tasks.spawn(async move {
-                    let result = async {
-                        let reader = spool
-                            .open_object(entry.object)
-                            .await
-                            .map_err(|e| SendError::Transient(format!("spool: {e}")))?;
-                        let received = reader.meta.received_at_ms;
-                        let bytes = reader.meta.length;
-                        sender.send(reader).await?;
-                        Ok((bytes, received))
-                    }
-                    .await;
-                    (entry.seq, result)
+                    let result = match spool.open_object(object).await {
+                        Ok(reader) => sender.send(reader).await,
+                        Err(e) => Err(DeliveryError::from_spool(e)),
+                    };
+                    (seq, result)
                 });
+                if breaker.state == Circuit::HalfOpen {
+                    break;
+                }
             }
         }
-        let next_due = slots
-            .values()
-            .filter(|s| !s.in_flight && !s.entry.parked)
-            .map(|s| s.due)
-            .min();
+        let next_due = if breaker.state == Circuit::Open {
+            Some(breaker.until)
+        } else {
+            slots
+                .values()
+                .filter(|s| !s.in_flight && s.entry.state == EntryState::Queued)
+                .map(|s| s.due)
+                .min()
+        };
+        let can_launch = tasks.len() < concurrency && breaker.state != Circuit::HalfOpen;
         tokio::select! {
             _ = shutdown.cancelled(), if !shutdown.is_cancelled() => {
                 debug!(destination = %name, in_flight = tasks.len(), "stopping after in-flight sends");
             }
-            Some(entry) = rx.recv() => {
-                slots.entry(entry.seq).or_insert(Slot { entry, attempts: 0, due: Instant::now(), in_flight: false });
-            }
+            Some(event) = rx.recv() => match event {
+                QueueEvent::Added(q) => {
+                    // A new entry, or a dead letter replayed with a fresh budget.
+                    let now = Instant::now();
+                    match slots.get_mut(&q.entry.seq) {
+                        Some(s) if s.in_flight => {}
+                        Some(s) => *s = slot(q, FailureRecord::default(), now),
+                        None => { slots.insert(q.entry.seq, slot(q, FailureRecord::default(), now)); }
+                    }
+                }
+                QueueEvent::Removed(seq) => {
+                    if slots.get(&seq).is_some_and(|s| !s.in_flight) {
+                        slots.remove(&seq);
+                    }
+                }
+            },
             Some(joined) = tasks.join_next() => {
                 let Ok((seq, result)) = joined else { continue };
                 let Some(slot) = slots.get_mut(&seq) else { continue };
                 slot.in_flight = false;
                 match result {
-                    Ok((bytes, received_ms)) => {
+                    Ok(()) => {
+                        if breaker.success() {
+                            info!(destination = %name, "destination recovered");
+                        }
+                        local_failing = false;
                         let entry = slot.entry;
                         match spool.complete(&name, entry).await {
                             Ok(_) => {
-                                slots.remove(&seq);
-                                if failing {
-                                    failing = false;
-                                    info!(destination = %name, "destination recovered");
-                                }
+                                let slot = slots.remove(&seq);
+                                status.delivered += 1;
                                 metrics.objects_delivered.with_label_values(&[&name]).inc();
-                                metrics.bytes_delivered.with_label_values(&[&name]).inc_by(bytes);
-                                let age_ms = crate::spool::now_ms().saturating_sub(received_ms);
-                                metrics.delivery_seconds.with_label_values(&[&name]).observe(age_ms as f64 / 1000.0);
+                                if let Some(s) = slot {
+                                    metrics.bytes_delivered.with_label_values(&[&name]).inc_by(s.length);
+                                    let age_ms = crate::spool::now_ms().saturating_sub(s.received_at_ms);
+                                    metrics.delivery_seconds.with_label_values(&[&name]).observe(age_ms as f64 / 1000.0);
+                                }
                                 debug!(destination = %name, object = %entry.object, "delivered");
                             }
                             Err(e) => {
-                                // Delivered but not recorded: it will be sent again (at least once).
-                                error!(destination = %name, object = %entry.object, error = %e, "could not record delivery");
-                                slot.attempts += 1;
-                                slot.due = Instant::now() + backoff(initial, max, slot.attempts);
+                                // Delivered but not recorded: it is sent again (at least once),
+                                // and the next hop deduplicates it.
+                                error!(destination = %name, object = %entry.object, error = %e, "could not record a delivery");
+                                slot.due = Instant::now() + policy.max_delay;
                             }
                         }
                     }
-                    Err(SendError::Transient(msg)) => {
-                        slot.attempts += 1;
-                        let delay = backoff(initial, max, slot.attempts);
-                        slot.due = Instant::now() + delay;
-                        metrics.delivery_failures.with_label_values(&[&name, "transient"]).inc();
-                        if failing {
-                            debug!(destination = %name, object = %slot.entry.object, attempt = slot.attempts, retry_in_ms = delay.as_millis() as u64, reason = %msg, "delivery failed; will retry");
-                        } else {
-                            failing = true;
-                            warn!(destination = %name, reason = %msg, queued = slots.len(), "destination failing; objects stay queued and are retried with backoff");
-                        }
-                    }
-                    Err(SendError::Permanent(msg)) => {
-                        metrics.delivery_failures.with_label_values(&[&name, "permanent"]).inc();
-                        error!(destination = %name, object = %slot.entry.object, reason = %msg, "delivery refused permanently; object parked");
-                        let entry = slot.entry;
-                        if let Err(e) = spool.park(&name, entry).await {
-                            error!(destination = %name, error = %e, "could not park entry");
-                        }
-                        slot.entry.parked = true;
+                    Err(err) => {
+                        metrics
+                            .delivery_failures
+                            .with_label_values(&[&name, err.kind()])
+                            .inc();
+                        status.last_error = Some(err.to_string());
+                        status.last_error_at_ms = Some(crate::spool::now_ms());
+                        handle_failure(&name, &policy, &spool, &mut breaker, &mut local_failing, slot, err).await;
                     }
                 }
             }
-            _ = sleep_until(next_due), if next_due.is_some() && tasks.len() < concurrency => {}
+            _ = sleep_until(next_due), if next_due.is_some() && can_launch => {}
             _ = sleep_until(stop_deadline), if stop_deadline.is_some() => {}
         }
         if shutdown.is_cancelled() {
@@ -204,15 +366,156 @@ pub async fn run(
                 break;
             }
             if Instant::now() >= deadline {
-                // The objects stay queued; the peer deduplicates a transfer it already has.
-                warn!(destination = %name, in_flight = tasks.len(), "abandoning in-flight sends at shutdown");
+                // The objects stay queued; the next hop deduplicates a transfer it already has.
+                warn!(destination = %name, in_flight = tasks.len(), "abandoning in-flight sends at shutdown; they stay queued");
                 tasks.abort_all();
                 break;
             }
         }
     }
+    for s in slots.values_mut() {
+        s.in_flight = false;
+    }
+    publish(&board, &mut status, &slots, breaker.state, local_failing);
     sender.close().await;
     info!(destination = %name, "dispatcher stopped");
+}
+
+fn slot(q: Queued, failures: FailureRecord, now: Instant) -> Slot {
+    Slot {
+        entry: q.entry,
+        length: q.length,
+        received_at_ms: q.received_at_ms,
+        failures,
+        due: now,
+        in_flight: false,
+    }
+}
+
+/// Apply the failure taxonomy to one failed attempt.
+async fn handle_failure(
+    name: &str,
+    policy: &RetryPolicy,
+    spool: &Spool,
+    breaker: &mut Breaker,
+    local_failing: &mut bool,
+    slot: &mut Slot,
+    err: DeliveryError,
+) {
+    let object = slot.entry.object;
+    match &err {
+        DeliveryError::Unavailable { retry_after, .. } => {
+            let was = breaker.state;
+            let delay = breaker.failure(policy, *retry_after);
+            slot.due = Instant::now();
+            if was == Circuit::Closed {
+                warn!(destination = %name, error = %err, retry_in_ms = delay.as_millis() as u64, "destination failing; objects stay queued and the destination is probed with backoff");
+            } else {
+                debug!(destination = %name, error = %err, retry_in_ms = delay.as_millis() as u64, "probe failed");
+            }
+            // A long outage still ends in a dead letter for objects past their age budget,
+            // when their turn to probe comes.
+            if age_spent(policy, slot) {
+                slot.failures.push(&err.to_string());
+                dead_letter(
+                    name,
+                    spool,
+                    slot,
+                    "its retry time budget (max_age) is spent",
+                )
+                .await;
+            }
+        }
+        DeliveryError::Transient { .. } => {
+            slot.failures.push(&err.to_string());
+            let attempts = slot.failures.attempts;
+            if attempts >= policy.max_attempts || age_spent(policy, slot) {
+                dead_letter(name, spool, slot, "its retry budget is spent").await;
+            } else {
+                let delay = backoff(
+                    policy.initial,
+                    policy.multiplier,
+                    policy.max_delay,
+                    attempts,
+                );
+                slot.due = Instant::now() + delay;
+                if let Err(e) = spool
+                    .record_failure(name, slot.entry.seq, &slot.failures)
+                    .await
+                {
+                    debug!(destination = %name, error = %e, "could not record a failed attempt");
+                }
+                debug!(destination = %name, %object, attempt = attempts, retry_in_ms = delay.as_millis() as u64, error = %err, "attempt failed; will retry");
+            }
+        }
+        DeliveryError::Permanent { .. } => {
+            slot.failures.push(&err.to_string());
+            dead_letter(name, spool, slot, "the destination refused it").await;
+        }
+        DeliveryError::Local { .. } => {
+            if !*local_failing {
+                error!(destination = %name, %object, error = %err, "the spool failed while reading an object; the destination is paused (check the disk and the logs, then restart)");
+            }
+            *local_failing = true;
+            slot.due = Instant::now() + policy.max_delay;
+        }
+    }
+}
+
+fn age_spent(policy: &RetryPolicy, slot: &Slot) -> bool {
+    let age = crate::spool::now_ms().saturating_sub(slot.received_at_ms);
+    Duration::from_millis(age) >= policy.max_age
+}
+
+async fn dead_letter(name: &str, spool: &Spool, slot: &mut Slot, why: &str) {
+    let reason = slot.failures.last_reason().unwrap_or("").to_owned();
+    match spool.dead_letter(name, slot.entry, &slot.failures).await {
+        Ok(()) => {
+            slot.entry.state = EntryState::Dead;
+            warn!(destination = %name, object = %slot.entry.object, attempts = slot.failures.attempts, %reason, "dead letter: {why}; it stays on disk until an operator replays or purges it (dicom-gateway queue list --dead)");
+        }
+        Err(e) => {
+            // Not recorded: keep it waiting, with a long delay, rather than drop it.
+            error!(destination = %name, object = %slot.entry.object, error = %e, "could not record a dead letter");
+            slot.due = Instant::now() + Duration::from_secs(60);
+        }
+    }
+}
+
+fn publish(
+    board: &Board,
+    status: &mut DestinationStatus,
+    slots: &BTreeMap<u64, Slot>,
+    circuit: Circuit,
+    local_failure: bool,
+) {
+    let now = crate::spool::now_ms();
+    let (mut queued, mut bytes, mut in_flight, mut dead) = (0, 0, 0, 0);
+    let mut oldest: Option<u64> = None;
+    let mut seqs = Vec::new();
+    for s in slots.values() {
+        match s.entry.state {
+            EntryState::Dead => dead += 1,
+            EntryState::Queued => {
+                queued += 1;
+                bytes += s.length;
+                oldest = Some(oldest.map_or(s.received_at_ms, |o| o.min(s.received_at_ms)));
+            }
+        }
+        if s.in_flight {
+            in_flight += 1;
+            seqs.push(s.entry.seq);
+        }
+    }
+    status.queued = queued;
+    status.queued_bytes = bytes;
+    status.in_flight = in_flight;
+    status.dead = dead;
+    status.oldest_age_seconds = oldest.map(|o| now.saturating_sub(o) as f64 / 1000.0);
+    status.circuit = circuit;
+    status.local_failure = local_failure;
+    status.in_flight_seqs = seqs;
+    board.publish(status.clone());
 }
 
 async fn sleep_until(t: Option<Instant>) {
@@ -231,16 +534,51 @@ mod tests {
         let i = Duration::from_millis(100);
         let m = Duration::from_secs(5);
         for attempt in 1..40 {
-            let d = backoff(i, m, attempt);
+            let d = backoff(i, 2.0, m, attempt);
             let nominal = (i * 2u32.pow((attempt - 1).min(20))).min(m);
-            assert!(d <= nominal, "attempt {attempt}: {d:?} > {nominal:?}");
             assert!(
-                d >= nominal / 2,
+                d <= nominal + Duration::from_millis(1),
+                "attempt {attempt}: {d:?} > {nominal:?}"
+            );
+            assert!(
+                d + Duration::from_millis(1) >= nominal / 2,
                 "attempt {attempt}: {d:?} < half of {nominal:?}"
             );
         }
-        assert!(backoff(i, m, 30) <= m);
-        let samples: std::collections::HashSet<_> = (0..20).map(|_| backoff(i, m, 3)).collect();
+        assert!(backoff(i, 2.0, m, 30) <= m);
+        assert!(backoff(i, 3.0, Duration::from_secs(3600), 3) >= Duration::from_millis(450));
+        let samples: std::collections::HashSet<_> =
+            (0..20).map(|_| backoff(i, 2.0, m, 3)).collect();
         assert!(samples.len() > 1, "no jitter");
+    }
+
+    #[test]
+    fn the_breaker_admits_one_probe_after_its_delay() {
+        let policy = RetryPolicy {
+            initial: Duration::from_millis(50),
+            ..RetryPolicy::default()
+        };
+        let now = Instant::now();
+        let mut b = Breaker {
+            state: Circuit::Closed,
+            opens: 0,
+            until: now,
+        };
+        assert!(b.admit(now, 5));
+        let d = b.failure(&policy, None);
+        assert_eq!(b.state, Circuit::Open);
+        assert!(
+            !b.admit(Instant::now(), 0),
+            "open: no send before the delay"
+        );
+        let later = Instant::now() + d + Duration::from_millis(1);
+        assert!(!b.admit(later, 1), "not while another send is in flight");
+        assert!(b.admit(later, 0), "one probe after the delay");
+        assert_eq!(b.state, Circuit::HalfOpen);
+        assert!(!b.admit(later, 0), "only one probe");
+        assert!(b.success());
+        assert_eq!(b.state, Circuit::Closed);
+        let d = b.failure(&policy, Some(Duration::from_secs(7)));
+        assert_eq!(d, Duration::from_secs(7), "Retry-After is honoured");
     }
 }

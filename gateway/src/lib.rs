@@ -16,15 +16,22 @@
 //!   straight into the spool and answers only after a synced commit.
 //! - [`spool`]: the encrypted, persistent object store and per-destination queues
 //!   (RocksDB lives only in `spool/rocks.rs`).
-//! - [`relay`]: the site link: a STOW-RS client that sends spooled objects to a peer gateway,
-//!   and the link listener that receives them.
-//! - [`deliver`]: delivery to local destinations: a C-STORE SCU towards a PACS, or a folder.
-//! - [`dispatch`]: per-destination workers that drain the queues with retry and backoff.
+//! - [`relay`]: the site link's wire format and its listener, which receives objects from a
+//!   peer gateway (the sending side is [`deliver::gateway`]).
+//! - [`deliver`]: delivery to destinations, behind one interface with a typed failure
+//!   taxonomy: the peer gateway (STOW-RS client of the site link), a C-STORE SCU towards a
+//!   PACS, or a folder.
+//! - [`dispatch`]: per-destination workers that drain the queues: retry budgets, circuit
+//!   breaking and dead letters.
+//!
+//! Dependency arrows follow the data: `receive` → `spool` ← `dispatch` → `deliver`; the
+//! link listener in `relay` writes into the spool like `receive` does.
 //!
 //! Supporting modules: [`config`] (TOML), [`dimse`] (command-set codec and statuses),
 //! [`dataset`] (Part-10 framing and the identity scanner), [`sop`] (storage SOP classes and
 //! transfer syntaxes), [`tls`] (rustls configs and peer identity), [`metrics`] (every metric
-//! name), [`admin_http`] (`/healthz`, `/readyz`, `/metrics`), [`node`] (wiring one node),
+//! name), [`admin_http`] (`/healthz`, `/readyz`, `/metrics`), [`admin`] (the operator's
+//! Unix socket: status, queues, dead letters), [`node`] (wiring one node),
 //! [`pki`] (development PKI), [`demo`] (the two-site demo).
 //!
 //! ## Invariants
@@ -40,7 +47,9 @@
 //! 5. Nothing that identifies a patient is written to logs at info level, to metric labels,
 //!    or to the data directory in plaintext (database keys are keyed hashes or random ids).
 
+pub mod admin;
 pub mod admin_http;
+pub mod cli;
 pub mod config;
 pub mod dataset;
 pub mod deliver;

@@ -56,6 +56,67 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Show the running node's destinations: queues, dead letters, circuits, last errors.
+    Status {
+        /// The node's TOML config (its data directory holds the admin socket).
+        #[arg(long)]
+        config: PathBuf,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect and fix the running node's queues.
+    Queue {
+        #[command(subcommand)]
+        command: QueueCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueueCommand {
+    /// List queue entries (with their Study and SOP Instance UIDs).
+    List {
+        /// The node's TOML config.
+        #[arg(long)]
+        config: PathBuf,
+        /// Only this destination.
+        #[arg(long)]
+        destination: Option<String>,
+        /// Only dead letters.
+        #[arg(long)]
+        dead: bool,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replay dead letters with a fresh retry budget.
+    Retry(Selection),
+    /// Delete entries for good (the object, once no destination waits for it, and its study
+    /// key when nothing of the study is left).
+    Purge(Selection),
+}
+
+#[derive(clap::Args)]
+#[group(id = "which", required = true, multiple = true)]
+struct Selection {
+    /// The node's TOML config.
+    #[arg(long)]
+    config: PathBuf,
+    /// One object id (from `queue list`).
+    #[arg(long, group = "which")]
+    id: Option<String>,
+    /// Every entry of one study.
+    #[arg(long, group = "which")]
+    study: Option<String>,
+    /// A destination (with --dead: all its dead letters).
+    #[arg(long, group = "which")]
+    destination: Option<String>,
+    /// Only dead letters.
+    #[arg(long)]
+    dead: bool,
+    /// Print JSON for scripts.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -124,9 +185,16 @@ fn main() -> ExitCode {
                     }
                 };
                 wait_for_signal().await;
-                info!("shutting down");
-                node.stop().await;
-                ExitCode::SUCCESS
+                info!("shutting down (a second signal aborts at once)");
+                tokio::select! {
+                    _ = node.stop() => ExitCode::SUCCESS,
+                    _ = wait_for_signal() => {
+                        // Safe: every acknowledged object is already durable, and start-up
+                        // recovery removes whatever was half-written.
+                        eprintln!("second signal: aborting without draining");
+                        ExitCode::from(130)
+                    }
+                }
             })
         }
         Command::Demo {
@@ -154,6 +222,39 @@ fn main() -> ExitCode {
                 println!("{site}: {} {}", cert.display(), key.display());
             }
         })),
+        Command::Status { config, json } => {
+            report(runtime.block_on(dicom_gateway::cli::status(&config, json)))
+        }
+        Command::Queue {
+            command:
+                QueueCommand::List {
+                    config,
+                    destination,
+                    dead,
+                    json,
+                },
+        } => report(runtime.block_on(dicom_gateway::cli::queue_list(
+            &config,
+            destination,
+            dead,
+            json,
+        ))),
+        Command::Queue {
+            command: QueueCommand::Retry(s),
+        } => report(runtime.block_on(dicom_gateway::cli::queue_change(
+            &s.config,
+            selector(&s),
+            false,
+            s.json,
+        ))),
+        Command::Queue {
+            command: QueueCommand::Purge(s),
+        } => report(runtime.block_on(dicom_gateway::cli::queue_change(
+            &s.config,
+            selector(&s),
+            true,
+            s.json,
+        ))),
         Command::Keys {
             command: KeysCommand::NewKek { out },
         } => report(
@@ -166,6 +267,15 @@ fn main() -> ExitCode {
                     )
                 }),
         ),
+    }
+}
+
+fn selector(s: &Selection) -> dicom_gateway::admin::Selector {
+    dicom_gateway::admin::Selector {
+        id: s.id.clone(),
+        study: s.study.clone(),
+        destination: s.destination.clone(),
+        dead: s.dead,
     }
 }
 

@@ -16,6 +16,9 @@ pub struct Metrics {
     pub bytes_received: IntCounterVec,
     /// Objects refused, by listener and reason.
     pub objects_refused: IntCounterVec,
+    /// Data sets whose SOP Class or Instance UID differed from their C-STORE command, by
+    /// listener.
+    pub uid_mismatch: IntCounterVec,
     /// Associations or link connections, by listener and result.
     pub connections: IntCounterVec,
     /// Objects delivered, by destination.
@@ -81,6 +84,11 @@ impl Metrics {
                 "objects_refused_total",
                 "Objects refused",
                 &["listener", "reason"],
+            ),
+            uid_mismatch: cv(
+                "uid_mismatch_total",
+                "Data sets whose SOP Class or Instance UID differed from the C-STORE command",
+                &["listener"],
             ),
             connections: cv(
                 "connections_total",

@@ -1,27 +1,41 @@
-//! One running node: wiring config to spool, listeners, dispatchers and the admin endpoint.
+//! One running node: wiring config to spool, listeners, dispatchers and the admin endpoints.
 //!
 //! Start-up order: check the certificate against the node name, load the KEK, open the
-//! spool (recovering interrupted ingests), start one dispatcher per destination, bind every
-//! listener, and only then report ready. Shutdown runs the other way: stop accepting, let
-//! in-flight objects finish, stop dispatchers, close the spool.
+//! spool (recovering interrupted ingests and orphan segments), start one dispatcher per
+//! destination, bind every listener and the admin socket, and only then report ready.
+//!
+//! Shutdown ([`Node::stop`]) runs the other way, in phases:
+//! 1. readiness goes false (`/readyz` answers 503 "draining");
+//! 2. listeners stop accepting; associations and link requests in flight get their grace
+//!    (an association finishes its current object, a link connection drains for up to
+//!    30 s);
+//! 3. dispatchers start nothing new; in-flight sends get [`crate::dispatch::SHUTDOWN_GRACE`]
+//!    (10 s) and are then abandoned (their objects stay queued);
+//! 4. commit and cleanup tasks of the spool finish;
+//! 5. RocksDB is flushed and closed.
+//!
+//! Every task the node starts belongs to one of its [`TaskTracker`]s, so `stop` waits on the
+//! trackers, never on reference counts.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::info;
+use tracing::{info, warn};
 
-use crate::config::{Config, DestinationKind};
-use crate::deliver::{Sender, dicom::DicomSender, folder::FolderSender};
+use crate::admin_http::Readiness;
+use crate::config::Config;
+use crate::deliver::Sender;
+use crate::dispatch::Board;
 use crate::metrics::Metrics;
 use crate::receive::DicomServer;
-use crate::relay::{client::GatewaySender, server::LinkServer};
+use crate::relay::server::LinkServer;
 use crate::spool::{Spool, SpoolOptions};
 
 /// A running node.
@@ -34,10 +48,20 @@ pub struct Node {
     pub http_addr: Option<SocketAddr>,
     /// The node's metrics.
     pub metrics: Arc<Metrics>,
+    /// The dispatchers' published state (what `status` shows).
+    pub board: Board,
+    /// The admin socket.
+    pub admin_socket: PathBuf,
+    /// Readiness, shared with `/readyz` and the admin socket.
+    pub readiness: Arc<Readiness>,
     spool: Option<Spool>,
+    /// Stops the listeners (DICOM, link, admin HTTP and socket).
     listeners_stop: CancellationToken,
+    /// Stops the dispatchers.
     workers_stop: CancellationToken,
+    /// Listener tasks and every connection task they start.
     listener_tasks: TaskTracker,
+    /// Dispatchers.
     worker_tasks: TaskTracker,
 }
 
@@ -50,6 +74,18 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
 impl Node {
     /// Start a node from a validated config.
     pub async fn start(cfg: Config) -> Result<Node> {
+        let opts = SpoolOptions {
+            segment_bytes: cfg.spool.segment_bytes,
+            max_object_bytes: cfg.spool.max_object_bytes,
+            dedup_window: Duration::from_secs(cfg.spool.dedup_window_secs),
+            min_free: cfg.spool.min_free.as_u64(),
+            ..SpoolOptions::default()
+        };
+        Self::start_with(cfg, opts).await
+    }
+
+    /// Start a node with explicit spool options (tests use this for fault injection).
+    pub async fn start_with(cfg: Config, opts: SpoolOptions) -> Result<Node> {
         let file = cfg.file.display().to_string();
         if let Some(tls) = &cfg.tls {
             crate::tls::check_node_name(tls, &cfg.node.name)
@@ -57,11 +93,6 @@ impl Node {
         }
         let kek = keystore::Kek::load(&cfg.keystore.kek_file)
             .with_context(|| format!("{file}: keystore.kek_file"))?;
-        let opts = SpoolOptions {
-            segment_bytes: cfg.spool.segment_bytes,
-            max_object_bytes: cfg.spool.max_object_bytes,
-            dedup_window: Duration::from_secs(cfg.spool.dedup_window_secs),
-        };
         let data_dir = cfg.node.data_dir.clone();
         let spool = tokio::task::spawn_blocking(move || Spool::open(&data_dir, kek, opts))
             .await?
@@ -82,53 +113,21 @@ impl Node {
         let listener_tasks = TaskTracker::new();
         let worker_tasks = TaskTracker::new();
 
+        let board = Board::default();
         for dest in &cfg.destination {
-            let sender = match &dest.kind {
-                DestinationKind::Gateway {
-                    url,
-                    peer_name,
-                    max_in_flight,
-                } => {
-                    let tls = client_tls
-                        .clone()
-                        .context("a gateway destination needs [tls]")?;
-                    let sender = GatewaySender::new(url, peer_name, tls, &cfg.node.name)
-                        .map_err(anyhow::Error::msg)
-                        .with_context(|| format!("{file}: destination[{}]", dest.name))?;
-                    Sender::Gateway {
-                        sender,
-                        in_flight: *max_in_flight,
-                    }
-                }
-                DestinationKind::Dicom {
-                    address,
-                    ae_title,
-                    calling_ae_title,
-                    associations,
-                    max_pdu_length,
-                    timeout_secs,
-                } => Sender::Dicom(DicomSender::new(
-                    address,
-                    ae_title,
-                    calling_ae_title,
-                    *associations,
-                    *max_pdu_length,
-                    Duration::from_secs(*timeout_secs),
-                )),
-                DestinationKind::Folder { path } => {
-                    Sender::Folder(FolderSender::new(path).with_context(|| {
-                        format!("{file}: destination[{}].path {}", dest.name, path.display())
-                    })?)
-                }
-            };
+            let sender = Sender::from_config(dest, &cfg.node.name, client_tls.as_ref())
+                .with_context(|| format!("{file}: destination[{}]", dest.name))?;
             worker_tasks.spawn(crate::dispatch::run(
                 dest.clone(),
                 Arc::new(sender),
                 spool.clone(),
                 metrics.clone(),
+                board.clone(),
                 workers_stop.clone(),
             ));
         }
+        let readiness = Arc::new(Readiness::default());
+        worker_tasks.spawn(watch_disk(spool.clone(), workers_stop.clone()));
 
         let mut dicom_addrs = HashMap::new();
         for l in &cfg.dicom_listener {
@@ -156,7 +155,6 @@ impl Node {
             );
             listener_tasks.spawn(server.run(listener, listeners_stop.clone()));
         }
-        let ready = Arc::new(AtomicBool::new(false));
         let mut http_addr = None;
         if let Some(h) = &cfg.http {
             let listener = bind(h.listen, "http").await?;
@@ -166,17 +164,36 @@ impl Node {
             listener_tasks.spawn(crate::admin_http::run(
                 listener,
                 metrics.clone(),
-                ready.clone(),
+                readiness.clone(),
+                spool.clone(),
+                listener_tasks.clone(),
                 listeners_stop.clone(),
             ));
         }
-        ready.store(true, Ordering::SeqCst);
-        info!(node = %cfg.node.name, "node ready");
+        let admin_socket = crate::admin::socket_path(&cfg.node.data_dir);
+        let admin = crate::admin::bind(&admin_socket)?;
+        listener_tasks.spawn(crate::admin::run(
+            admin,
+            crate::admin::AdminState {
+                node: cfg.node.name.clone(),
+                spool: spool.clone(),
+                board: board.clone(),
+                destinations: cfg.destination.iter().map(|d| d.name.clone()).collect(),
+                readiness: readiness.clone(),
+            },
+            listener_tasks.clone(),
+            listeners_stop.clone(),
+        ));
+        readiness.set_started();
+        info!(node = %cfg.node.name, socket = %admin_socket.display(), "node ready");
         Ok(Node {
             dicom_addrs,
             link_addrs,
             http_addr,
             metrics,
+            board,
+            admin_socket,
+            readiness,
             spool: Some(spool),
             listeners_stop,
             workers_stop,
@@ -190,25 +207,55 @@ impl Node {
         self.spool.as_ref()
     }
 
-    /// Stop in order and wait until the spool is closed.
+    /// Stop in the order of the module docs and wait until the spool is closed.
     pub async fn stop(mut self) {
+        self.readiness.set_draining();
         self.listeners_stop.cancel();
         self.listener_tasks.close();
-        let _ = tokio::time::timeout(Duration::from_secs(60), self.listener_tasks.wait()).await;
+        if tokio::time::timeout(Duration::from_secs(60), self.listener_tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!("listeners did not drain within 60 s");
+        }
         self.workers_stop.cancel();
         self.worker_tasks.close();
-        let _ = tokio::time::timeout(Duration::from_secs(60), self.worker_tasks.wait()).await;
+        if tokio::time::timeout(Duration::from_secs(60), self.worker_tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!("dispatchers did not stop within 60 s");
+        }
         if let Some(spool) = self.spool.take() {
-            // Wait for stray tasks (finished requests) to drop their handles, so the
-            // database is closed when this returns and can be reopened at once.
-            for _ in 0..200 {
-                if spool.handles() <= 1 {
-                    break;
+            spool.quiesce().await;
+            let _ = std::fs::remove_file(&self.admin_socket);
+            match tokio::task::spawn_blocking(move || spool.flush_blocking()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    warn!(error = %e, "could not flush the spool at shutdown (the WAL has everything)")
                 }
-                tokio::time::sleep(Duration::from_millis(25)).await;
+                Err(e) => warn!(error = %e, "spool flush task failed"),
             }
-            drop(spool);
         }
         info!("node stopped");
     }
+}
+
+/// Re-check the data volume's free space every second, so that readiness and admission
+/// recover by themselves once space returns, even without traffic.
+async fn watch_disk(spool: Spool, stop: CancellationToken) {
+    loop {
+        let s = spool.clone();
+        let _ = tokio::task::spawn_blocking(move || s.check_disk()).await;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Free bytes for an unprivileged writer on the filesystem of `dir`.
+pub fn free_bytes(dir: &std::path::Path) -> std::io::Result<u64> {
+    let st = rustix::fs::statvfs(dir)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }

@@ -386,7 +386,9 @@ impl Session<'_> {
             source: self.assoc.peer_ae_title().trim().to_owned(),
             routes: self.server.cfg.route_to.clone(),
             dedup: None,
+            strict_uid_match: self.server.cfg.strict_uid_match,
         };
+
         self.server
             .spool
             .writer(ingest)
@@ -448,22 +450,31 @@ impl Session<'_> {
         let listener = &self.server.cfg.name;
         let m = &self.server.metrics;
         let (code, comment) = match (writer, failure) {
-            (Some(w), None) => {
+            (Some(mut w), None) => {
                 let bytes = w.len();
-                match w.commit().await {
-                    Ok(committed) => {
+                let identity = w.finish_identity().await;
+                if w.uid_mismatch() {
+                    m.uid_mismatch.with_label_values(&[listener]).inc();
+                    warn!(%listener, "a data set's SOP Class or Instance UID differs from its C-STORE command; stored under the data set's own UIDs (strict_uid_match = true refuses such objects)");
+                }
+                let committed = match identity {
+                    Err(e) => Err(e),
+                    Ok(()) => w.commit().await,
+                };
+                committed.map_or_else(
+                    |e| {
+                        let (code, comment) = failure_status(&e);
+                        (code, Some(comment))
+                    },
+                    |committed| {
                         m.objects_received.with_label_values(&[listener]).inc();
                         m.bytes_received
                             .with_label_values(&[listener])
                             .inc_by(bytes);
                         debug!(%listener, ?committed, bytes, "stored");
                         (status::SUCCESS, None)
-                    }
-                    Err(e) => {
-                        let (code, comment) = failure_status(&e);
-                        (code, Some(comment))
-                    }
-                }
+                    },
+                )
             }
             (_, Some((code, comment))) => (code, Some(comment)),
             (None, None) => (status::PROCESSING_FAILURE, Some("internal".to_owned())),
@@ -508,7 +519,8 @@ fn failure_status(e: &SpoolError) -> (u16, String) {
         SpoolError::Store(_)
         | SpoolError::Key(_)
         | SpoolError::Internal(_)
-        | SpoolError::TooLarge(_) => status::OUT_OF_RESOURCES,
+        | SpoolError::TooLarge(_)
+        | SpoolError::Busy(_) => status::OUT_OF_RESOURCES,
         SpoolError::IdentityMismatch(_) => status::DATASET_DOES_NOT_MATCH,
         SpoolError::Format(_) => status::CANNOT_UNDERSTAND,
         SpoolError::Corrupt(..) | SpoolError::NotFound(_) => status::PROCESSING_FAILURE,

@@ -11,7 +11,19 @@
 //!   re-established when an object needs a context the pooled ones lack, and released after
 //!   an idle period;
 //! - every establish, send and receive runs under a timeout; a failure aborts the
-//!   association and reports a transient error.
+//!   association;
+//! - failures are classified ([`DeliveryError`]): no connection or a rejected association
+//!   is the destination's (unavailable); an abort, a timeout or a transient status during an
+//!   object is that object's (transient, within its budget); a refusing status (A9xx, Cxxx,
+//!   0x01xx other than 0x0110) or no accepted presentation context for the object's SOP
+//!   class and transfer syntax is permanent;
+//! - a failure on a pooled association before the peer answered anything is retried once
+//!   on a fresh association (the peer may have closed it while idle);
+//! - every association also proposes the Verification SOP class, which every SCP accepts:
+//!   many SCPs (DCMTK's `storescp` among them) reject the whole association when none of
+//!   its contexts is acceptable, and that must not look like an outage (it would be retried
+//!   forever): with Verification accepted, an object whose own context was rejected is
+//!   plainly refused.
 
 use std::time::{Duration, Instant};
 
@@ -22,14 +34,17 @@ use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 use tracing::debug;
 
+use crate::deliver::DeliveryError;
 use crate::dimse::{self, Command, MessageIds, StatusClass, field};
-use crate::dispatch::SendError;
 use crate::spool::ObjectReader;
 
 /// Largest PDV payload we send, whatever the peer allows.
 const MAX_SEND_PDU: u32 = 1 << 20;
-/// Presentation contexts proposed at most (ids are odd bytes, 2i+1 < 256).
+/// Presentation contexts proposed at most (ids are odd bytes, 2i+1 < 256), Verification
+/// included.
 const MAX_CONTEXTS: usize = 127;
+/// Implicit VR Little Endian, the transfer syntax every SCP accepts for Verification.
+const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
 /// Pooled associations idle longer than this are released.
 const IDLE: Duration = Duration::from_secs(30);
 
@@ -38,14 +53,12 @@ pub trait Chunks {
     /// The next chunk, or `None` at the end.
     fn next_chunk(
         &mut self,
-    ) -> impl std::future::Future<Output = Result<Option<Vec<u8>>, SendError>> + Send;
+    ) -> impl std::future::Future<Output = Result<Option<Vec<u8>>, DeliveryError>> + Send;
 }
 
 impl Chunks for ObjectReader {
-    async fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, SendError> {
-        self.next_segment()
-            .await
-            .map_err(|e| SendError::Transient(format!("spool: {e}")))
+    async fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, DeliveryError> {
+        self.next_segment().await.map_err(DeliveryError::from_spool)
     }
 }
 
@@ -53,7 +66,7 @@ impl Chunks for ObjectReader {
 pub struct Bytes(pub Option<Vec<u8>>);
 
 impl Chunks for Bytes {
-    async fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, SendError> {
+    async fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, DeliveryError> {
         Ok(self.0.take())
     }
 }
@@ -83,8 +96,9 @@ pub struct DicomSender {
     idle: Mutex<Vec<Pooled>>,
 }
 
-fn transient(what: &str, e: impl std::fmt::Display) -> SendError {
-    SendError::Transient(format!("{what}: {e}"))
+/// A failure of the connection during an object: this object's attempt.
+fn transient(what: &str, e: impl std::fmt::Display) -> DeliveryError {
+    DeliveryError::transient("dicom_io", format!("{what}: {e}"))
 }
 
 impl DicomSender {
@@ -121,7 +135,7 @@ impl DicomSender {
         }
     }
 
-    async fn establish(&self, wanted: Vec<(String, String)>) -> Result<Pooled, SendError> {
+    async fn establish(&self, wanted: Vec<(String, String)>) -> Result<Pooled, DeliveryError> {
         let scu = Scu::connect(
             &self.address,
             &self.calling_ae_title,
@@ -138,7 +152,7 @@ impl DicomSender {
     }
 
     /// Take a pooled association that has an accepted context for (class, ts), or make one.
-    async fn checkout(&self, class: &str, ts: &str) -> Result<(Pooled, u8, bool), SendError> {
+    async fn checkout(&self, class: &str, ts: &str) -> Result<(Pooled, u8, bool), DeliveryError> {
         let mut stale = Vec::new();
         let mut found = None;
         let mut donor: Option<Vec<(String, String)>> = None;
@@ -177,7 +191,7 @@ impl DicomSender {
         }
         let mut wanted = vec![(class.to_owned(), ts.to_owned())];
         for pair in donor.unwrap_or_default() {
-            if wanted.len() >= MAX_CONTEXTS {
+            if wanted.len() >= MAX_CONTEXTS - 1 {
                 break;
             }
             if !wanted.contains(&pair) {
@@ -187,29 +201,55 @@ impl DicomSender {
         let pooled = self.establish(wanted).await?;
         let Some(id) = pooled.scu.context_for(class, ts) else {
             pooled.scu.release().await;
-            return Err(SendError::Transient(
-                "the peer did not accept this SOP class with its transfer syntax".into(),
+            return Err(DeliveryError::permanent(
+                "no_presentation_context",
+                "the peer accepted no presentation context for this SOP class with its transfer syntax",
             ));
         };
         Ok((pooled, id, false))
     }
 
-    /// C-STORE one object.
-    pub async fn send(&self, reader: ObjectReader) -> Result<(), SendError> {
+    /// C-STORE one object. `reopen` gives the object's bytes again (for the one retry on a
+    /// fresh association after a pooled one failed before the peer answered).
+    pub async fn send(&self, reader: ObjectReader) -> Result<(), DeliveryError> {
         let class = reader.meta.sop_class_uid.clone();
         let ts = reader.meta.transfer_syntax.clone();
         let (pooled, ctx, reused) = self.checkout(&class, &ts).await?;
+        let retry = if reused {
+            Some(reader.reopen().await)
+        } else {
+            None
+        };
         match self.store(pooled, ctx, reader).await {
             Ok(p) => {
                 self.idle.lock().await.push(p);
                 Ok(())
             }
-            // A pooled association may have been closed by the peer while idle: the object
-            // is still in the spool, and the dispatcher retries (with a fresh association).
-            Err(e) if reused => Err(SendError::Transient(format!(
-                "{e} (on a pooled association)"
-            ))),
-            Err(e) => Err(e),
+            // A pooled association may have been closed by the peer while idle: try once
+            // more on a fresh one before blaming the object.
+            Err(Stored::BeforeResponse(_)) if retry.is_some() => {
+                let reader = retry
+                    .ok_or_else(|| DeliveryError::Local {
+                        detail: "no reader".into(),
+                    })?
+                    .map_err(DeliveryError::from_spool)?;
+                let pooled = self.establish(vec![(class.clone(), ts.clone())]).await?;
+                let Some(ctx) = pooled.scu.context_for(&class, &ts) else {
+                    pooled.scu.release().await;
+                    return Err(DeliveryError::permanent(
+                        "no_presentation_context",
+                        "the peer accepted no presentation context for this SOP class with its transfer syntax",
+                    ));
+                };
+                match self.store(pooled, ctx, reader).await {
+                    Ok(p) => {
+                        self.idle.lock().await.push(p);
+                        Ok(())
+                    }
+                    Err(e) => Err(e.into_error()),
+                }
+            }
+            Err(e) => Err(e.into_error()),
         }
     }
 
@@ -218,7 +258,7 @@ impl DicomSender {
         mut p: Pooled,
         ctx: u8,
         mut reader: ObjectReader,
-    ) -> Result<Pooled, SendError> {
+    ) -> Result<Pooled, Stored> {
         let meta = reader.meta.clone();
         let skip = meta.dataset_offset as usize;
         match p
@@ -244,6 +284,25 @@ impl DicomSender {
     }
 }
 
+/// How a C-STORE failed: before the peer answered anything (the association may simply have
+/// been stale), or with or after an answer.
+#[derive(Debug)]
+pub enum Stored {
+    /// The peer never answered.
+    BeforeResponse(DeliveryError),
+    /// The peer answered (a failure status, an abort, a release).
+    Answered(DeliveryError),
+}
+
+impl Stored {
+    /// The delivery error.
+    pub fn into_error(self) -> DeliveryError {
+        match self {
+            Stored::BeforeResponse(e) | Stored::Answered(e) => e,
+        }
+    }
+}
+
 impl Scu {
     /// Open an association proposing each (SOP class, transfer syntax) pair in its own
     /// presentation context (at most [`MAX_CONTEXTS`]).
@@ -254,7 +313,7 @@ impl Scu {
         pairs: &[(String, String)],
         max_pdu_length: u32,
         timeout: Duration,
-    ) -> Result<Scu, SendError> {
+    ) -> Result<Scu, DeliveryError> {
         let mut opts = ClientAssociationOptions::new()
             .calling_ae_title(calling_ae_title.to_owned())
             .called_ae_title(called_ae_title.to_owned())
@@ -262,13 +321,17 @@ impl Scu {
             .connection_timeout(timeout)
             .read_timeout(timeout)
             .write_timeout(timeout);
-        for (class, ts) in pairs.iter().take(MAX_CONTEXTS) {
+        opts = opts.with_presentation_context(
+            dimse::VERIFICATION_SOP_CLASS.to_owned(),
+            vec![IMPLICIT_VR_LE.to_owned()],
+        );
+        for (class, ts) in pairs.iter().take(MAX_CONTEXTS - 1) {
             opts = opts.with_presentation_context(class.clone(), vec![ts.clone()]);
         }
         let mut assoc = tokio::time::timeout(timeout, opts.establish_async(address))
             .await
-            .map_err(|_| SendError::Transient("association timed out".into()))?
-            .map_err(|e| transient("association", e))?;
+            .map_err(|_| DeliveryError::unavailable("timeout", "association timed out"))?
+            .map_err(|e| DeliveryError::unavailable("association", format!("association: {e}")))?;
         let _ = assoc.inner_stream().set_nodelay(true);
         let contexts = assoc
             .presentation_contexts()
@@ -323,9 +386,24 @@ impl Scu {
         sop_class: &str,
         sop_instance: &str,
         chunks: &mut impl Chunks,
-        mut skip: usize,
-    ) -> Result<(), SendError> {
+        skip: usize,
+    ) -> Result<(), Stored> {
         let msg_id = self.ids.next_id();
+        self.send_object(ctx, msg_id, sop_class, sop_instance, chunks, skip)
+            .await
+            .map_err(Stored::BeforeResponse)?;
+        self.await_response(msg_id).await
+    }
+
+    async fn send_object(
+        &mut self,
+        ctx: u8,
+        msg_id: u16,
+        sop_class: &str,
+        sop_instance: &str,
+        chunks: &mut impl Chunks,
+        mut skip: usize,
+    ) -> Result<(), DeliveryError> {
         let rq = Command::store_rq(msg_id, sop_class, sop_instance);
         self.send_pdv(ctx, PDataValueType::Command, true, rq.encode())
             .await?;
@@ -357,47 +435,64 @@ impl Scu {
             }
         }
         self.send_pdv(ctx, PDataValueType::Data, true, pending)
-            .await?;
+            .await
+    }
 
-        // Wait for the C-STORE-RSP.
+    /// Wait for the C-STORE-RSP.
+    async fn await_response(&mut self, msg_id: u16) -> Result<(), Stored> {
+        let answered = |e: DeliveryError| Stored::Answered(e);
         let mut command = Vec::new();
         loop {
             let pdu = tokio::time::timeout(self.timeout, self.assoc.receive())
                 .await
-                .map_err(|_| SendError::Transient("no C-STORE response (timeout)".into()))?
-                .map_err(|e| transient("receive", e))?;
+                .map_err(|_| {
+                    answered(DeliveryError::transient(
+                        "timeout",
+                        "no C-STORE response (timeout)",
+                    ))
+                })?
+                .map_err(|e| Stored::BeforeResponse(transient("receive", e)))?;
             match pdu {
                 Pdu::PData { data } => {
                     for pdv in data {
                         if pdv.value_type != PDataValueType::Command {
-                            return Err(SendError::Transient(
-                                "unexpected data PDV in response".into(),
-                            ));
+                            return Err(answered(DeliveryError::transient(
+                                "protocol",
+                                "unexpected data PDV in response",
+                            )));
                         }
                         if command.len() + pdv.data.len() > dimse::MAX_COMMAND_BYTES {
-                            return Err(SendError::Transient("response command too large".into()));
+                            return Err(answered(DeliveryError::transient(
+                                "protocol",
+                                "response command too large",
+                            )));
                         }
                         command.extend_from_slice(&pdv.data);
                         if pdv.is_last {
-                            let rsp =
-                                Command::decode(&command).map_err(|e| transient("response", e))?;
-                            return check_response(&rsp, msg_id);
+                            let rsp = Command::decode(&command)
+                                .map_err(|e| answered(transient("response", e)))?;
+                            return check_response(&rsp, msg_id).map_err(answered);
                         }
                     }
                 }
                 Pdu::AbortRQ { .. } => {
-                    return Err(SendError::Transient("peer aborted the association".into()));
+                    return Err(answered(DeliveryError::transient(
+                        "aborted",
+                        "peer aborted the association during this object",
+                    )));
                 }
                 Pdu::ReleaseRQ => {
-                    let _ = self.assoc.send(&Pdu::ReleaseRP).await;
-                    return Err(SendError::Transient(
-                        "peer released the association before responding".into(),
-                    ));
+                    let _ =
+                        tokio::time::timeout(self.timeout, self.assoc.send(&Pdu::ReleaseRP)).await;
+                    return Err(answered(DeliveryError::transient(
+                        "released",
+                        "peer released the association before responding",
+                    )));
                 }
                 other => {
-                    return Err(SendError::Transient(format!(
-                        "unexpected PDU {}",
-                        other.short_description()
+                    return Err(answered(DeliveryError::transient(
+                        "protocol",
+                        format!("unexpected PDU {}", other.short_description()),
                     )));
                 }
             }
@@ -410,7 +505,7 @@ impl Scu {
         value_type: PDataValueType,
         is_last: bool,
         data: Vec<u8>,
-    ) -> Result<(), SendError> {
+    ) -> Result<(), DeliveryError> {
         let pdu = Pdu::PData {
             data: vec![PDataValue {
                 presentation_context_id: ctx,
@@ -421,14 +516,20 @@ impl Scu {
         };
         tokio::time::timeout(self.timeout, self.assoc.send(&pdu))
             .await
-            .map_err(|_| SendError::Transient("send timed out".into()))?
+            .map_err(|_| DeliveryError::transient("timeout", "send timed out"))?
             .map_err(|e| transient("send", e))
     }
 }
 
-fn check_response(rsp: &Command, msg_id: u16) -> Result<(), SendError> {
+fn check_response(rsp: &Command, msg_id: u16) -> Result<(), DeliveryError> {
     if rsp.field != field::C_STORE_RSP || rsp.responded_to != Some(msg_id) {
-        return Err(SendError::Transient(format!("unexpected response {rsp}")));
+        return Err(DeliveryError::transient(
+            "protocol",
+            format!(
+                "unexpected response (command 0x{:04X}, to message {:?})",
+                rsp.field, rsp.responded_to
+            ),
+        ));
     }
     let status = rsp.status.unwrap_or(0xFFFF);
     match dimse::classify(status) {
@@ -439,9 +540,46 @@ fn check_response(rsp: &Command, msg_id: u16) -> Result<(), SendError> {
                 let c: String = c.chars().filter(|c| !c.is_control()).take(64).collect();
                 debug!(status = format!("0x{status:04X}"), comment = %c, "C-STORE failed");
             }
-            Err(SendError::Transient(format!(
-                "peer answered C-STORE with status 0x{status:04X}"
-            )))
+            Err(status_error(status))
+        }
+    }
+}
+
+/// The failure taxonomy of C-STORE statuses (PS3.4 Annex B and PS3.7 Annex C).
+pub fn status_error(status: u16) -> DeliveryError {
+    let detail = format!("peer answered C-STORE with status 0x{status:04X}");
+    match status {
+        // Refused: out of resources, and processing failure: the peer may take it later.
+        0xA700..=0xA7FF | 0x0110 | 0x0213 => DeliveryError::transient("status_retry", detail),
+        // Data set does not match SOP class, cannot understand, and the general refusals
+        // (SOP class not supported, not authorized, invalid object, duplicate...): the peer
+        // judged this object and will judge it the same way again.
+        0xA900..=0xA9FF | 0xC000..=0xCFFF | 0x0100..=0x01FF | 0x0200..=0x02FF => {
+            DeliveryError::permanent("status_refused", detail)
+        }
+        _ => DeliveryError::transient("status_failure", detail),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_map_to_the_taxonomy() {
+        for (status, kind) in [
+            (0xA700, "transient"),
+            (0xA7FF, "transient"),
+            (0x0110, "transient"),
+            (0xA900, "permanent"),
+            (0xC000, "permanent"),
+            (0xC123, "permanent"),
+            (0x0122, "permanent"),
+            (0x0124, "permanent"),
+            (0x0211, "permanent"),
+            (0xFFFF, "transient"),
+        ] {
+            assert_eq!(status_error(status).kind(), kind, "0x{status:04X}");
         }
     }
 }

@@ -12,9 +12,9 @@
 //!   sender when it received the object and checked by the receiver before it commits.
 //!
 //! Invariants: the receiver answers 200 only after its own synced commit, and the sender
-//! deletes its copy only after that 200 (see [`crate::dispatch`]).
+//! deletes its copy only after that 200 (see [`crate::dispatch`]). The sender is
+//! [`crate::deliver::gateway`].
 
-pub mod client;
 pub mod server;
 
 /// The STOW-RS path.

@@ -19,7 +19,7 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyStream, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -92,8 +92,9 @@ impl LinkServer {
             };
             let server = server.clone();
             let shutdown = shutdown.clone();
+            let exec = TrackedExecutor(tasks.clone());
             tasks.spawn(async move {
-                server.connection(socket, peer, shutdown).await;
+                server.connection(socket, peer, exec, shutdown).await;
             });
         }
         tasks.close();
@@ -104,6 +105,7 @@ impl LinkServer {
         self: Arc<Self>,
         socket: TcpStream,
         addr: std::net::SocketAddr,
+        exec: TrackedExecutor,
         shutdown: CancellationToken,
     ) {
         let name = self.cfg.name.clone();
@@ -155,7 +157,7 @@ impl LinkServer {
             let peer = peer2.clone();
             async move { Ok::<_, std::convert::Infallible>(server.handle(req, &peer).await) }
         });
-        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        let mut builder = hyper::server::conn::http2::Builder::new(exec);
         builder
             .timer(TokioTimer::new())
             .max_concurrent_streams(256)
@@ -361,6 +363,7 @@ impl LinkServer {
             source: peer.to_owned(),
             routes: self.cfg.route_to.clone(),
             dedup: Some(key),
+            strict_uid_match: false,
         };
         let mut writer = match self.spool.writer_for_part10(ingest, meta.dataset_offset) {
             Ok(w) => w,
@@ -407,6 +410,21 @@ impl LinkServer {
     }
 }
 
+/// Runs hyper's per-stream tasks in the listener's tracker, so that shutdown waits for every
+/// request handler (and the spool handles they hold).
+#[derive(Clone)]
+struct TrackedExecutor(tokio_util::task::TaskTracker);
+
+impl<F> hyper::rt::Executor<F> for TrackedExecutor
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        self.0.spawn(fut);
+    }
+}
+
 /// The `boundary` parameter of a multipart content type (RFC 2046: 1 to 70 characters).
 fn boundary_of(content_type: &str) -> Option<String> {
     content_type.split(';').skip(1).find_map(|param| {
@@ -448,6 +466,11 @@ fn json(status: StatusCode, stored: usize, failed: usize) -> Response<Full<Bytes
     let body = format!("{{\"stored\":{stored},\"failed\":{failed}}}");
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        // The sender's circuit waits this long before its next probe.
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, http::HeaderValue::from_static("5"));
+    }
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),

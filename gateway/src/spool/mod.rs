@@ -21,13 +21,14 @@ mod rocks;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keystore::{Dek, IndexHasher, Kek, Sha256};
 use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
 
 use crate::dataset::{self, Identity, Scan};
 use crate::sop::Encoding;
@@ -36,8 +37,25 @@ use rocks::{Cf, Store};
 
 /// Version byte of a metadata record.
 const META_VERSION: u8 = 1;
-/// Queue entry flag: parked (refused permanently; kept for an operator).
-const FLAG_PARKED: u8 = 1;
+/// Queue entry flag: a dead letter (refused permanently or out of retry budget; kept for an
+/// operator). The same bit marked "parked" entries in earlier versions.
+const FLAG_DEAD: u8 = 1;
+/// Version byte of a failure record.
+const FAIL_VERSION: u8 = 1;
+/// Failure reasons kept per entry (the attempt history).
+const MAX_HISTORY: usize = 8;
+/// Longest reason kept, in bytes.
+const MAX_REASON: usize = 240;
+
+/// Evaluate a fault-injection point (tests only: it does nothing unless the build has the
+/// `failpoints` feature *and* the spool was opened with [`SpoolOptions::failpoints`]).
+macro_rules! fault {
+    ($inner:expr, $name:literal) => {
+        if $inner.failpoints {
+            fail::fail_point!($name);
+        }
+    };
+}
 
 /// A random 128-bit object id. Not derived from any UID.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -93,6 +111,10 @@ pub enum SpoolError {
     /// A blocking task failed.
     #[error("internal: {0}")]
     Internal(String),
+    /// New objects are refused for now (disk under the watermark, a destination's queue
+    /// full, or storage failed); nothing accepted is affected.
+    #[error("not accepting objects now: {0}")]
+    Busy(String),
 }
 
 /// What the spool knows about a stored object. Held encrypted on disk.
@@ -246,8 +268,133 @@ pub struct QueueEntry {
     pub seq: u64,
     /// The object.
     pub object: ObjectId,
-    /// Refused permanently and kept for an operator.
-    pub parked: bool,
+    /// Waiting for delivery, or a dead letter.
+    pub state: EntryState,
+}
+
+/// The stored state of a queue entry. (Being in flight is the dispatcher's business.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryState {
+    /// Waiting for (another) delivery attempt.
+    Queued,
+    /// Refused permanently or out of retry budget: kept for an operator, never retried
+    /// until replayed.
+    Dead,
+}
+
+impl EntryState {
+    /// `queued` or `dead`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryState::Queued => "queued",
+            EntryState::Dead => "dead",
+        }
+    }
+}
+
+/// A queue entry with what the dispatcher needs to know of its object (held in memory only:
+/// sizes and times are not stored in the clear).
+#[derive(Debug, Clone, Copy)]
+pub struct Queued {
+    /// The entry.
+    pub entry: QueueEntry,
+    /// The object's stored bytes.
+    pub length: u64,
+    /// When the object was committed here (ms since the epoch).
+    pub received_at_ms: u64,
+}
+
+/// What a destination's dispatcher hears from the spool.
+#[derive(Debug, Clone, Copy)]
+pub enum QueueEvent {
+    /// An entry was committed, or a dead letter replayed.
+    Added(Queued),
+    /// An entry was purged by an operator.
+    Removed(u64),
+}
+
+/// One failed delivery attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    /// When it failed (ms since the epoch).
+    pub at_ms: u64,
+    /// Why (our own words and status codes; never patient data or a peer's free text).
+    pub reason: String,
+}
+
+/// The failure history of one queue entry, kept on disk so that a restart neither resets
+/// a retry budget nor loses a dead letter's reason.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FailureRecord {
+    /// Failed attempts so far.
+    pub attempts: u32,
+    /// The most recent failures, oldest first (at most 8).
+    pub history: Vec<Attempt>,
+}
+
+impl FailureRecord {
+    /// The last reason, if any.
+    pub fn last_reason(&self) -> Option<&str> {
+        self.history.last().map(|a| a.reason.as_str())
+    }
+
+    /// Add a failure.
+    pub fn push(&mut self, reason: &str) {
+        self.attempts = self.attempts.saturating_add(1);
+        let mut r: String = reason.chars().filter(|c| !c.is_control()).collect();
+        if r.len() > MAX_REASON {
+            let mut end = MAX_REASON;
+            while !r.is_char_boundary(end) {
+                end -= 1;
+            }
+            r.truncate(end);
+        }
+        self.history.push(Attempt {
+            at_ms: now_ms(),
+            reason: r,
+        });
+        if self.history.len() > MAX_HISTORY {
+            self.history.remove(0);
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut out = vec![FAIL_VERSION];
+        out.extend_from_slice(&self.attempts.to_be_bytes());
+        out.push(self.history.len() as u8);
+        for a in &self.history {
+            out.extend_from_slice(&a.at_ms.to_be_bytes());
+            out.extend_from_slice(&(a.reason.len() as u16).to_be_bytes());
+            out.extend_from_slice(a.reason.as_bytes());
+        }
+        out
+    }
+
+    fn decode(b: &[u8]) -> Option<FailureRecord> {
+        let mut r = Reader(b);
+        if r.take(1)? != [FAIL_VERSION] {
+            return None;
+        }
+        let attempts = u32::from_be_bytes(r.take(4)?.try_into().ok()?);
+        let n = (r.take(1)?[0] as usize).min(MAX_HISTORY);
+        let mut history = Vec::with_capacity(n);
+        for _ in 0..n {
+            let at_ms = u64::from_be_bytes(r.take(8)?.try_into().ok()?);
+            let len = u16::from_be_bytes(r.take(2)?.try_into().ok()?) as usize;
+            let reason = String::from_utf8(r.take(len)?.to_vec()).ok()?;
+            history.push(Attempt { at_ms, reason });
+        }
+        Some(FailureRecord { attempts, history })
+    }
+}
+
+/// What start-up recovery found and removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Objects whose ingest was interrupted (marker without metadata).
+    pub interrupted: usize,
+    /// Objects with segments but neither metadata nor an ingest marker.
+    pub orphans: usize,
 }
 
 /// Where an object came from and where it goes: everything a writer needs besides bytes.
@@ -265,6 +412,9 @@ pub struct Ingest {
     pub routes: Vec<String>,
     /// For objects from a peer gateway: the dedup key of the transfer.
     pub dedup: Option<DedupKey>,
+    /// Refuse a data set whose SOP Class or Instance UID differs from the request's
+    /// (otherwise it is stored under the data set's own UIDs).
+    pub strict_uid_match: bool,
 }
 
 /// Identifies one transfer from a peer gateway, for deduplicating retries.
@@ -303,7 +453,34 @@ struct Inner {
     max_object_bytes: u64,
     dedup_window: Duration,
     /// Dispatchers listening for new queue entries, by destination.
-    listeners: Mutex<HashMap<String, mpsc::UnboundedSender<QueueEntry>>>,
+    listeners: Mutex<HashMap<String, mpsc::UnboundedSender<QueueEvent>>>,
+    /// Commit and cleanup tasks: work that must finish runs here, owning what it touches.
+    jobs: TaskTracker,
+    /// A synced write failed: the store may be read-only, so nothing is acknowledged until
+    /// an operator restarts the node (RocksDB refuses writes after a failed sync).
+    storage_failed: AtomicBool,
+    /// What start-up recovery removed.
+    recovery: Recovery,
+    /// Evaluate fault-injection points (tests only).
+    failpoints: bool,
+    /// Test-only sabotage: commit without syncing. Exists so that the durability test can
+    /// prove it notices; never set by configuration.
+    unsynced_commits: bool,
+    /// Backpressure: why new objects are refused for now.
+    admission: Mutex<Admission>,
+    /// The data directory (for the free-space check).
+    dir: std::path::PathBuf,
+    /// See [`SpoolOptions::min_free`].
+    min_free: u64,
+}
+
+/// Backpressure state, set by the disk monitor and the dispatchers.
+#[derive(Debug, Default)]
+struct Admission {
+    /// The disk is under the watermark (with the detail).
+    low_disk: Option<String>,
+    /// Destinations whose queue is full.
+    full: std::collections::BTreeSet<String>,
 }
 
 /// The spool handle. Cheap to clone.
@@ -321,6 +498,13 @@ pub struct SpoolOptions {
     pub max_object_bytes: u64,
     /// How long link transfers are remembered for deduplication.
     pub dedup_window: Duration,
+    /// Evaluate fault-injection points (only in builds with the `failpoints` feature; tests).
+    pub failpoints: bool,
+    /// Sabotage for tests: commit without syncing the WAL. Never set this in production.
+    pub unsynced_commits: bool,
+    /// Free bytes the data directory's filesystem must keep; under it new objects are
+    /// refused. 0 disables the check.
+    pub min_free: u64,
 }
 
 impl Default for SpoolOptions {
@@ -329,6 +513,9 @@ impl Default for SpoolOptions {
             segment_bytes: 1 << 20,
             max_object_bytes: 16 << 30,
             dedup_window: Duration::from_secs(7 * 24 * 3600),
+            failpoints: false,
+            unsynced_commits: false,
+            min_free: 0,
         }
     }
 }
@@ -387,21 +574,160 @@ impl Spool {
             max_object_bytes: opts.max_object_bytes,
             dedup_window: opts.dedup_window,
             listeners: Mutex::new(HashMap::new()),
+            jobs: TaskTracker::new(),
+            storage_failed: AtomicBool::new(false),
+            recovery: Recovery::default(),
+            failpoints: opts.failpoints,
+            unsynced_commits: opts.unsynced_commits,
+            admission: Mutex::new(Admission::default()),
+            dir: dir.to_owned(),
+            min_free: opts.min_free,
         };
+        let mut inner = inner;
+        inner.recovery = Self::recover(&inner)?;
         let spool = Spool {
             inner: Arc::new(inner),
         };
-        spool.recover()?;
         Ok(spool)
     }
 
-    /// Startup recovery: drop segments of uncommitted objects, and find the next sequence.
-    fn recover(&self) -> Result<(), SpoolError> {
+    /// What start-up recovery removed.
+    pub fn recovery(&self) -> Recovery {
+        self.inner.recovery
+    }
+
+    /// True after a synced write failed: the node must not acknowledge anything until it
+    /// is restarted.
+    pub fn storage_failed(&self) -> bool {
+        self.inner.storage_failed.load(Ordering::SeqCst)
+    }
+
+    /// Compare the data volume's free space with the watermark, record the result for
+    /// admission and readiness, and log a change. A `statvfs`: cheap enough per object.
+    pub fn check_disk(&self) -> Option<String> {
+        let min = self.inner.min_free;
+        if min == 0 {
+            return None;
+        }
+        let detail = match rustix::fs::statvfs(&self.inner.dir) {
+            Ok(st) => {
+                let free = st.f_bavail.saturating_mul(st.f_frsize);
+                (free < min).then(|| {
+                    format!(
+                        "free space on the data volume ({} MiB) is under spool.min_free ({} MiB)",
+                        free >> 20,
+                        min >> 20
+                    )
+                })
+            }
+            // Cannot tell: refuse rather than risk writing into a full disk.
+            Err(e) => Some(format!("cannot read the data volume's free space: {e}")),
+        };
+        let Ok(mut a) = self.inner.admission.lock() else {
+            return detail;
+        };
+        if a.low_disk.is_some() != detail.is_some() {
+            match &detail {
+                Some(d) => {
+                    warn!(detail = %d, "refusing new objects (0xA700, link 503) until space returns; nothing accepted is affected")
+                }
+                None => info!("data volume above the watermark again: accepting objects"),
+            }
+        }
+        a.low_disk.clone_from(&detail);
+        detail
+    }
+
+    /// The watermark detail while the disk is under it.
+    pub fn low_disk(&self) -> Option<String> {
+        self.inner
+            .admission
+            .lock()
+            .ok()
+            .and_then(|a| a.low_disk.clone())
+    }
+
+    /// Record whether `dest`'s queue is full.
+    pub fn set_destination_full(&self, dest: &str, full: bool) {
+        if let Ok(mut a) = self.inner.admission.lock() {
+            if full {
+                a.full.insert(dest.to_owned());
+            } else {
+                a.full.remove(dest);
+            }
+        }
+    }
+
+    /// May a new object for `routes` be accepted now?
+    pub fn admit(&self, routes: &[String]) -> Result<(), SpoolError> {
+        if let Some(d) = self.check_disk() {
+            return Err(SpoolError::Busy(d));
+        }
+        if self.storage_failed() {
+            return Err(SpoolError::Busy(
+                "the gateway's storage failed; it acknowledges nothing until restarted".into(),
+            ));
+        }
+        let a = self
+            .inner
+            .admission
+            .lock()
+            .map_err(|_| SpoolError::Internal("admission lock poisoned".into()))?;
+        if let Some(full) = routes.iter().find(|r| a.full.contains(*r)) {
+            return Err(SpoolError::Busy(format!(
+                "the queue of destination {full} is full"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Wait until every commit and cleanup task started so far has finished. Used by
+    /// shutdown (before the database closes) and by tests.
+    pub async fn quiesce(&self) {
+        let jobs = &self.inner.jobs;
+        jobs.close();
+        jobs.wait().await;
+        jobs.reopen();
+    }
+
+    /// Apply a batch that must be durable: synced, and a failure marks the store failed.
+    fn commit_batch(&self, b: rocks::Batch<'_>) -> Result<(), SpoolError> {
+        let r = self.inner.store.commit(b, !self.inner.unsynced_commits);
+        if r.is_err() {
+            self.inner.storage_failed.store(true, Ordering::SeqCst);
+        }
+        Ok(r?)
+    }
+
+    /// Flush memtables to disk (shutdown; the WAL already holds everything).
+    pub fn flush_blocking(&self) -> Result<(), SpoolError> {
+        Ok(self.inner.store.flush()?)
+    }
+
+    /// Delete an uncommitted object's segments and ingest marker (unsynced: the marker
+    /// makes a lost cleanup happen again at the next open).
+    fn discard_blocking(&self, id: ObjectId) -> Result<(), SpoolError> {
+        fault!(self.inner, "spool::discard");
         let s = &self.inner.store;
-        let orphans = s.scan_prefix(Cf::Ingest, &[], usize::MAX)?;
-        if !orphans.is_empty() {
+        let mut b = s.batch();
+        b.delete_range(Cf::Seg, &seg_key(&id, 0), &seg_key(&id, u64::MAX));
+        b.delete(Cf::Ingest, &id.0);
+        s.commit(b, false)?;
+        Ok(())
+    }
+
+    /// Startup recovery: drop segments of interrupted ingests and of objects that have
+    /// neither metadata nor an ingest marker (orphans), and find the next sequence.
+    ///
+    /// Orphans are found without reading segment values: between two consecutive live
+    /// objects, a bounded seek finds any segment key in the gap.
+    fn recover(inner: &Inner) -> Result<Recovery, SpoolError> {
+        let s = &inner.store;
+        let mut report = Recovery::default();
+        let markers = s.scan_prefix(Cf::Ingest, &[], usize::MAX)?;
+        if !markers.is_empty() {
             let mut b = s.batch();
-            for (k, _) in &orphans {
+            for (k, _) in &markers {
                 if let Ok(id) = <[u8; 16]>::try_from(&k[..]) {
                     let id = ObjectId(id);
                     b.delete_range(Cf::Seg, &seg_key(&id, 0), &seg_key(&id, u64::MAX));
@@ -409,9 +735,47 @@ impl Spool {
                 b.delete(Cf::Ingest, k);
             }
             s.commit(b, true)?;
+            report.interrupted = markers.len();
             warn!(
-                count = orphans.len(),
+                count = markers.len(),
                 "removed partial objects left by an interrupted ingest"
+            );
+        }
+        let mut live: Vec<[u8; 16]> = s
+            .scan_keys(Cf::Meta)?
+            .iter()
+            .filter_map(|k| <[u8; 16]>::try_from(&k[..]).ok())
+            .collect();
+        live.sort_unstable();
+        let mut b = s.batch();
+        let mut lower: Vec<u8> = Vec::new();
+        let bounds = live
+            .iter()
+            .map(|id| Some(ObjectId(*id)))
+            .chain(std::iter::once(None));
+        for next in bounds {
+            let upper = match next {
+                Some(id) => seg_key(&id, 0).to_vec(),
+                None => vec![0xFF; 25],
+            };
+            while let Some(k) = s.first_key_in(Cf::Seg, &lower, &upper)? {
+                let Some(orphan) = k.get(..16).and_then(|b| <[u8; 16]>::try_from(b).ok()) else {
+                    break;
+                };
+                let orphan = ObjectId(orphan);
+                b.delete_range(Cf::Seg, &seg_key(&orphan, 0), &seg_key(&orphan, u64::MAX));
+                report.orphans += 1;
+                lower = seg_key(&orphan, u64::MAX).to_vec();
+            }
+            if let Some(id) = next {
+                lower = seg_key(&id, u64::MAX).to_vec();
+            }
+        }
+        if report.orphans > 0 {
+            s.commit(b, true)?;
+            warn!(
+                count = report.orphans,
+                "removed orphan segments (no metadata and no ingest marker)"
             );
         }
         let mut max_seq = 0u64;
@@ -420,8 +784,8 @@ impl Spool {
                 max_seq = max_seq.max(u64::from_be_bytes(b));
             }
         }
-        self.inner.next_seq.store(max_seq + 1, Ordering::SeqCst);
-        Ok(())
+        inner.next_seq.store(max_seq + 1, Ordering::SeqCst);
+        Ok(report)
     }
 
     /// How many handles to this spool exist (the database closes when the last drops).
@@ -435,15 +799,15 @@ impl Spool {
     }
 
     /// Start writing an object. `header` is the Part-10 header the stream starts with.
+    /// Refused with [`SpoolError::Busy`] under backpressure.
     pub fn writer(&self, ingest: Ingest) -> Result<ObjectWriter, SpoolError> {
+        self.admit(&ingest.routes)?;
         let encoding = encoding_of(&ingest.transfer_syntax)?;
         let header = dataset::part10_header(
             &ingest.sop_class,
             &ingest.sop_instance,
             &ingest.transfer_syntax,
-            Some(&ingest.source)
-                .filter(|s| crate::config::check_ae(s).is_ok())
-                .map(|s| s.as_str()),
+            source_ae(&ingest.source),
         );
         Ok(ObjectWriter::new(self.clone(), ingest, encoding, header, 0))
     }
@@ -455,6 +819,7 @@ impl Spool {
         ingest: Ingest,
         header_len: usize,
     ) -> Result<ObjectWriter, SpoolError> {
+        self.admit(&ingest.routes)?;
         let encoding = encoding_of(&ingest.transfer_syntax)?;
         Ok(ObjectWriter::new(
             self.clone(),
@@ -465,18 +830,34 @@ impl Spool {
         ))
     }
 
-    /// Register to hear about new queue entries for `dest`, then read the queue as stored.
-    /// Entries committed between the two may appear in both; callers key them by `seq`.
-    pub fn subscribe(
+    /// Register to hear about new queue entries for `dest`, then read the queue as stored
+    /// (with each object's size and age, from its sealed metadata). Entries committed
+    /// between the two may appear in both; callers key them by `seq`.
+    pub async fn subscribe(
         &self,
         dest: &str,
-    ) -> Result<(Vec<QueueEntry>, mpsc::UnboundedReceiver<QueueEntry>), SpoolError> {
+    ) -> Result<(Vec<Queued>, mpsc::UnboundedReceiver<QueueEvent>), SpoolError> {
         let (tx, rx) = mpsc::unbounded_channel();
         self.inner
             .listeners
             .lock()
             .map_err(|_| SpoolError::Internal("listener lock poisoned".into()))?
             .insert(dest.to_owned(), tx);
+        let spool = self.clone();
+        let dest = dest.to_owned();
+        let stored = blocking(move || {
+            let entries = spool.entries_blocking(&dest)?;
+            Ok(entries
+                .into_iter()
+                .map(|entry| spool.queued_blocking(entry))
+                .collect())
+        })
+        .await?;
+        Ok((stored, rx))
+    }
+
+    /// `dest`'s queue entries as stored, in order.
+    pub fn entries_blocking(&self, dest: &str) -> Result<Vec<QueueEntry>, SpoolError> {
         let mut prefix = dest.as_bytes().to_vec();
         prefix.push(0);
         let mut out = Vec::new();
@@ -494,11 +875,32 @@ impl Spool {
                 out.push(QueueEntry {
                     seq,
                     object: ObjectId(obj),
-                    parked: v.get(16).is_some_and(|f| f & FLAG_PARKED != 0),
+                    state: if v.get(16).is_some_and(|f| f & FLAG_DEAD != 0) {
+                        EntryState::Dead
+                    } else {
+                        EntryState::Queued
+                    },
                 });
             }
         }
-        Ok((out, rx))
+        Ok(out)
+    }
+
+    /// An entry with its object's size and age. An object whose metadata does not open is
+    /// reported with size 0, received now: sending it fails as an integrity error.
+    fn queued_blocking(&self, entry: QueueEntry) -> Queued {
+        match self.meta_blocking(entry.object) {
+            Ok((m, _)) => Queued {
+                entry,
+                length: m.length,
+                received_at_ms: m.received_at_ms,
+            },
+            Err(_) => Queued {
+                entry,
+                length: 0,
+                received_at_ms: now_ms(),
+            },
+        }
     }
 
     /// Number of objects queued for `dest` (stored view).
@@ -536,7 +938,8 @@ impl Spool {
         blocking(move || spool.meta_blocking(id)).await
     }
 
-    fn meta_blocking(&self, id: ObjectId) -> Result<(ObjectMeta, Arc<Dek>), SpoolError> {
+    /// Read an object's metadata (blocking: call from a blocking task).
+    pub fn meta_blocking(&self, id: ObjectId) -> Result<(ObjectMeta, Arc<Dek>), SpoolError> {
         let raw = self
             .inner
             .store
@@ -636,54 +1039,143 @@ impl Spool {
     pub async fn complete(&self, dest: &str, entry: QueueEntry) -> Result<bool, SpoolError> {
         let spool = self.clone();
         let dest = dest.to_owned();
+        blocking(move || spool.remove_entry_blocking(&dest, entry, false)).await
+    }
+
+    /// Remove `dest`'s queue entry (its failure record too); delete the object when no
+    /// other destination waits for it, and with `shred_study`, the study key when no object
+    /// of the study is left. Returns whether the object was deleted.
+    fn remove_entry_blocking(
+        &self,
+        dest: &str,
+        entry: QueueEntry,
+        shred_study: bool,
+    ) -> Result<bool, SpoolError> {
+        let s = &self.inner.store;
+        let _g = self
+            .inner
+            .lock
+            .lock()
+            .map_err(|_| SpoolError::Internal("lock poisoned".into()))?;
+        let id = entry.object;
+        let qk = queue_key(dest, entry.seq);
+        let mut b = s.batch();
+        b.delete(Cf::Queue, &qk);
+        b.delete(Cf::Fail, &qk);
+        b.delete(Cf::Refs, &ref_key(&id, dest));
+        let others = s
+            .scan_prefix(Cf::Refs, &id.0, 2)?
+            .into_iter()
+            .filter(|(k, _)| k[16..] != *dest.as_bytes())
+            .count();
+        let deleted = others == 0;
+        if deleted {
+            let kid = s
+                .get(Cf::Meta, &id.0)?
+                .and_then(|v| v.get(1..17).and_then(|k| <[u8; 16]>::try_from(k).ok()));
+            b.delete(Cf::Meta, &id.0);
+            b.delete_range(Cf::Seg, &seg_key(&id, 0), &seg_key(&id, u64::MAX));
+            if shred_study && let Some(kid) = kid {
+                let study_left = s
+                    .scan_prefix(Cf::Meta, &[], usize::MAX)?
+                    .iter()
+                    .any(|(k, v)| k[..] != id.0[..] && v.get(1..17) == Some(&kid[..]));
+                if !study_left {
+                    b.delete(Cf::Keys, &kid);
+                }
+            }
+        }
+        self.commit_batch(b)?;
+        Ok(deleted)
+    }
+
+    /// The failure record of `dest`'s entry `seq`, if it failed before.
+    pub fn failure(&self, dest: &str, seq: u64) -> Result<Option<FailureRecord>, SpoolError> {
+        Ok(self
+            .inner
+            .store
+            .get(Cf::Fail, &queue_key(dest, seq))?
+            .and_then(|v| FailureRecord::decode(&v)))
+    }
+
+    /// Record a failed attempt (unsynced: losing the last record in a crash costs one
+    /// extra attempt, never an object).
+    pub async fn record_failure(
+        &self,
+        dest: &str,
+        seq: u64,
+        record: &FailureRecord,
+    ) -> Result<(), SpoolError> {
+        let spool = self.clone();
+        let key = queue_key(dest, seq);
+        let value = record.encode();
+        blocking(move || Ok(spool.inner.store.put_unsynced(Cf::Fail, &key, &value)?)).await
+    }
+
+    /// Make `dest`'s entry a dead letter, with its failure record. Synced.
+    pub async fn dead_letter(
+        &self,
+        dest: &str,
+        entry: QueueEntry,
+        record: &FailureRecord,
+    ) -> Result<(), SpoolError> {
+        let spool = self.clone();
+        let key = queue_key(dest, entry.seq);
+        let value = record.encode();
         blocking(move || {
             let s = &spool.inner.store;
-            let _g = spool
-                .inner
-                .lock
-                .lock()
-                .map_err(|_| SpoolError::Internal("lock poisoned".into()))?;
-            let id = entry.object;
+            let mut v = entry.object.0.to_vec();
+            v.push(FLAG_DEAD);
             let mut b = s.batch();
-            b.delete(Cf::Queue, &queue_key(&dest, entry.seq));
-            b.delete(Cf::Refs, &ref_key(&id, &dest));
-            let others = s
-                .scan_prefix(Cf::Refs, &id.0, 2)?
-                .into_iter()
-                .filter(|(k, _)| k[16..] != *dest.as_bytes())
-                .count();
-            let deleted = others == 0;
-            if deleted {
-                b.delete(Cf::Meta, &id.0);
-                b.delete_range(Cf::Seg, &seg_key(&id, 0), &seg_key(&id, u64::MAX));
-            }
-            s.commit(b, true)?;
-            Ok(deleted)
+            b.put(Cf::Queue, &key, &v);
+            b.put(Cf::Fail, &key, &value);
+            spool.commit_batch(b)
         })
         .await
     }
 
-    /// Park a queue entry: refused permanently, kept for an operator. Synced.
-    pub async fn park(&self, dest: &str, entry: QueueEntry) -> Result<(), SpoolError> {
+    /// Put a dead letter back in its queue with a fresh retry budget. Synced; the
+    /// destination's dispatcher hears of it at once.
+    pub async fn replay(&self, dest: &str, entry: QueueEntry) -> Result<(), SpoolError> {
         let spool = self.clone();
-        let dest = dest.to_owned();
+        let key = queue_key(dest, entry.seq);
+        let d = dest.to_owned();
         blocking(move || {
             let s = &spool.inner.store;
             let mut v = entry.object.0.to_vec();
-            v.push(FLAG_PARKED);
+            v.push(0);
             let mut b = s.batch();
-            b.put(Cf::Queue, &queue_key(&dest, entry.seq), &v);
-            s.commit(b, true)?;
+            b.put(Cf::Queue, &key, &v);
+            b.delete(Cf::Fail, &key);
+            spool.commit_batch(b)?;
+            let q = spool.queued_blocking(QueueEntry {
+                state: EntryState::Queued,
+                ..entry
+            });
+            spool.notify(&d, QueueEvent::Added(q));
             Ok(())
         })
         .await
     }
 
-    fn notify(&self, dest: &str, entry: QueueEntry) {
+    /// Delete `dest`'s entry for good, and the object (and its study key, when nothing of
+    /// the study is left) once no other destination waits for it. Synced.
+    pub async fn purge(&self, dest: &str, entry: QueueEntry) -> Result<bool, SpoolError> {
+        let spool = self.clone();
+        let dest = dest.to_owned();
+        blocking(move || {
+            let deleted = spool.remove_entry_blocking(&dest, entry, true)?;
+            spool.notify(&dest, QueueEvent::Removed(entry.seq));
+            Ok(deleted)
+        })
+        .await
+    }
+
+    fn notify(&self, dest: &str, event: QueueEvent) {
         if let Ok(l) = self.inner.listeners.lock()
             && let Some(tx) = l.get(dest)
         {
-            let _ = tx.send(entry);
+            let _ = tx.send(event);
         }
     }
 }
@@ -711,7 +1203,19 @@ impl StoreError {
 /// study key id, identity).
 type Sealing = (Arc<Dek>, Vec<u8>, [u8; 16], ResolvedIdentity);
 
+/// A storage operation of a writer that may still be running in the blocking pool.
+type Pending = tokio::task::JoinHandle<Result<(), SpoolError>>;
+
 /// Writes one object into the spool, segment by segment.
+///
+/// Cancellation: every `async fn` of a writer may be dropped at any `.await`.
+/// - [`ObjectWriter::write`]: a segment put already handed to the blocking pool is kept as
+///   `pending`; dropping the writer then waits for it before it discards the object, so a
+///   put can never land after the cleanup (no orphan segments).
+/// - [`ObjectWriter::commit`]: once identity is known, the commit runs in a task of the
+///   spool's tracker that owns everything it touches. Dropping the future that awaits it
+///   changes nothing: the object is committed (and its dedup record written) or discarded
+///   by that task alone.
 ///
 /// Dropping a writer that was not committed deletes what it wrote.
 pub struct ObjectWriter {
@@ -723,13 +1227,22 @@ pub struct ObjectWriter {
     buf: Vec<u8>,
     /// Offset of the data set in the stream.
     dataset_offset: usize,
+    /// True when the Part-10 header was written by us (and may be rebuilt from the data
+    /// set's own UIDs); false when it arrived in the stream (a STOW part).
+    own_header: bool,
     /// Study key, identity AAD and key id, once the identity is known.
     sealing: Option<Sealing>,
     next_index: u64,
     written: u64,
     digest: Sha256,
+    /// The ingest marker may have been written: a drop must clean up.
     started: bool,
-    committed: bool,
+    /// The commit task owns the object now: a drop must not touch it.
+    committing: bool,
+    /// The last storage operation, if it may still be running.
+    pending: Option<Pending>,
+    /// The data set's SOP Class or Instance UID differs from the request's.
+    uid_mismatch: bool,
 }
 
 impl ObjectWriter {
@@ -741,11 +1254,8 @@ impl ObjectWriter {
         header_len: usize,
     ) -> Self {
         // A header we wrote ourselves, or one arriving in the stream (`header_len`).
-        let dataset_offset = if header.is_empty() {
-            header_len
-        } else {
-            header.len()
-        };
+        let own_header = !header.is_empty();
+        let dataset_offset = if own_header { header.len() } else { header_len };
         let mut digest = Sha256::new();
         digest.update(&header);
         let written = header.len() as u64;
@@ -756,12 +1266,15 @@ impl ObjectWriter {
             encoding,
             buf: header,
             dataset_offset,
+            own_header,
             sealing: None,
             next_index: 0,
             written,
             digest,
             started: false,
-            committed: false,
+            committing: false,
+            pending: None,
+            uid_mismatch: false,
         }
     }
 
@@ -780,7 +1293,14 @@ impl ObjectWriter {
         self.written == 0
     }
 
-    /// Append bytes of the stream.
+    /// True once the identity is known and the data set's SOP Class or Instance UID differs
+    /// from the request's (the object is stored under the data set's own UIDs).
+    pub fn uid_mismatch(&self) -> bool {
+        self.uid_mismatch
+    }
+
+    /// Append bytes of the stream. Cancellation-safe in the sense above: dropping the future
+    /// (or the writer) leaves nothing behind once the writer is dropped.
     pub async fn write(&mut self, data: &[u8]) -> Result<(), SpoolError> {
         self.written += data.len() as u64;
         if self.written > self.spool.inner.max_object_bytes {
@@ -803,6 +1323,25 @@ impl ObjectWriter {
         Ok(())
     }
 
+    /// Resolve the identity now if the whole data set is buffered and it is not known yet
+    /// (so that [`ObjectWriter::uid_mismatch`] can be read before the commit).
+    pub async fn finish_identity(&mut self) -> Result<(), SpoolError> {
+        if self.sealing.is_none() {
+            self.try_resolve(true).await?;
+        }
+        Ok(())
+    }
+
+    /// Wait for the pending storage operation, if any.
+    async fn settle(&mut self) -> Result<(), SpoolError> {
+        if let Some(h) = self.pending.as_mut() {
+            let r = h.await;
+            self.pending = None;
+            r.map_err(|e| SpoolError::Internal(e.to_string()))??;
+        }
+        Ok(())
+    }
+
     /// Find the identity in the buffered prefix; resolve the study key when found.
     async fn try_resolve(&mut self, complete: bool) -> Result<(), SpoolError> {
         let offset = self.dataset_offset;
@@ -816,58 +1355,108 @@ impl ObjectWriter {
                 return Ok(());
             }
         };
-        self.check_identity(&ident)?;
-        let resolved = ResolvedIdentity {
-            study: ident.study.unwrap_or_default(),
-            series: ident.series.unwrap_or_default(),
-            sop_instance: self.ingest.sop_instance.clone(),
-            sop_class: self.ingest.sop_class.clone(),
-            transfer_syntax: self.ingest.transfer_syntax.clone(),
-        };
+        let resolved = self.resolve_identity(ident)?;
         let kid = self
             .spool
             .inner
             .index
             .id("study", resolved.study.as_bytes());
         let spool = self.spool.clone();
+        let dek = blocking(move || spool.study_key(kid, true)).await?;
+        // From here on a drop must clean up: mark the ingest in progress before the first
+        // segment is written. The put is pending until it returned.
         let id = ObjectId::random()?;
-        let dek = blocking(move || {
-            let dek = spool.study_key(kid, true)?;
-            // Mark the ingest in progress before the first segment is written.
+        self.id = Some(id);
+        self.started = true;
+        let spool = self.spool.clone();
+        self.pending = Some(tokio::task::spawn_blocking(move || {
             spool
                 .inner
                 .store
                 .put_unsynced(Cf::Ingest, &id.0, &now_ms().to_be_bytes())?;
-            Ok(dek)
-        })
-        .await?;
-        self.id = Some(id);
-        self.started = true;
+            Ok(())
+        }));
+        self.settle().await?;
         let aad = ObjectMeta::identity_aad(&id, &resolved);
         self.sealing = Some((Arc::new(dek), aad, kid, resolved));
         Ok(())
     }
 
-    fn check_identity(&self, ident: &Identity) -> Result<(), SpoolError> {
-        if let Some(c) = &ident.sop_class
-            && *c != self.ingest.sop_class
+    /// Check the scanned identity against the request and decide the object's UIDs.
+    ///
+    /// A data set whose SOP Class or Instance UID differs from the request's is refused when
+    /// the ingest is strict, and otherwise stored under the data set's own UIDs; a Part-10
+    /// header we wrote is then rebuilt from them (nothing is sealed before this point).
+    fn resolve_identity(&mut self, ident: Identity) -> Result<ResolvedIdentity, SpoolError> {
+        for uid in [
+            &ident.study,
+            &ident.series,
+            &ident.sop_class,
+            &ident.sop_instance,
+        ]
+        .into_iter()
+        .flatten()
         {
-            return Err(SpoolError::IdentityMismatch("SOP Class UID"));
-        }
-        if let Some(i) = &ident.sop_instance
-            && *i != self.ingest.sop_instance
-        {
-            return Err(SpoolError::IdentityMismatch("SOP Instance UID"));
-        }
-        for uid in [&ident.study, &ident.series].into_iter().flatten() {
             if !crate::dimse::is_valid_uid(uid) {
-                return Err(dataset::FormatError::Malformed("invalid study or series UID").into());
+                return Err(dataset::FormatError::Malformed("invalid UID in the data set").into());
             }
         }
-        Ok(())
+        let class_differs = ident
+            .sop_class
+            .as_ref()
+            .is_some_and(|c| *c != self.ingest.sop_class);
+        let instance_differs = ident
+            .sop_instance
+            .as_ref()
+            .is_some_and(|i| *i != self.ingest.sop_instance);
+        if self.ingest.strict_uid_match {
+            if class_differs {
+                return Err(SpoolError::IdentityMismatch("SOP Class UID"));
+            }
+            if instance_differs {
+                return Err(SpoolError::IdentityMismatch("SOP Instance UID"));
+            }
+        }
+        let resolved = ResolvedIdentity {
+            study: ident.study.unwrap_or_default(),
+            series: ident.series.unwrap_or_default(),
+            sop_instance: ident
+                .sop_instance
+                .unwrap_or_else(|| self.ingest.sop_instance.clone()),
+            sop_class: ident
+                .sop_class
+                .unwrap_or_else(|| self.ingest.sop_class.clone()),
+            transfer_syntax: self.ingest.transfer_syntax.clone(),
+        };
+        if class_differs || instance_differs {
+            self.uid_mismatch = true;
+            if self.own_header {
+                let header = dataset::part10_header(
+                    &resolved.sop_class,
+                    &resolved.sop_instance,
+                    &resolved.transfer_syntax,
+                    source_ae(&self.ingest.source),
+                );
+                let data = self.buf.split_off(self.dataset_offset.min(self.buf.len()));
+                self.written = self.written - self.dataset_offset as u64 + header.len() as u64;
+                self.dataset_offset = header.len();
+                self.buf = header;
+                self.buf.extend_from_slice(&data);
+                self.digest = Sha256::new();
+                self.digest.update(&self.buf);
+            }
+        }
+        Ok(resolved)
     }
 
     async fn seal_and_put(&mut self, chunk: Vec<u8>, is_final: bool) -> Result<(), SpoolError> {
+        self.settle().await?;
+        // A large object must not write the volume full: check the watermark as it grows.
+        if self.next_index % 8 == 7
+            && let Some(d) = self.spool.check_disk()
+        {
+            return Err(SpoolError::Busy(d));
+        }
         let (dek, aad, _, _) = self
             .sealing
             .as_ref()
@@ -879,15 +1468,8 @@ impl ObjectWriter {
         let sealed =
             keystore::seal_segment(dek, aad, index, is_final, &chunk).map_err(SpoolError::Key)?;
         drop(chunk);
-        let spool = self.spool.clone();
-        blocking(move || {
-            spool
-                .inner
-                .store
-                .put_unsynced(Cf::Seg, &seg_key(&id, index), &sealed)?;
-            Ok(())
-        })
-        .await?;
+        self.pending = Some(put_segment(self.spool.clone(), id, index, sealed));
+        self.settle().await?;
         self.next_index += 1;
         Ok(())
     }
@@ -900,19 +1482,112 @@ impl ObjectWriter {
     /// Seal the rest, then commit metadata and queue entries in one synced write.
     /// For a transfer with a dedup key, an identical transfer already stored makes this a
     /// [`Committed::Duplicate`] and a different one a conflict error.
+    ///
+    /// Cancellation-safe: once the identity is known, the work runs in a task of the spool
+    /// that owns it, and dropping this future neither stops nor undoes it.
     pub async fn commit(mut self) -> Result<Committed, SpoolError> {
         if self.sealing.is_none() {
             self.try_resolve(true).await?;
         }
-        let rest = std::mem::take(&mut self.buf);
-        self.seal_and_put(rest, true).await?;
-        let (dek, _, kid, resolved) = self
-            .sealing
-            .clone()
-            .ok_or_else(|| SpoolError::Internal("no identity".into()))?;
-        let id = self
-            .id
-            .ok_or_else(|| SpoolError::Internal("no object id".into()))?;
+        let (Some(id), Some(sealing)) = (self.id, self.sealing.clone()) else {
+            return Err(SpoolError::Internal("no identity".into()));
+        };
+        let job = CommitJob {
+            spool: self.spool.clone(),
+            id,
+            sealing,
+            rest: std::mem::take(&mut self.buf),
+            next_index: self.next_index,
+            length: self.written,
+            dataset_offset: self.dataset_offset as u64,
+            digest: self.digest.clone(),
+            source: self.ingest.source.clone(),
+            routes: self.ingest.routes.clone(),
+            dedup: self.ingest.dedup,
+            pending: self.pending.take(),
+        };
+        // The job owns the object from here on: this writer's drop must not touch it.
+        self.committing = true;
+        let handle = self.spool.inner.jobs.spawn(job.run());
+        drop(self);
+        handle
+            .await
+            .map_err(|e| SpoolError::Internal(e.to_string()))?
+    }
+}
+
+/// The Part-10 Source AE Title we record: the calling AE title, when it is a valid one.
+fn source_ae(source: &str) -> Option<&str> {
+    Some(source).filter(|s| crate::config::check_ae(s).is_ok())
+}
+
+/// Put one sealed segment (unsynced: the commit's synced write covers it).
+fn put_segment(spool: Spool, id: ObjectId, index: u64, sealed: Vec<u8>) -> Pending {
+    tokio::task::spawn_blocking(move || {
+        fault!(spool.inner, "spool::write::put");
+        spool
+            .inner
+            .store
+            .put_unsynced(Cf::Seg, &seg_key(&id, index), &sealed)?;
+        Ok(())
+    })
+}
+
+/// Everything a commit needs, owned, so that it runs to its end in its own task.
+struct CommitJob {
+    spool: Spool,
+    id: ObjectId,
+    sealing: Sealing,
+    /// The plaintext not sealed yet: the final segment.
+    rest: Vec<u8>,
+    next_index: u64,
+    length: u64,
+    dataset_offset: u64,
+    digest: Sha256,
+    source: String,
+    routes: Vec<String>,
+    dedup: Option<DedupKey>,
+    /// A segment put that may still be running.
+    pending: Option<Pending>,
+}
+
+impl CommitJob {
+    /// Commit, or leave nothing behind (an interrupted cleanup is finished by the next
+    /// open, through the ingest marker).
+    async fn run(mut self) -> Result<Committed, SpoolError> {
+        let spool = self.spool.clone();
+        let id = self.id;
+        let result = self.commit().await;
+        if !matches!(result, Ok(Committed::Stored(_))) {
+            // Our segments are referenced by nothing: an identical transfer was stored
+            // earlier, or the synced write failed and applied nothing.
+            let s = spool.clone();
+            if let Err(e) = blocking(move || s.discard_blocking(id)).await {
+                warn!(object = %id, error = %e, "could not discard an uncommitted object; it is removed at the next start");
+            }
+        }
+        if let Err(e) = &result
+            && matches!(e, SpoolError::Store(_))
+        {
+            spool.inner.storage_failed.store(true, Ordering::SeqCst);
+        }
+        result
+    }
+
+    async fn commit(&mut self) -> Result<Committed, SpoolError> {
+        if let Some(h) = self.pending.take() {
+            h.await.map_err(|e| SpoolError::Internal(e.to_string()))??;
+        }
+        let (dek, aad, kid, resolved) = self.sealing.clone();
+        let id = self.id;
+        let index = self.next_index;
+        let rest = std::mem::take(&mut self.rest);
+        let sealed =
+            keystore::seal_segment(&dek, &aad, index, true, &rest).map_err(SpoolError::Key)?;
+        drop(rest);
+        put_segment(self.spool.clone(), id, index, sealed)
+            .await
+            .map_err(|e| SpoolError::Internal(e.to_string()))??;
         let digest = self.digest.clone().finish();
         let meta = ObjectMeta {
             id,
@@ -921,25 +1596,27 @@ impl ObjectWriter {
             sop_instance_uid: resolved.sop_instance,
             sop_class_uid: resolved.sop_class,
             transfer_syntax: resolved.transfer_syntax,
-            source: self.ingest.source.clone(),
-            length: self.written,
-            dataset_offset: self.dataset_offset as u64,
+            source: self.source.clone(),
+            length: self.length,
+            dataset_offset: self.dataset_offset,
             digest,
-            segments: self.next_index,
+            segments: index + 1,
             received_at_ms: now_ms(),
         };
         let sealed_meta =
             keystore::seal_record(&dek, &meta_ad(&id), &meta.encode()).map_err(SpoolError::Key)?;
+        let meta_received = meta.received_at_ms;
         let spool = self.spool.clone();
-        let routes = self.ingest.routes.clone();
-        let dedup = self.ingest.dedup;
-        let result = blocking(move || {
+        let routes = self.routes.clone();
+        let dedup = self.dedup;
+        let (committed, entries) = blocking(move || {
             let s = &spool.inner.store;
             let _g = spool
                 .inner
                 .lock
                 .lock()
                 .map_err(|_| SpoolError::Internal("lock poisoned".into()))?;
+            fault!(spool.inner, "spool::commit::batch");
             if let Some(key) = dedup {
                 match spool.dedup_state(key, &digest)? {
                     DedupState::New => {}
@@ -966,50 +1643,69 @@ impl ObjectWriter {
                     QueueEntry {
                         seq,
                         object: id,
-                        parked: false,
+                        state: EntryState::Queued,
                     },
                 ));
             }
             if let Some(key) = dedup {
+                // Written in the same synced batch as the metadata, after every segment:
+                // "already have it" is only ever answered for a whole, durable object.
                 let mut v = digest.to_vec();
                 v.extend_from_slice(&now_ms().to_be_bytes());
                 b.put(Cf::Dedup, &key.0, &v);
             }
             b.delete(Cf::Ingest, &id.0);
-            s.commit(b, true)?;
+            spool.commit_batch(b)?;
+            fault!(spool.inner, "spool::commit::synced");
             Ok((Committed::Stored(id), entries))
         })
-        .await;
-        match result {
-            Ok((c, entries)) => {
-                // A duplicate leaves its segments to the drop cleanup.
-                if matches!(c, Committed::Stored(_)) {
-                    self.committed = true;
-                }
-                for (dest, e) in entries {
-                    self.spool.notify(&dest, e);
-                }
-                debug!(object = %id, bytes = self.written, "committed");
-                Ok(c)
-            }
-            Err(e) => Err(e),
+        .await?;
+        for (dest, entry) in entries {
+            self.spool.notify(
+                &dest,
+                QueueEvent::Added(Queued {
+                    entry,
+                    length: self.length,
+                    received_at_ms: meta_received,
+                }),
+            );
         }
+        debug!(object = %id, bytes = self.length, "committed");
+        Ok(committed)
     }
 }
 
 impl Drop for ObjectWriter {
     fn drop(&mut self) {
-        if self.committed || !self.started {
+        if self.committing || !self.started {
             return;
         }
         let Some(id) = self.id else { return };
-        // Best effort: a crash here is handled at the next open via the ingest marker.
-        let s = &self.spool.inner.store;
-        let mut b = s.batch();
-        b.delete_range(Cf::Seg, &seg_key(&id, 0), &seg_key(&id, u64::MAX));
-        b.delete(Cf::Ingest, &id.0);
-        if let Err(e) = s.commit(b, false) {
-            warn!(object = %id, error = %e, "could not discard a partial object; it is removed at the next start");
+        let pending = self.pending.take();
+        let spool = self.spool.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                // Wait for a put that may still be running, so it cannot land after the
+                // cleanup; both run in a tracked task that owns what it touches.
+                let tracker = spool.inner.jobs.clone();
+                tracker.spawn_on(
+                    async move {
+                        if let Some(p) = pending {
+                            let _ = p.await;
+                        }
+                        if let Err(e) = blocking(move || spool.discard_blocking(id)).await {
+                            warn!(object = %id, error = %e, "could not discard a partial object; it is removed at the next start");
+                        }
+                    },
+                    &rt,
+                );
+            }
+            // No runtime: no blocking task of ours can be running.
+            Err(_) => {
+                if let Err(e) = spool.discard_blocking(id) {
+                    warn!(object = %id, error = %e, "could not discard a partial object; it is removed at the next start");
+                }
+            }
         }
     }
 }
@@ -1061,6 +1757,11 @@ impl ObjectReader {
         Ok(Some(plain))
     }
 
+    /// A fresh reader of the same object, from its first segment.
+    pub async fn reopen(&self) -> Result<ObjectReader, SpoolError> {
+        self.spool.open_object(self.meta.id).await
+    }
+
     /// Read the whole object into memory (tests and small objects only).
     pub async fn read_all(&mut self) -> Result<Vec<u8>, SpoolError> {
         let mut out = Vec::with_capacity(self.meta.length as usize);
@@ -1092,6 +1793,7 @@ mod tests {
             source: "TEST".into(),
             routes: routes.iter().map(|s| s.to_string()).collect(),
             dedup,
+            strict_uid_match: false,
         }
     }
 
@@ -1119,12 +1821,13 @@ mod tests {
         assert!(r.meta.segments > 4, "several segments expected");
         let all = r.read_all().await.unwrap();
         assert_eq!(&all[r.meta.dataset_offset as usize..], &o.dataset[..]);
-        let (qx, _) = spool.subscribe("x").unwrap();
-        let (qy, _) = spool.subscribe("y").unwrap();
+        let (qx, _) = spool.subscribe("x").await.unwrap();
+        let (qy, _) = spool.subscribe("y").await.unwrap();
         assert_eq!((qx.len(), qy.len()), (1, 1));
-        assert!(!spool.complete("x", qx[0]).await.unwrap());
+        assert_eq!(qx[0].length, r.meta.length);
+        assert!(!spool.complete("x", qx[0].entry).await.unwrap());
         assert_eq!(spool.object_count().unwrap(), 1);
-        assert!(spool.complete("y", qy[0]).await.unwrap());
+        assert!(spool.complete("y", qy[0].entry).await.unwrap());
         assert_eq!(spool.object_count().unwrap(), 0);
         assert_eq!(spool.segment_count().unwrap(), 0);
     }
@@ -1171,7 +1874,7 @@ mod tests {
             w.write(&o.dataset[..300_000]).await.unwrap();
             assert!(spool.segment_count().unwrap() > 0);
             // A crash: the writer's cleanup never runs.
-            w.committed = true;
+            w.committing = true;
             drop(w);
         }
         let spool = open(dir.path());
@@ -1213,9 +1916,314 @@ mod tests {
         assert_eq!(spool.queue_len("x").unwrap(), 1);
         // nothing of the refused copies is left behind
         let stored = spool
-            .open_object(spool.subscribe("x").unwrap().0[0].object)
+            .open_object(spool.subscribe("x").await.unwrap().0[0].entry.object)
             .await
             .unwrap();
         assert_eq!(spool.segment_count().unwrap() as u64, stored.meta.segments);
+    }
+
+    /// Every segment of every stored object, and nothing else: the spool is whole.
+    async fn assert_whole(spool: &Spool) -> usize {
+        spool.quiesce().await;
+        let mut segments = 0;
+        for (k, _) in spool
+            .inner
+            .store
+            .scan_prefix(Cf::Meta, &[], usize::MAX)
+            .unwrap()
+        {
+            let id = ObjectId(<[u8; 16]>::try_from(&k[..]).unwrap());
+            let mut r = spool.open_object(id).await.unwrap();
+            r.read_all()
+                .await
+                .unwrap_or_else(|e| panic!("a committed object does not read back: {e}"));
+            segments += r.meta.segments as usize;
+        }
+        assert_eq!(
+            spool.segment_count().unwrap(),
+            segments,
+            "segments that belong to no committed object"
+        );
+        assert_eq!(
+            spool
+                .inner
+                .store
+                .scan_prefix(Cf::Ingest, &[], 10)
+                .unwrap()
+                .len(),
+            0,
+            "ingest markers left behind"
+        );
+        spool.object_count().unwrap()
+    }
+
+    /// Pause the first thread that reaches fault point `name`, report it, and hold it until
+    /// released. Returns (reached, release).
+    fn pause_at(name: &str) -> (std::sync::mpsc::Receiver<()>, std::sync::mpsc::Sender<()>) {
+        let (reached_tx, reached) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel::<()>();
+        let reached_tx = Mutex::new(Some(reached_tx));
+        let release_rx = Mutex::new(release_rx);
+        fail::cfg_callback(name, move || {
+            let first = reached_tx.lock().unwrap().take();
+            if let Some(tx) = first {
+                let _ = tx.send(());
+                let _ = release_rx.lock().unwrap().recv();
+            }
+        })
+        .unwrap();
+        (reached, release)
+    }
+
+    fn open_with_faults(dir: &Path) -> Spool {
+        let opts = SpoolOptions {
+            segment_bytes: 64 * 1024,
+            failpoints: true,
+            ..SpoolOptions::default()
+        };
+        Spool::open(dir, Kek::from_bytes([3; 32]), opts).unwrap()
+    }
+
+    /// The regression test of the lost acknowledged object: a link request whose future is
+    /// dropped (a client reset) at each step of its commit, then retried by the sender.
+    /// Afterwards the spool holds the object exactly once, whole, and nothing else.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_commit_cancelled_at_any_step_then_retried_stores_the_object_once() {
+        let _scenario = fail::FailScenario::setup();
+        for point in [
+            "spool::write::put",
+            "spool::commit::batch",
+            "spool::commit::synced",
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let spool = open_with_faults(dir.path());
+            let o = generate_object("1.2.3", "1.2.3.1", 7, "CANCEL^ME", 300_000).unwrap();
+            let key = spool.dedup_key("site-a", "<cancel@site-a>");
+            let send = |spool: Spool| {
+                let ing = ingest(&o, &["pacs"], Some(key));
+                let data = o.dataset.clone();
+                async move {
+                    let mut w = spool.writer(ing).unwrap();
+                    for c in data.chunks(50_000) {
+                        w.write(c).await?;
+                    }
+                    w.commit().await
+                }
+            };
+            let (reached, release) = pause_at(point);
+            let request = tokio::spawn(send(spool.clone()));
+            // The premise: the request really is inside that step when it is cancelled.
+            tokio::task::spawn_blocking(move || {
+                reached
+                    .recv_timeout(Duration::from_secs(20))
+                    .expect("the fault point was not reached")
+            })
+            .await
+            .unwrap();
+            request.abort();
+            assert!(request.await.unwrap_err().is_cancelled(), "{point}");
+            fail::remove(point);
+            release.send(()).unwrap();
+            assert_whole(&spool).await;
+            // The sender retries the same transfer.
+            let retried = send(spool.clone()).await.unwrap();
+            assert!(
+                matches!(retried, Committed::Stored(_) | Committed::Duplicate),
+                "{point}: {retried:?}"
+            );
+            assert_eq!(
+                assert_whole(&spool).await,
+                1,
+                "{point}: stored exactly once"
+            );
+            let (q, _) = spool.subscribe("pacs").await.unwrap();
+            assert_eq!(q.len(), 1, "{point}: queued exactly once");
+            let mut r = spool.open_object(q[0].entry.object).await.unwrap();
+            let all = r.read_all().await.unwrap();
+            assert_eq!(
+                &all[r.meta.dataset_offset as usize..],
+                &o.dataset[..],
+                "{point}"
+            );
+        }
+    }
+
+    /// A write cancelled while its segment put is in the blocking pool leaves no orphan
+    /// segment once the put lands.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_write_cancelled_mid_put_leaves_no_orphan() {
+        let _scenario = fail::FailScenario::setup();
+        let dir = tempfile::tempdir().unwrap();
+        let spool = open_with_faults(dir.path());
+        let o = generate_object("1.2.3", "1.2.3.1", 8, "ORPHAN^X", 400_000).unwrap();
+        let (reached, release) = pause_at("spool::write::put");
+        let ing = ingest(&o, &["x"], None);
+        let data = o.dataset.clone();
+        let s2 = spool.clone();
+        let request = tokio::spawn(async move {
+            let mut w = s2.writer(ing).unwrap();
+            for c in data.chunks(100_000) {
+                w.write(c).await.unwrap();
+            }
+        });
+        tokio::task::spawn_blocking(move || {
+            reached
+                .recv_timeout(Duration::from_secs(20))
+                .expect("the fault point was not reached")
+        })
+        .await
+        .unwrap();
+        // Hear of the cleanup if it starts. It must not start while the put is pending: give
+        // it half a second to show it would (a cleanup that does not wait always does).
+        let (cleanup_tx, cleanup_rx) = std::sync::mpsc::channel();
+        let cleanup_tx = Mutex::new(cleanup_tx);
+        fail::cfg_callback("spool::discard", move || {
+            let _ = cleanup_tx.lock().unwrap().send(());
+        })
+        .unwrap();
+        request.abort();
+        let _ = request.await;
+        let early = tokio::task::spawn_blocking(move || {
+            let early = cleanup_rx.recv_timeout(Duration::from_millis(500)).is_ok();
+            (early, cleanup_rx)
+        })
+        .await
+        .unwrap();
+        assert!(
+            !early.0,
+            "the cleanup ran while a segment put was still pending"
+        );
+        fail::remove("spool::write::put");
+        release.send(()).unwrap();
+        early
+            .1
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the cleanup runs once the put has landed");
+        fail::remove("spool::discard");
+        assert_eq!(assert_whole(&spool).await, 0);
+        assert_eq!(spool.segment_count().unwrap(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn orphan_segments_are_removed_and_counted_at_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let kept;
+        {
+            let spool = open(dir.path());
+            let a = generate_object("1.2.3", "1.2.3.1", 1, "KEEP^A", 200_000).unwrap();
+            kept = store(&spool, &a, &["x"]).await;
+            // Segments of objects with neither metadata nor an ingest marker, before, between
+            // and after the live object's keys.
+            for first in [0x00u8, 0x7f, 0xff] {
+                let mut id = [first; 16];
+                id[15] = 1;
+                for i in 0..3 {
+                    spool
+                        .inner
+                        .store
+                        .put_unsynced(Cf::Seg, &seg_key(&ObjectId(id), i), &[1u8; 5000])
+                        .unwrap();
+                }
+            }
+        }
+        let spool = open(dir.path());
+        assert_eq!(spool.recovery().orphans, 3);
+        assert_eq!(assert_whole(&spool).await, 1);
+        assert!(spool.open_object(kept).await.is_ok());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_uid_mismatch_is_stored_under_the_data_sets_uids_unless_strict() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = open(dir.path());
+        let o = generate_object("1.2.3", "1.2.3.1", 9, "MISMATCH^X", 10_000).unwrap();
+        let mut ing = ingest(&o, &["x"], None);
+        ing.sop_instance = "1.2.3.999".into();
+        let mut w = spool.writer(ing.clone()).unwrap();
+        w.write(&o.dataset).await.unwrap();
+        w.finish_identity().await.unwrap();
+        assert!(w.uid_mismatch());
+        let Committed::Stored(id) = w.commit().await.unwrap() else {
+            panic!("not stored")
+        };
+        let mut r = spool.open_object(id).await.unwrap();
+        assert_eq!(r.meta.sop_instance_uid, o.sop_instance);
+        let all = r.read_all().await.unwrap();
+        let header = dataset::parse_part10_header(&all).unwrap().unwrap();
+        assert_eq!(
+            header.sop_instance, o.sop_instance,
+            "the Part-10 header follows"
+        );
+        assert_eq!(&all[header.dataset_offset..], &o.dataset[..]);
+        ing.strict_uid_match = true;
+        let mut w = spool.writer(ing).unwrap();
+        let r = match w.write(&o.dataset).await {
+            Ok(()) => w.commit().await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        assert!(
+            matches!(r, Err(SpoolError::IdentityMismatch("SOP Instance UID"))),
+            "{r:?}"
+        );
+        assert_eq!(assert_whole(&spool).await, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn dead_letters_keep_their_history_and_replay_or_purge() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = open(dir.path());
+        let a = generate_object("1.2.9", "1.2.9.1", 1, "DEAD^A", 10_000).unwrap();
+        let b = generate_object("1.2.9", "1.2.9.1", 2, "DEAD^B", 10_000).unwrap();
+        store(&spool, &a, &["x"]).await;
+        store(&spool, &b, &["x"]).await;
+        let (q, mut rx) = spool.subscribe("x").await.unwrap();
+        let mut rec = FailureRecord::default();
+        for i in 0..10 {
+            rec.push(&format!(
+                "attempt {i}: peer answered C-STORE with status 0xA900"
+            ));
+        }
+        assert_eq!(rec.attempts, 10);
+        assert_eq!(rec.history.len(), MAX_HISTORY);
+        spool.dead_letter("x", q[0].entry, &rec).await.unwrap();
+        drop(spool);
+        let spool = open(dir.path());
+        let (q, _) = spool.subscribe("x").await.unwrap();
+        assert_eq!(
+            q[0].entry.state,
+            EntryState::Dead,
+            "dead letters survive a restart"
+        );
+        assert_eq!(spool.failure("x", q[0].entry.seq).unwrap(), Some(rec));
+        spool.replay("x", q[0].entry).await.unwrap();
+        let (q, mut rx2) = spool.subscribe("x").await.unwrap();
+        assert_eq!(q[0].entry.state, EntryState::Queued);
+        assert_eq!(spool.failure("x", q[0].entry.seq).unwrap(), None);
+        // Purging both objects of the study deletes the objects and the study key.
+        spool.purge("x", q[0].entry).await.unwrap();
+        assert!(matches!(rx2.try_recv(), Ok(QueueEvent::Removed(_))));
+        assert_eq!(
+            spool
+                .inner
+                .store
+                .scan_prefix(Cf::Keys, &[], 10)
+                .unwrap()
+                .len(),
+            1
+        );
+        spool.purge("x", q[1].entry).await.unwrap();
+        assert_eq!(spool.object_count().unwrap(), 0);
+        assert_eq!(spool.segment_count().unwrap(), 0);
+        assert_eq!(
+            spool
+                .inner
+                .store
+                .scan_prefix(Cf::Keys, &[], 10)
+                .unwrap()
+                .len(),
+            0,
+            "the study key is shredded with its last object"
+        );
+        let _ = rx.try_recv();
     }
 }

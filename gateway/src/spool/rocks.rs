@@ -12,6 +12,7 @@
 //! | `refs`   | object id (16) ‖ destination           | seq (u64 BE)                            |
 //! | `ingest` | object id (16)                        | start time (u64 BE, ms): in-progress    |
 //! | `dedup`  | transfer key id (16)                  | digest (32) ‖ stored at (u64 BE, ms)    |
+//! | `fail`   | destination ‖ 0x00 ‖ seq (u64 BE)      | failure record: attempts, last reasons  |
 //!
 //! Invariant: a write that must survive a crash goes through [`Store::commit`] with
 //! `sync = true`, which fsyncs the WAL and with it every earlier unsynced write.
@@ -19,7 +20,8 @@
 use std::path::Path;
 
 use rocksdb::{
-    ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions,
+    ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, ReadOptions, WriteBatch,
+    WriteOptions,
 };
 
 /// A column family of the spool.
@@ -32,10 +34,11 @@ pub(crate) enum Cf {
     Refs,
     Ingest,
     Dedup,
+    Fail,
 }
 
 impl Cf {
-    const ALL: [Cf; 7] = [
+    const ALL: [Cf; 8] = [
         Cf::Meta,
         Cf::Seg,
         Cf::Keys,
@@ -43,6 +46,7 @@ impl Cf {
         Cf::Refs,
         Cf::Ingest,
         Cf::Dedup,
+        Cf::Fail,
     ];
     fn name(self) -> &'static str {
         match self {
@@ -53,6 +57,7 @@ impl Cf {
             Cf::Refs => "refs",
             Cf::Ingest => "ingest",
             Cf::Dedup => "dedup",
+            Cf::Fail => "fail",
         }
     }
 }
@@ -162,6 +167,45 @@ impl Store {
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
         Ok(self.db.write_opt(batch.batch, &wo)?)
+    }
+
+    /// Flush every column family's memtable.
+    pub(crate) fn flush(&self) -> Result<(), StoreError> {
+        for cf in Cf::ALL {
+            self.db.flush_cf(self.cf(cf)?)?;
+        }
+        Ok(())
+    }
+
+    /// Every key of `cf`, in order (values are not copied out).
+    pub(crate) fn scan_keys(&self, cf: Cf) -> Result<Vec<Box<[u8]>>, StoreError> {
+        let mut it = self.db.raw_iterator_cf(self.cf(cf)?);
+        it.seek_to_first();
+        let mut out = Vec::new();
+        while let Some(k) = it.key() {
+            out.push(k.into());
+            it.next();
+        }
+        it.status()?;
+        Ok(out)
+    }
+
+    /// The first key in `[lower, upper)`, if any. The bounds are given to RocksDB, so an
+    /// empty range costs a seek and reads no value (with blob files, no blob either).
+    pub(crate) fn first_key_in(
+        &self,
+        cf: Cf,
+        lower: &[u8],
+        upper: &[u8],
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(lower.to_vec());
+        ro.set_iterate_upper_bound(upper.to_vec());
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(cf)?, ro);
+        it.seek(lower);
+        let k = it.key().map(<[u8]>::to_vec);
+        it.status()?;
+        Ok(k)
     }
 
     /// Every (key, value) whose key starts with `prefix`, in key order, at most `limit`.

@@ -1,0 +1,208 @@
+//! The operator commands that talk to a running node: `status` and `queue`.
+//!
+//! Each reads the node's config only to find its data directory (and so the admin socket),
+//! asks the node over [`crate::admin`], and prints a table for people or, with `--json`,
+//! the API's JSON for scripts. Errors say what to do next.
+
+use std::path::Path;
+
+use anyhow::Context;
+use http::Method;
+
+use crate::admin::{self, Changed, EntryView, Selector, Status};
+use crate::config::Config;
+
+fn socket_of(config: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let cfg = Config::load(config).with_context(|| format!("reading {}", config.display()))?;
+    Ok(admin::socket_path(&cfg.node.data_dir))
+}
+
+/// `dicom-gateway status`.
+pub async fn status(config: &Path, json: bool) -> anyhow::Result<()> {
+    let sock = socket_of(config)?;
+    let v = admin::request(&sock, Method::GET, "/v1/status", None).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let st: Status = serde_json::from_value(v).context("unexpected status document")?;
+    println!(
+        "node {}: {}",
+        st.node,
+        if st.ready {
+            "ready".to_owned()
+        } else {
+            format!("NOT READY ({})", st.readiness)
+        }
+    );
+    let mut rows = vec![vec![
+        "DESTINATION".to_owned(),
+        "KIND".into(),
+        "QUEUED".into(),
+        "BYTES".into(),
+        "OLDEST".into(),
+        "IN FLIGHT".into(),
+        "DEAD".into(),
+        "CIRCUIT".into(),
+        "DELIVERED".into(),
+        "LAST ERROR".into(),
+    ]];
+    for d in &st.destinations {
+        rows.push(vec![
+            d.name.clone(),
+            d.kind.clone(),
+            d.queued.to_string(),
+            human_bytes(d.queued_bytes),
+            d.oldest_age_seconds
+                .map(human_age)
+                .unwrap_or_else(|| "-".into()),
+            d.in_flight.to_string(),
+            d.dead.to_string(),
+            d.circuit.clone(),
+            d.delivered.to_string(),
+            d.last_error.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    print_table(&rows);
+    Ok(())
+}
+
+/// `dicom-gateway queue list`.
+pub async fn queue_list(
+    config: &Path,
+    destination: Option<String>,
+    dead: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let sock = socket_of(config)?;
+    let mut path = "/v1/queue".to_owned();
+    let mut q = Vec::new();
+    if let Some(d) = &destination {
+        if !d
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            anyhow::bail!("{d:?} is not a destination name");
+        }
+        q.push(format!("destination={d}"));
+    }
+    if dead {
+        q.push("dead=1".into());
+    }
+    if !q.is_empty() {
+        path = format!("{path}?{}", q.join("&"));
+    }
+    let v = admin::request(&sock, Method::GET, &path, None).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let entries: Vec<EntryView> = serde_json::from_value(v).context("unexpected queue listing")?;
+    let mut rows = vec![vec![
+        "ID".to_owned(),
+        "DESTINATION".into(),
+        "STATE".into(),
+        "ATTEMPTS".into(),
+        "SIZE".into(),
+        "STUDY UID".into(),
+        "SOP INSTANCE UID".into(),
+        "LAST REASON".into(),
+    ]];
+    for e in &entries {
+        rows.push(vec![
+            e.id.clone(),
+            e.destination.clone(),
+            e.state.clone(),
+            e.attempts.to_string(),
+            human_bytes(e.size),
+            e.study_uid.clone(),
+            e.sop_instance_uid.clone(),
+            e.last_reason.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    print_table(&rows);
+    println!("{} entries", entries.len());
+    Ok(())
+}
+
+/// `dicom-gateway queue retry|purge`.
+pub async fn queue_change(
+    config: &Path,
+    selector: Selector,
+    purge: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let sock = socket_of(config)?;
+    let path = if purge {
+        "/v1/queue/purge"
+    } else {
+        "/v1/queue/retry"
+    };
+    let body = serde_json::to_vec(&selector)?;
+    let v = admin::request(&sock, Method::POST, path, Some(body)).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let c: Changed = serde_json::from_value(v).context("unexpected answer")?;
+    let verb = if purge { "purged" } else { "replayed" };
+    println!(
+        "{} matched, {} {verb}, {} skipped (being sent), {} skipped (not dead letters)",
+        c.matched, c.changed, c.skipped_in_flight, c.skipped_not_dead
+    );
+    if c.matched == 0 {
+        println!("nothing matched: `dicom-gateway queue list --config ...` shows what is queued");
+    }
+    Ok(())
+}
+
+fn print_table(rows: &[Vec<String>]) {
+    let cols = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .map(|r| r.get(c).map_or(0, |s| s.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, cell)| {
+                if i + 1 == cols {
+                    cell.clone()
+                } else {
+                    format!("{cell:<w$}", w = widths[i])
+                }
+            })
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn human_age(secs: f64) -> String {
+    let s = secs.max(0.0) as u64;
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}

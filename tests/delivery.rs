@@ -1,0 +1,248 @@
+//! Delivery guarantees end to end: dead letters, replay after a fix, and an outage of the
+//! peer site. Objects enter site A from pynetdicom (an independent sender, sending each
+//! file's bytes unchanged); site B delivers to DCMTK's `storescp`.
+
+use std::time::Duration;
+
+use dicom_gateway_e2e::*;
+
+/// A PACS that refuses a transfer syntax (DCMTK `storescp +xi`: Implicit VR Little Endian
+/// only) gets an Explicit VR object it cannot take. That object becomes a dead letter with
+/// the reason, within its budget, without holding back the objects behind it; `status`
+/// and `queue list` show it; after the PACS is fixed (restarted accepting every transfer
+/// syntax), replaying the dead letter delivers it exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_object_becomes_a_dead_letter_and_replays_after_the_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let pacs_out = tmp.path().join("pacs");
+    let pacs = Storescp::start_with(&pacs_out, port, &["+xi"]);
+    let mut sites = TwoSites::start(SiteOptions {
+        pacs_port: port,
+        a_listener_extra: String::new(),
+        a_spool: String::new(),
+        b_retry: r#"initial = "100ms", max_delay = "500ms", max_attempts = 3"#.into(),
+    })
+    .await;
+    // The refused object first in the queue, then the ones the PACS takes.
+    let objects = study(6, "DEAD^LETTER", 20_000);
+    let files = write_part10(&tmp.path().join("send"), &objects);
+    to_implicit(&files[1..]);
+    let good = file_datasets(&files[1..]);
+    let refused = file_datasets(&files[..1]);
+    assert_eq!(
+        send_with_pynetdicom(sites.a_dicom(), "GW_A", &files),
+        files.len()
+    );
+
+    let b = sites.b.as_ref().unwrap();
+    let delivered = eventually(Duration::from_secs(60), || {
+        pacs.received() == good && b.board.get("pacs").is_some_and(|s| s.dead == 1)
+    })
+    .await;
+    assert!(
+        delivered,
+        "PACS has {:?}, expected {good:?}; status {:?}",
+        pacs.received(),
+        b.board.get("pacs")
+    );
+    let st = admin_status(b).await;
+    let pacs_status = st.destinations.iter().find(|d| d.name == "pacs").unwrap();
+    assert_eq!((pacs_status.dead, pacs_status.queued), (1, 0), "{st:?}");
+    assert!(
+        pacs_status
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("presentation context")),
+        "{st:?}"
+    );
+    let dead = dicom_gateway::admin::request(
+        &b.admin_socket,
+        http::Method::GET,
+        "/v1/queue?destination=pacs&dead=1",
+        None,
+    )
+    .await
+    .unwrap();
+    let dead: Vec<dicom_gateway::admin::EntryView> = serde_json::from_value(dead).unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].sop_instance_uid, objects[0].sop_instance);
+    assert_eq!(dead[0].state, "dead");
+    assert!(
+        dead[0]
+            .last_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("no_presentation_context")),
+        "{dead:?}"
+    );
+    // The dead letter survives a restart of B, and is not retried.
+    sites.stop_b().await;
+    sites.start_b().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let b = sites.b.as_ref().unwrap();
+    assert_eq!(admin_status(b).await.destinations[0].dead, 1);
+    assert_eq!(pacs.received(), good, "a dead letter must not be retried");
+
+    // Fix the PACS, then replay.
+    drop(pacs);
+    let pacs = Storescp::start_with(&pacs_out, port, &["+xa"]);
+    let body = serde_json::to_vec(&dicom_gateway::admin::Selector {
+        destination: Some("pacs".into()),
+        dead: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let changed = dicom_gateway::admin::request(
+        &b.admin_socket,
+        http::Method::POST,
+        "/v1/queue/retry",
+        Some(body),
+    )
+    .await
+    .unwrap();
+    assert_eq!(changed["changed"], 1, "{changed}");
+    let mut all = good.clone();
+    all.extend(refused);
+    let replayed = eventually(Duration::from_secs(30), || {
+        pacs.received() == all
+            && b.board
+                .get("pacs")
+                .is_some_and(|s| s.dead == 0 && s.queued == 0)
+    })
+    .await;
+    assert!(replayed, "PACS has {:?}, expected {all:?}", pacs.received());
+    sites.stop().await;
+}
+
+/// Site B is down while A takes objects: A acknowledges them all, keeps them queued with
+/// its circuit open (status shows it, nothing is dead-lettered), and when B comes back the
+/// queue drains and every object arrives exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_link_outage_holds_the_queue_and_drains_when_the_peer_returns() {
+    let Fixture {
+        tmp,
+        pacs,
+        mut sites,
+    } = Fixture::start("", "").await;
+    sites.stop_b().await;
+    let objects = study(40, "LINK^OUTAGE", 30_000);
+    let files = write_part10(&tmp.path().join("send"), &objects);
+    assert_eq!(
+        send_with_pynetdicom(sites.a_dicom(), "GW_A", &files),
+        objects.len()
+    );
+    let a = sites.a.as_ref().unwrap();
+    // The premise: A holds everything, and knows the destination is down.
+    let held = eventually(Duration::from_secs(20), || {
+        a.board.get("site-b").is_some_and(|s| {
+            s.queued == objects.len() && s.circuit != dicom_gateway::dispatch::Circuit::Closed
+        })
+    })
+    .await;
+    let st = admin_status(a).await;
+    assert!(held, "{st:?}");
+    let d = &st.destinations[0];
+    assert_eq!(
+        (d.queued, d.dead, d.delivered),
+        (objects.len(), 0, 0),
+        "{st:?}"
+    );
+    assert!(
+        d.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("unavailable")),
+        "{st:?}"
+    );
+    assert_eq!(pacs.count(), 0);
+
+    sites.start_b().await;
+    let want = expected(&objects);
+    let drained = eventually(Duration::from_secs(60), || {
+        pacs.received() == want
+            && sites
+                .a
+                .as_ref()
+                .and_then(|a| a.board.get("site-b"))
+                .is_some_and(|s| s.queued == 0)
+    })
+    .await;
+    assert!(drained, "PACS has {} of {}", pacs.count(), objects.len());
+    assert_eq!(
+        admin_status(sites.a.as_ref().unwrap()).await.destinations[0].dead,
+        0
+    );
+    sites.stop().await;
+}
+
+/// Site A's data volume fills up (a 160 MiB tmpfs, `min_free = "64MiB"`). Objects past the
+/// watermark are refused with 0xA700 and leave nothing behind, `/readyz` and `status` say
+/// why, everything acknowledged is kept, and once space returns A accepts objects again
+/// without a restart; in the end every object reaches the PACS exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_volume_refuses_new_objects_and_resumes_without_a_restart() {
+    let Fixture {
+        tmp,
+        pacs,
+        mut sites,
+    } = Fixture::start("", "").await;
+    sites.stop_b().await;
+    let a_dir = sites.data_dir("a");
+    if let Some(a) = sites.a.take() {
+        a.stop().await;
+    }
+    let _volume = Tmpfs::mount(&a_dir, "160m");
+    sites.restart_a().await;
+    let ballast = fill_until_free(&a_dir, (64 + 20) << 20);
+
+    let objects = study(40, "VOLUME^FULL", 1 << 20);
+    let files = write_part10(&tmp.path().join("send"), &objects);
+    let stored = send_with_pynetdicom(sites.a_dicom(), "GW_A", &files);
+    // The premise: the volume really filled up part way.
+    assert!(stored > 0 && stored < files.len(), "stored {stored}");
+    let a = sites.a.as_ref().unwrap();
+    let st = admin_status(a).await;
+    assert!(!st.ready && st.readiness.contains("min_free"), "{st:?}");
+    assert_eq!(
+        a.spool().unwrap().object_count().unwrap(),
+        stored,
+        "only acknowledged objects are stored"
+    );
+
+    // Space returns: no restart.
+    std::fs::remove_file(&ballast).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || a
+            .readiness
+            .check(a.spool().unwrap())
+            .0)
+        .await
+    );
+    let listed =
+        dicom_gateway::admin::request(&a.admin_socket, http::Method::GET, "/v1/queue", None)
+            .await
+            .unwrap();
+    let listed: Vec<dicom_gateway::admin::EntryView> = serde_json::from_value(listed).unwrap();
+    let have: std::collections::HashSet<_> =
+        listed.iter().map(|e| e.sop_instance_uid.clone()).collect();
+    let rest: Vec<_> = files
+        .iter()
+        .zip(&objects)
+        .filter(|(_, o)| !have.contains(&o.sop_instance))
+        .map(|(f, _)| f.clone())
+        .collect();
+    assert_eq!(rest.len(), files.len() - stored);
+    assert_eq!(
+        send_with_pynetdicom(sites.a_dicom(), "GW_A", &rest),
+        rest.len()
+    );
+
+    sites.start_b().await;
+    let want = expected(&objects);
+    assert!(
+        eventually(Duration::from_secs(60), || pacs.received() == want).await,
+        "PACS has {} of {}",
+        pacs.count(),
+        objects.len()
+    );
+    sites.stop().await;
+}
