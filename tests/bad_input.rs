@@ -32,7 +32,7 @@ async fn wrong_called_ae_title_is_rejected_and_nothing_is_stored() {
     assert!(
         a.metrics
             .render()
-            .contains("dicom_gateway_connections_total{listener=\"lan\",result=\"rejected\"} 1")
+            .contains("dicom_gateway_associations_total{listener=\"lan\",result=\"rejected\"} 1")
     );
     // The right AE title on the same listener works (the test can tell the difference).
     assert_eq!(send(sites.a_dicom(), "GW_A", &objects).await, 2);
