@@ -351,8 +351,8 @@ gateway_run() { # run data-set
 	local deadline=$SECONDS
 	((rc != 0)) || deadline=$((SECONDS + 30))
 	while ((SECONDS < deadline)); do
-		(($(metric "http://127.0.0.1:$P_A_HTTP/metrics" dicom_gateway_objects_delivered_total site-b) >= ${#FILES[@]})) &&
-			(($(metric "http://127.0.0.1:$P_B_HTTP/metrics" dicom_gateway_objects_delivered_total pacs) >= ${#FILES[@]})) && break
+		(($(metric "http://127.0.0.1:$P_A_HTTP/metrics" dicom_gateway_forwarded_objects_total site-b) >= ${#FILES[@]})) &&
+			(($(metric "http://127.0.0.1:$P_B_HTTP/metrics" dicom_gateway_forwarded_objects_total pacs) >= ${#FILES[@]})) && break
 		sleep 0.2
 	done
 	curl -s -m 5 "http://127.0.0.1:$P_A_HTTP/metrics" >"$WORK/logs/$ds-metrics-a.txt" || true

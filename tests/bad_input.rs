@@ -32,7 +32,7 @@ async fn wrong_called_ae_title_is_rejected_and_nothing_is_stored() {
     // The server counts the rejection just after the client has seen it.
     assert!(
         eventually(Duration::from_secs(5), || a.metrics.render().contains(
-            "dicom_gateway_connections_total{listener=\"lan\",result=\"rejected\"} 1"
+            "dicom_gateway_associations_total{listener=\"lan\",result=\"rejected\"} 1"
         ))
         .await
     );

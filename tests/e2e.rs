@@ -56,13 +56,37 @@ async fn relays_byte_for_byte_and_leaves_no_plaintext_at_rest() {
     assert!(eventually(Duration::from_secs(10), || b.object_count().unwrap() == 0).await);
     drop((a, b));
 
-    // Metrics saw it, with no UID in any label.
+    // Metrics saw it, with no UID or name in any label value of either node.
     let metrics = sites.a.as_ref().unwrap().metrics.render();
     assert!(
-        metrics.contains("dicom_gateway_objects_delivered_total{destination=\"site-b\"} 25"),
+        metrics.contains("dicom_gateway_forwarded_objects_total{destination=\"site-b\"} 25"),
         "{metrics}"
     );
-    assert!(!metrics.contains(&instance_probe));
+    assert!(
+        metrics.contains("dicom_gateway_received_objects_total{listener=\"lan\"} 25"),
+        "{metrics}"
+    );
+    let metrics_b = sites.b.as_ref().unwrap().metrics.render();
+    assert!(
+        metrics_b.contains("dicom_gateway_received_objects_total{listener=\"wan\"} 25"),
+        "{metrics_b}"
+    );
+    let values: Vec<String> = [&metrics, &metrics_b]
+        .iter()
+        .flat_map(|m| label_values(m))
+        .collect();
+    // Positive control: the parser finds the configured names.
+    for want in ["lan", "wan", "site-b", "pacs", "success", "accepted"] {
+        assert!(values.iter().any(|v| v == want), "{want} not in {values:?}");
+    }
+    let mut needles: Vec<&str> = vec![marker, study_uid.as_str(), "ZZMARKER", "SCANTEST"];
+    needles.extend(objects.iter().map(|o| o.sop_instance.as_str()));
+    for v in &values {
+        assert!(!v.contains("2.25."), "a UID in a label value: {v}");
+        for n in &needles {
+            assert!(!v.contains(n), "{n} in a label value: {v}");
+        }
+    }
 
     sites.stop().await;
 
@@ -168,4 +192,22 @@ async fn restart_of_site_a_resumes_its_queue() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(pacs.received(), expected(&objects));
     sites.stop().await;
+}
+
+/// Every label value in a Prometheus text exposition.
+fn label_values(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let (Some(open), Some(close)) = (line.find('{'), line.rfind('}')) else {
+            continue;
+        };
+        let mut rest = &line[open + 1..close];
+        while let Some(eq) = rest.find("=\"") {
+            let after = &rest[eq + 2..];
+            let Some(end) = after.find('"') else { break };
+            out.push(after[..end].to_owned());
+            rest = &after[end + 1..];
+        }
+    }
+    out
 }

@@ -70,6 +70,9 @@ pub struct Config {
     /// Spool tuning.
     #[serde(default)]
     pub spool: SpoolSection,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogSection,
     /// Folder the config file was read from; relative paths were resolved against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -158,6 +161,27 @@ fn default_min_free() -> bytesize::ByteSize {
 }
 fn default_dedup_window_secs() -> u64 {
     7 * 24 * 3600
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// `text` (default) or `json` (one object per line, for a log collector). The command
+    /// line's `--log-format` wins over it.
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+/// How log lines are written (to stderr).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines; ANSI colours only when stderr is a terminal.
+    #[default]
+    Text,
+    /// One JSON object per line, never coloured.
+    Json,
 }
 
 /// `[[dicom_listener]]`
@@ -819,6 +843,15 @@ path = "received"
 
     fn err(text: &str) -> String {
         parse(text).expect_err("must be rejected").to_string()
+    }
+
+    #[test]
+    fn log_format_defaults_to_text_and_rejects_other_words() {
+        assert_eq!(parse(GOOD).unwrap().log.format, LogFormat::Text);
+        let c = parse(&format!("{GOOD}\n[log]\nformat = \"json\"\n")).unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
+        let e = err(&format!("{GOOD}\n[log]\nformat = \"xml\"\n"));
+        assert!(e.contains("xml") || e.contains("format"), "{e}");
     }
 
     #[test]

@@ -143,8 +143,8 @@ struct Slot {
     in_flight: bool,
 }
 
-/// What a send task reports.
-type SendOutcome = (u64, Result<(), DeliveryError>);
+/// What a send task reports: the entry, how long the attempt took, and its result.
+type SendOutcome = (u64, Duration, Result<(), DeliveryError>);
 
 /// The circuit breaker of one destination.
 struct Breaker {
@@ -245,8 +245,11 @@ pub async fn run(
         opens: 0,
         until: now,
     };
-    let depth = metrics.queue_depth.with_label_values(&[&name]);
-    let dead_gauge = metrics.queue_parked.with_label_values(&[&name]);
+    let depth = metrics.queue_objects.with_label_values(&[&name]);
+    let dead_gauge = metrics.dead_letter_objects.with_label_values(&[&name]);
+    let bytes_gauge = metrics.queue_bytes.with_label_values(&[&name]);
+    let oldest_gauge = metrics.queue_oldest_age.with_label_values(&[&name]);
+    let circuit_gauge = metrics.circuit_open.with_label_values(&[&name]);
     let mut tasks: JoinSet<SendOutcome> = JoinSet::new();
     let mut stop_deadline: Option<Instant> = None;
     let mut local_failing = false;
@@ -255,6 +258,9 @@ pub async fn run(
         spool.set_destination_full(&name, status.queued >= dest.max_queue);
         depth.set(status.queued as i64);
         dead_gauge.set(status.dead as i64);
+        bytes_gauge.set(status.queued_bytes as i64);
+        oldest_gauge.set(status.oldest_age_seconds.unwrap_or(0.0));
+        circuit_gauge.set(i64::from(status.circuit != Circuit::Closed));
         // Launch what is due, oldest first, as far as the circuit and concurrency allow.
         let now = Instant::now();
         if !shutdown.is_cancelled() {
@@ -274,11 +280,12 @@ pub async fn run(
                 let seq = slot.entry.seq;
                 let object = slot.entry.object;
                 tasks.spawn(async move {
+                    let started = Instant::now();
                     let result = match spool.open_object(object).await {
                         Ok(reader) => sender.send(reader).await,
                         Err(e) => Err(DeliveryError::from_spool(e)),
                     };
-                    (seq, result)
+                    (seq, started.elapsed(), result)
                 });
                 if breaker.state == Circuit::HalfOpen {
                     break;
@@ -316,7 +323,7 @@ pub async fn run(
                 }
             },
             Some(joined) = tasks.join_next() => {
-                let Ok((seq, result)) = joined else { continue };
+                let Ok((seq, took, result)) = joined else { continue };
                 let Some(slot) = slots.get_mut(&seq) else { continue };
                 slot.in_flight = false;
                 match result {
@@ -330,13 +337,15 @@ pub async fn run(
                             Ok(_) => {
                                 let slot = slots.remove(&seq);
                                 status.delivered += 1;
-                                metrics.objects_delivered.with_label_values(&[&name]).inc();
+                                metrics.forwarded_objects.with_label_values(&[&name]).inc();
+                                metrics.forward_duration.with_label_values(&[&name]).observe(took.as_secs_f64());
                                 if let Some(s) = slot {
-                                    metrics.bytes_delivered.with_label_values(&[&name]).inc_by(s.length);
+                                    metrics.forwarded_bytes.with_label_values(&[&name]).inc_by(s.length);
                                     let age_ms = crate::spool::now_ms().saturating_sub(s.received_at_ms);
-                                    metrics.delivery_seconds.with_label_values(&[&name]).observe(age_ms as f64 / 1000.0);
+                                    metrics.end_to_end.with_label_values(&[&name]).observe(age_ms as f64 / 1000.0);
+                                    // One line per delivered object; the id is random, never a UID.
+                                    info!(destination = %name, object = %entry.object, bytes = s.length, attempts = s.failures.attempts + 1, send_ms = took.as_millis() as u64, end_to_end_ms = age_ms, "delivered");
                                 }
-                                debug!(destination = %name, object = %entry.object, "delivered");
                             }
                             Err(e) => {
                                 // Delivered but not recorded: it is sent again (at least once),
@@ -348,9 +357,12 @@ pub async fn run(
                     }
                     Err(err) => {
                         metrics
-                            .delivery_failures
-                            .with_label_values(&[&name, err.kind()])
+                            .forward_failures
+                            .with_label_values(&[&name, err.reason()])
                             .inc();
+                        if matches!(err.reason(), "integrity" | "missing_data") {
+                            metrics.integrity_failures.with_label_values(&["spool"]).inc();
+                        }
                         status.last_error = Some(err.to_string());
                         status.last_error_at_ms = Some(crate::spool::now_ms());
                         handle_failure(&name, &policy, &spool, &mut breaker, &mut local_failing, slot, err).await;

@@ -30,9 +30,10 @@
 //! Supporting modules: [`config`] (TOML), [`dimse`] (command-set codec and statuses),
 //! [`dataset`] (Part-10 framing and the identity scanner), [`sop`] (storage SOP classes and
 //! transfer syntaxes), [`tls`] (rustls configs and peer identity), [`metrics`] (every metric
-//! name), [`admin_http`] (`/healthz`, `/readyz`, `/metrics`), [`admin`] (the operator's
-//! Unix socket: status, queues, dead letters), [`node`] (wiring one node),
-//! [`pki`] (development PKI), [`demo`] (the two-site demo).
+//! name), [`observe`] (scrape-time gauges and zero series), [`admin_http`] (`/healthz`,
+//! `/readyz`, `/metrics`), [`admin`] (the operator's Unix socket: status, queues, dead
+//! letters), [`node`] (wiring one node), [`pki`] (development PKI), [`demo`] (the two-site
+//! demo).
 //!
 //! ## Invariants
 //! 1. A C-STORE or STOW-RS request is acknowledged with success only after the object, its
@@ -58,6 +59,7 @@ pub mod dimse;
 pub mod dispatch;
 pub mod metrics;
 pub mod node;
+pub mod observe;
 pub mod pki;
 pub mod receive;
 pub mod relay;

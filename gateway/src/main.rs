@@ -1,11 +1,12 @@
 //! The `dicom-gateway` command line: a thin shell over the library.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
-use dicom_gateway::config::Config;
+use clap::{Parser, Subcommand, ValueEnum};
+use dicom_gateway::config::{Config, LogFormat};
 use dicom_gateway::node::Node;
 use tracing::info;
 
@@ -16,8 +17,28 @@ use tracing::info;
     about = "Secure DICOM store-and-forward gateway"
 )]
 struct Cli {
+    /// Log line format on stderr (default: `[log] format` of the config, else text).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormatArg>,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormatArg {
+    /// Human-readable lines (ANSI colours only when stderr is a terminal).
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl From<LogFormatArg> for LogFormat {
+    fn from(a: LogFormatArg) -> LogFormat {
+        match a {
+            LogFormatArg::Text => LogFormat::Text,
+            LogFormatArg::Json => LogFormat::Json,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -145,13 +166,23 @@ enum KeysCommand {
 /// EX_USAGE: a configuration error.
 const EX_USAGE: u8 = 64;
 
-fn init_logging(default: &str) {
+/// Logs go to stderr (stdout is for command output), coloured only on a terminal.
+fn init_logging(default: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => fmt.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => fmt
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_ansi(false)
+            .init(),
+    }
 }
 
 fn main() -> ExitCode {
@@ -168,7 +199,6 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Serve { config } => {
-            init_logging("info");
             let cfg = match Config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -176,6 +206,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EX_USAGE);
                 }
             };
+            init_logging("info", cli.log_format.map_or(cfg.log.format, Into::into));
             runtime.block_on(async {
                 let node = match Node::start(cfg).await {
                     Ok(n) => n,
@@ -204,7 +235,7 @@ fn main() -> ExitCode {
             object_kib,
             keep_running,
         } => {
-            init_logging("warn");
+            init_logging("warn", cli.log_format.map_or(LogFormat::Text, Into::into));
             let opts = dicom_gateway::demo::DemoOptions {
                 dir,
                 studies,

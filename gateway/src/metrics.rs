@@ -1,132 +1,413 @@
 //! Every metric the gateway exports, in one place, so a dashboard change is one diff.
 //!
-//! Invariant: label values are configuration names (listener, destination) or fixed words
-//! (result, reason); never a UID, AE title from a peer, or anything from a data set.
+//! Names follow Prometheus conventions: prefix `dicom_gateway_`, base units (seconds, bytes),
+//! `_total` for counters, `_timestamp_seconds` for points in time. The catalogue is the one
+//! of tracker issue 9; `CHANGELOG.md` lists the names that changed from the spine's.
+//!
+//! Invariant: label sets are bounded. A label value is a configuration name (listener,
+//! destination), one of the fixed words of this file (result, status, reason, stage,
+//! operation, certificate), or the build's version. Never a UID, an AE title or address from
+//! a peer, or anything read from a data set.
+//!
+//! Values that are cheap to read but not pushed by the code that owns them (disk space,
+//! RocksDB's counters) are refreshed at scrape time by the hooks registered with
+//! [`Metrics::on_scrape`] (see [`crate::observe`]).
+
+use std::sync::Mutex;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
+
+/// A hook run before each scrape to refresh gauges.
+type ScrapeHook = Box<dyn Fn(&Metrics) + Send + Sync>;
 
 /// The gateway's metrics and their registry.
 pub struct Metrics {
     registry: Registry,
-    /// Objects accepted and committed, by listener.
-    pub objects_received: IntCounterVec,
-    /// Bytes accepted and committed, by listener.
-    pub bytes_received: IntCounterVec,
-    /// Objects refused, by listener and reason.
-    pub objects_refused: IntCounterVec,
-    /// Data sets whose SOP Class or Instance UID differed from their C-STORE command, by
-    /// listener.
+    hooks: Mutex<Vec<ScrapeHook>>,
+
+    // ---------------------------------------------------------------- ingest
+    /// `received_objects_total{listener}`: objects accepted after a synced commit (DICOM and
+    /// link listeners; an identical link re-send is not counted twice).
+    pub received_objects: IntCounterVec,
+    /// `received_bytes_total{listener}`: bytes of those objects.
+    pub received_bytes: IntCounterVec,
+    /// `cstore_responses_total{listener,status}`: C-STORE responses sent, by
+    /// [`cstore_status`] word.
+    pub cstore_responses: IntCounterVec,
+    /// `link_parts_total{listener,result}`: STOW-RS parts answered by a link listener
+    /// (`stored`, `duplicate`, `conflict`, `bad_request`, `unavailable`).
+    pub link_parts: IntCounterVec,
+    /// `associations_total{listener,result}`: DICOM associations and link connections
+    /// (`accepted`, `rejected`, `timeout`, `over_limit`, `handshake_failed`).
+    pub associations: IntCounterVec,
+    /// `associations_active{listener}`: associations and link connections open now.
+    pub associations_active: IntGaugeVec,
+    /// `store_duration_seconds{listener}`: from the last PDV (or the end of a link part) to
+    /// the response being sent: the ack latency, including the fsync.
+    pub store_duration: HistogramVec,
+    /// `uid_mismatch_total{listener}`: objects refused because the data set's SOP Class or
+    /// Instance UID differs from the C-STORE command (0xA900).
     pub uid_mismatch: IntCounterVec,
-    /// Associations or link connections, by listener and result.
-    pub connections: IntCounterVec,
-    /// Objects delivered, by destination.
-    pub objects_delivered: IntCounterVec,
-    /// Bytes delivered, by destination.
-    pub bytes_delivered: IntCounterVec,
-    /// Failed delivery attempts, by destination and kind (transient, permanent).
-    pub delivery_failures: IntCounterVec,
-    /// Objects waiting, by destination.
-    pub queue_depth: IntGaugeVec,
-    /// Objects parked after a permanent refusal, by destination.
-    pub queue_parked: IntGaugeVec,
-    /// Seconds from receipt to confirmed delivery, by destination.
-    pub delivery_seconds: HistogramVec,
+
+    // ---------------------------------------------------- relay and delivery
+    /// `forwarded_objects_total{destination}`: objects the destination confirmed.
+    pub forwarded_objects: IntCounterVec,
+    /// `forwarded_bytes_total{destination}`: bytes of those objects.
+    pub forwarded_bytes: IntCounterVec,
+    /// `forward_failures_total{destination,reason}`: failed send attempts. Reasons are a
+    /// fixed set chosen by the dispatcher (today `transient`, `permanent`).
+    pub forward_failures: IntCounterVec,
+    /// `forward_duration_seconds{destination}`: one send attempt that succeeded, from opening
+    /// the object to the destination's confirmation. Not wired yet (dispatcher).
+    pub forward_duration: HistogramVec,
+    /// `end_to_end_seconds{destination}`: from receipt at this node to the destination's
+    /// confirmation. On the first node of a chain this is receipt to the peer's synced commit.
+    pub end_to_end: HistogramVec,
+    /// `queue_objects{destination}`: objects waiting (dead letters not included).
+    pub queue_objects: IntGaugeVec,
+    /// `queue_bytes{destination}`: bytes waiting. Not wired yet (dispatcher).
+    pub queue_bytes: IntGaugeVec,
+    /// `queue_oldest_age_seconds{destination}`: age of the oldest waiting object, 0 when the
+    /// queue is empty. Not wired yet (dispatcher).
+    pub queue_oldest_age: GaugeVec,
+    /// `dead_letter_objects{destination}`: objects refused permanently and kept for an
+    /// operator.
+    pub dead_letter_objects: IntGaugeVec,
+    /// `circuit_open{destination}`: 1 while sends to the destination are suspended, else 0.
+    /// Not wired yet (dispatcher).
+    pub circuit_open: IntGaugeVec,
+
+    // -------------------------------------------------------------- security
+    /// `tls_handshake_failures_total{listener,reason}`: failed TLS handshakes on a link
+    /// listener, by [`tls_failure_reason`] word.
+    pub tls_handshake_failures: IntCounterVec,
+    /// `certificate_expiry_timestamp_seconds{certificate}`: notAfter of the node's certificate
+    /// (`node`) and of each CA certificate it trusts (`ca`, the earliest).
+    pub certificate_expiry: GaugeVec,
+    /// `crl_next_update_timestamp_seconds{crl}`: nextUpdate of each configured CRL. Not wired
+    /// yet (no CRL support).
+    pub crl_next_update: GaugeVec,
+    /// `integrity_failures_total{stage}`: a digest or authentication tag that did not match
+    /// (`link_digest`: a STOW part whose Content-Digest differs; `spool`: a segment that failed
+    /// to open).
+    pub integrity_failures: IntCounterVec,
+    /// `kek_operations_total{operation,kek_version}`: key-encryption-key operations (wrap,
+    /// unwrap, rotate, shred). Not wired yet (keystore).
+    pub kek_operations: IntCounterVec,
+
+    // --------------------------------------------------------------- storage
+    /// `disk_free_bytes`: bytes available to the gateway on the data directory's volume.
+    pub disk_free_bytes: IntGauge,
+    /// `db_background_error`: 1 once RocksDB reported a background error (it is then
+    /// read-only until restarted), else 0.
+    pub db_background_error: IntGauge,
+    /// `db_size_bytes`: bytes in RocksDB's SST and blob files.
+    pub db_size_bytes: IntGauge,
+    /// `db_pending_compaction_bytes`: bytes RocksDB estimates compaction still has to rewrite.
+    pub db_pending_compaction_bytes: IntGauge,
+    /// `build_info{version}`: always 1.
+    pub build_info: IntGaugeVec,
+}
+
+/// Ack latency buckets: an fsync is 0.1 to 20 ms on most disks.
+const STORE_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// One send: milliseconds on a LAN to minutes for a large object over a slow link.
+const FORWARD_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+/// End to end: includes time queued while a link is down (hours).
+const END_TO_END_BUCKETS: &[f64] = &[
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0,
+];
+
+/// The word for a C-STORE status in `cstore_responses_total{status}` (a bounded set).
+pub fn cstore_status(code: u16) -> &'static str {
+    match code {
+        0x0000 => "success",
+        0xB000..=0xBFFF | 0x0107 | 0x0116 => "warning",
+        0xA700..=0xA7FF => "out_of_resources",
+        0xA900..=0xA9FF => "dataset_mismatch",
+        0xC000..=0xCFFF => "cannot_understand",
+        0x0115 => "invalid_argument",
+        0x0110 => "processing_failure",
+        0x0122 => "sop_class_not_supported",
+        0x0211 => "unrecognized_operation",
+        _ => "other_failure",
+    }
+}
+
+/// Every word [`tls_failure_reason`] returns, plus `timeout` (created at zero per link
+/// listener, so that `increase()` sees the first failure).
+pub const TLS_FAILURE_REASONS: &[&str] = &[
+    "eof",
+    "io",
+    "timeout",
+    "no_certificate",
+    "unknown_ca",
+    "peer_not_allowed",
+    "certificate_expired",
+    "certificate_revoked",
+    "bad_certificate",
+    "protocol_version",
+    "incompatible",
+    "bad_signature",
+    "alert_received",
+    "protocol_error",
+    "other",
+];
+
+/// The word for a failed TLS handshake in `tls_handshake_failures_total{reason}`.
+pub fn tls_failure_reason(e: &std::io::Error) -> &'static str {
+    use rustls::{CertificateError, Error, PeerIncompatible, PeerMisbehaved};
+    let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<Error>()) else {
+        return match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => "eof",
+            _ => "io",
+        };
+    };
+    match tls {
+        Error::NoCertificatesPresented => "no_certificate",
+        Error::InvalidCertificate(CertificateError::UnknownIssuer) => "unknown_ca",
+        Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure) => {
+            "peer_not_allowed"
+        }
+        Error::InvalidCertificate(
+            CertificateError::Expired
+            | CertificateError::ExpiredContext { .. }
+            | CertificateError::NotValidYet
+            | CertificateError::NotValidYetContext { .. },
+        ) => "certificate_expired",
+        Error::InvalidCertificate(CertificateError::Revoked) => "certificate_revoked",
+        Error::InvalidCertificate(_) => "bad_certificate",
+        Error::PeerIncompatible(PeerIncompatible::SupportedVersionsExtensionRequired) => {
+            "protocol_version"
+        }
+        Error::PeerIncompatible(_) => "incompatible",
+        Error::PeerMisbehaved(PeerMisbehaved::SignedHandshakeWithUnadvertisedSigScheme) => {
+            "bad_signature"
+        }
+        Error::AlertReceived(_) => "alert_received",
+        Error::InvalidMessage(_)
+        | Error::InappropriateMessage { .. }
+        | Error::InappropriateHandshakeMessage { .. }
+        | Error::PeerMisbehaved(_) => "protocol_error",
+        _ => "other",
+    }
 }
 
 impl Metrics {
     /// Create and register every metric.
     pub fn new() -> Metrics {
         let registry = Registry::new();
-        let cv = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(format!("dicom_gateway_{name}"), help), labels)
+        let name = |n: &str| format!("dicom_gateway_{n}");
+        let reg = |c: Box<dyn prometheus::core::Collector>| {
+            registry.register(c).expect("metric registered once");
+        };
+        let cv = |n: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name(n), help), labels)
                 .expect("static metric definition");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("metric registered once");
+            reg(Box::new(c.clone()));
             c
         };
-        let gv = |name: &str, help: &str, labels: &[&str]| {
-            let g = IntGaugeVec::new(Opts::new(format!("dicom_gateway_{name}"), help), labels)
+        let gv = |n: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name(n), help), labels)
                 .expect("static metric definition");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("metric registered once");
+            reg(Box::new(g.clone()));
             g
         };
-        let delivery_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "dicom_gateway_delivery_seconds",
-                "Seconds from commit to confirmed delivery",
+        let fgv = |n: &str, help: &str, labels: &[&str]| {
+            let g =
+                GaugeVec::new(Opts::new(name(n), help), labels).expect("static metric definition");
+            reg(Box::new(g.clone()));
+            g
+        };
+        let g = |n: &str, help: &str| {
+            let g =
+                IntGauge::with_opts(Opts::new(name(n), help)).expect("static metric definition");
+            reg(Box::new(g.clone()));
+            g
+        };
+        let hv = |n: &str, help: &str, labels: &[&str], buckets: &[f64]| {
+            let h = HistogramVec::new(
+                HistogramOpts::new(name(n), help).buckets(buckets.to_vec()),
+                labels,
             )
-            .buckets(vec![
-                0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0, 3600.0,
-            ]),
+            .expect("static metric definition");
+            reg(Box::new(h.clone()));
+            h
+        };
+        let forwarded_objects = cv(
+            "forwarded_objects_total",
+            "Objects the destination confirmed",
             &["destination"],
-        )
-        .expect("static metric definition");
-        registry
-            .register(Box::new(delivery_seconds.clone()))
-            .expect("metric registered once");
+        );
+        let forwarded_bytes = cv(
+            "forwarded_bytes_total",
+            "Bytes of objects the destination confirmed",
+            &["destination"],
+        );
+        let forward_failures = cv(
+            "forward_failures_total",
+            "Failed send attempts",
+            &["destination", "reason"],
+        );
+        let end_to_end = hv(
+            "end_to_end_seconds",
+            "Seconds from receipt at this node to the destination's confirmation",
+            &["destination"],
+            END_TO_END_BUCKETS,
+        );
+        let queue_objects = gv(
+            "queue_objects",
+            "Objects waiting for a destination (dead letters excluded)",
+            &["destination"],
+        );
+        let dead_letter_objects = gv(
+            "dead_letter_objects",
+            "Objects refused permanently and kept for an operator",
+            &["destination"],
+        );
+        let build_info = gv(
+            "build_info",
+            "Always 1; the version is a label",
+            &["version"],
+        );
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         Metrics {
-            objects_received: cv(
-                "objects_received_total",
+            received_objects: cv(
+                "received_objects_total",
                 "Objects accepted after a synced commit",
                 &["listener"],
             ),
-            bytes_received: cv(
-                "bytes_received_total",
-                "Bytes accepted after a synced commit",
+            received_bytes: cv(
+                "received_bytes_total",
+                "Bytes of objects accepted after a synced commit",
                 &["listener"],
             ),
-            objects_refused: cv(
-                "objects_refused_total",
-                "Objects refused",
-                &["listener", "reason"],
+            cstore_responses: cv(
+                "cstore_responses_total",
+                "C-STORE responses sent",
+                &["listener", "status"],
+            ),
+            link_parts: cv(
+                "link_parts_total",
+                "STOW-RS parts answered by a link listener",
+                &["listener", "result"],
+            ),
+            associations: cv(
+                "associations_total",
+                "Incoming DICOM associations and link connections",
+                &["listener", "result"],
+            ),
+            associations_active: gv(
+                "associations_active",
+                "DICOM associations and link connections open now",
+                &["listener"],
+            ),
+            store_duration: hv(
+                "store_duration_seconds",
+                "Seconds from the last data received to the response sent (ack latency, with fsync)",
+                &["listener"],
+                STORE_BUCKETS,
             ),
             uid_mismatch: cv(
                 "uid_mismatch_total",
-                "Data sets whose SOP Class or Instance UID differed from the C-STORE command",
+                "Objects refused because the data set's SOP UIDs differ from the command",
                 &["listener"],
             ),
-            connections: cv(
-                "connections_total",
-                "Incoming associations and link connections",
-                &["listener", "result"],
+            forward_duration: hv(
+                "forward_duration_seconds",
+                "Seconds of one successful send, from opening the object to confirmation",
+                &["destination"],
+                FORWARD_BUCKETS,
             ),
-            objects_delivered: cv(
-                "objects_delivered_total",
-                "Objects confirmed by a destination",
+            queue_bytes: gv(
+                "queue_bytes",
+                "Bytes waiting for a destination",
                 &["destination"],
             ),
-            bytes_delivered: cv(
-                "bytes_delivered_total",
-                "Bytes confirmed by a destination",
+            queue_oldest_age: fgv(
+                "queue_oldest_age_seconds",
+                "Age of the oldest object waiting for a destination (0 if none)",
                 &["destination"],
             ),
-            delivery_failures: cv(
-                "delivery_failures_total",
-                "Failed delivery attempts",
-                &["destination", "kind"],
-            ),
-            queue_depth: gv(
-                "queue_depth",
-                "Objects waiting for a destination",
+            circuit_open: gv(
+                "circuit_open",
+                "1 while sends to the destination are suspended",
                 &["destination"],
             ),
-            queue_parked: gv(
-                "queue_parked",
-                "Objects refused permanently and kept for an operator",
-                &["destination"],
+            tls_handshake_failures: cv(
+                "tls_handshake_failures_total",
+                "Failed TLS handshakes on link listeners",
+                &["listener", "reason"],
             ),
-            delivery_seconds,
+            certificate_expiry: fgv(
+                "certificate_expiry_timestamp_seconds",
+                "notAfter of the node's certificate and of its CA, in Unix seconds",
+                &["certificate"],
+            ),
+            crl_next_update: fgv(
+                "crl_next_update_timestamp_seconds",
+                "nextUpdate of each configured CRL, in Unix seconds",
+                &["crl"],
+            ),
+            integrity_failures: cv(
+                "integrity_failures_total",
+                "Digests or authentication tags that did not match",
+                &["stage"],
+            ),
+            kek_operations: cv(
+                "kek_operations_total",
+                "Key-encryption-key operations",
+                &["operation", "kek_version"],
+            ),
+            disk_free_bytes: g(
+                "disk_free_bytes",
+                "Bytes available on the data directory's volume",
+            ),
+            db_background_error: g(
+                "db_background_error",
+                "1 once RocksDB reported a background error (read-only until restart)",
+            ),
+            db_size_bytes: g("db_size_bytes", "Bytes in RocksDB's SST and blob files"),
+            db_pending_compaction_bytes: g(
+                "db_pending_compaction_bytes",
+                "Bytes RocksDB estimates compaction still has to rewrite",
+            ),
+            forwarded_objects,
+            forwarded_bytes,
+            forward_failures,
+            end_to_end,
+            queue_objects,
+            dead_letter_objects,
+            build_info,
+            hooks: Mutex::new(Vec::new()),
             registry,
+        }
+    }
+
+    /// Run `hook` before every scrape (to refresh gauges read from elsewhere). It must be
+    /// quick and must not block on I/O beyond a `statvfs`.
+    pub fn on_scrape(&self, hook: impl Fn(&Metrics) + Send + Sync + 'static) {
+        if let Ok(mut h) = self.hooks.lock() {
+            h.push(Box::new(hook));
         }
     }
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
+        if let Ok(hooks) = self.hooks.lock() {
+            for h in hooks.iter() {
+                h(self);
+            }
+        }
         let mut buf = Vec::new();
         let enc = TextEncoder::new();
         if enc.encode(&self.registry.gather(), &mut buf).is_err() {
@@ -136,8 +417,105 @@ impl Metrics {
     }
 }
 
+/// Holds a gauge one higher while it lives (an open association): dropping it at any
+/// `.await` still decrements.
+pub struct ActiveGuard(IntGauge);
+
+impl ActiveGuard {
+    /// Increment `gauge` until the guard is dropped.
+    pub fn new(gauge: IntGauge) -> ActiveGuard {
+        gauge.inc();
+        ActiveGuard(gauge)
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        let m = Metrics::new();
+        // One series of each vector, so that every family is gathered.
+        for c in [
+            &m.received_objects,
+            &m.received_bytes,
+            &m.uid_mismatch,
+            &m.forwarded_objects,
+            &m.forwarded_bytes,
+        ] {
+            c.with_label_values(&["x"]).inc();
+        }
+        for c in [
+            &m.cstore_responses,
+            &m.link_parts,
+            &m.associations,
+            &m.forward_failures,
+            &m.tls_handshake_failures,
+            &m.kek_operations,
+        ] {
+            c.with_label_values(&["x", "y"]).inc();
+        }
+        m.integrity_failures.with_label_values(&["x"]).inc();
+        for g in [
+            &m.associations_active,
+            &m.queue_objects,
+            &m.queue_bytes,
+            &m.dead_letter_objects,
+            &m.circuit_open,
+        ] {
+            g.with_label_values(&["x"]).set(1);
+        }
+        for g in [
+            &m.queue_oldest_age,
+            &m.certificate_expiry,
+            &m.crl_next_update,
+        ] {
+            g.with_label_values(&["x"]).set(1.0);
+        }
+        for h in [&m.store_duration, &m.forward_duration, &m.end_to_end] {
+            h.with_label_values(&["x"]).observe(1.0);
+        }
+        let families = m.registry.gather();
+        assert_eq!(families.len(), 28, "one family per metric of the catalogue");
+        for f in families {
+            let n = f.name();
+            assert!(n.starts_with("dicom_gateway_"), "{n}");
+            match f.get_field_type() {
+                prometheus::proto::MetricType::COUNTER => assert!(n.ends_with("_total"), "{n}"),
+                _ => assert!(!n.ends_with("_total"), "{n}"),
+            }
+            assert!(
+                !n.contains("millis") && !n.contains("_ms"),
+                "{n}: base units"
+            );
+        }
+    }
+
+    #[test]
+    fn scrape_hooks_run_before_render() {
+        let m = Metrics::new();
+        m.on_scrape(|m| m.disk_free_bytes.set(42));
+        assert!(m.render().contains("dicom_gateway_disk_free_bytes 42"));
+    }
+
+    #[test]
+    fn status_words_are_bounded() {
+        let words: std::collections::HashSet<_> = (0..=u16::MAX).map(cstore_status).collect();
+        assert!(words.len() <= 10, "{words:?}");
+        assert_eq!(cstore_status(0xA900), "dataset_mismatch");
+        assert_eq!(cstore_status(0xA701), "out_of_resources");
     }
 }

@@ -103,6 +103,7 @@ impl Node {
                 )
             })?;
         let metrics = Arc::new(Metrics::new());
+        crate::observe::install(&metrics, &cfg, &spool).with_context(|| file.clone())?;
         let client_tls = match &cfg.tls {
             Some(t) => Some(Arc::new(crate::tls::client_config(t)?)),
             None => None,

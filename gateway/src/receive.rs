@@ -15,7 +15,7 @@
 //!   partial object, and nothing committed is affected.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dicom_ul::association::AsyncServerAssociation;
 use dicom_ul::association::server::{AccessControl, DefaultNegotiation};
@@ -31,7 +31,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::DicomListener;
 use crate::dimse::{self, Command, field, status};
-use crate::metrics::Metrics;
+use crate::metrics::{ActiveGuard, Metrics, cstore_status};
 use crate::spool::{Ingest, ObjectWriter, Spool, SpoolError};
 
 /// Checks the called AE title against ours and the calling AE title against the allow-list.
@@ -121,7 +121,7 @@ impl DicomServer {
                 warn!(listener = %server.cfg.name, %peer, "too many associations; closing connection");
                 server
                     .metrics
-                    .connections
+                    .associations
                     .with_label_values(&[&server.cfg.name, "over_limit"])
                     .inc();
                 drop(socket);
@@ -140,46 +140,73 @@ impl DicomServer {
 
     async fn handle(&self, socket: TcpStream, shutdown: CancellationToken) {
         let name = &self.cfg.name;
-        let peer = socket.peer_addr().ok();
+        let started = Instant::now();
+        let peer = socket
+            .peer_addr()
+            .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
         let _ = socket.set_nodelay(true);
         let timeout = Duration::from_secs(self.cfg.timeout_secs);
         let assoc = match tokio::time::timeout(timeout, self.options.establish_async(socket)).await
         {
             Ok(Ok(a)) => a,
             Ok(Err(e)) => {
-                info!(listener = %name, ?peer, error = %e, "association refused");
+                info!(listener = %name, %peer, error = %e, "association refused");
                 self.metrics
-                    .connections
+                    .associations
                     .with_label_values(&[name, "rejected"])
                     .inc();
                 return;
             }
             Err(_) => {
-                info!(listener = %name, ?peer, "association negotiation timed out");
+                info!(listener = %name, %peer, "association negotiation timed out");
                 self.metrics
-                    .connections
+                    .associations
                     .with_label_values(&[name, "timeout"])
                     .inc();
                 return;
             }
         };
         self.metrics
-            .connections
+            .associations
             .with_label_values(&[name, "accepted"])
             .inc();
-        debug!(listener = %name, ?peer, "association accepted");
+        let _active = ActiveGuard::new(self.metrics.associations_active.with_label_values(&[name]));
+        let calling_ae = {
+            use dicom_ul::association::Association;
+            assoc.peer_ae_title().trim().to_owned()
+        };
+        debug!(listener = %name, %peer, %calling_ae, "association accepted");
         let mut session = Session {
             server: self,
             assoc,
             command: Vec::new(),
             state: State::Idle,
+            objects: 0,
+            bytes: 0,
+            refused: 0,
         };
-        match session.run(shutdown).await {
+        let outcome = session.run(shutdown).await;
+        let end = match &outcome {
+            Outcome::Released => "released",
+            Outcome::Aborted => "aborted",
             Outcome::Closed(reason) => {
-                debug!(listener = %name, ?peer, %reason, "association closed")
+                debug!(listener = %name, %peer, %reason, "association closed");
+                "closed"
             }
-            outcome => debug!(listener = %name, ?peer, ?outcome, "association ended"),
-        }
+            Outcome::Shutdown => "shutdown",
+        };
+        // One line per association: a busy node logs one line per study, not per object.
+        info!(
+            listener = %name,
+            %peer,
+            %calling_ae,
+            objects = session.objects,
+            bytes = session.bytes,
+            refused = session.refused,
+            duration_ms = started.elapsed().as_millis() as u64,
+            end = %end,
+            "association ended"
+        );
     }
 }
 
@@ -212,6 +239,12 @@ struct Session<'a> {
     assoc: AsyncServerAssociation<TcpStream>,
     command: Vec<u8>,
     state: State,
+    /// Objects stored on this association (for its log line).
+    objects: u64,
+    /// Bytes of those objects.
+    bytes: u64,
+    /// C-STORE requests refused.
+    refused: u64,
 }
 
 impl Session<'_> {
@@ -317,6 +350,7 @@ impl Session<'_> {
             }
             field::C_STORE_RQ => {
                 if !cmd.has_data_set {
+                    self.count_response(status::CANNOT_UNDERSTAND);
                     return self
                         .respond(context_id, &cmd.response(status::CANNOT_UNDERSTAND))
                         .await;
@@ -437,7 +471,25 @@ impl Session<'_> {
         }
     }
 
+    /// Count one C-STORE response with `code` (and a refusal on the association).
+    fn count_response(&mut self, code: u16) {
+        let server = self.server;
+        let m = &server.metrics;
+        let listener = server.cfg.name.as_str();
+        m.cstore_responses
+            .with_label_values(&[listener, cstore_status(code)])
+            .inc();
+        if code == status::DATASET_DOES_NOT_MATCH {
+            m.uid_mismatch.with_label_values(&[listener]).inc();
+        }
+        if code != status::SUCCESS {
+            self.refused += 1;
+        }
+    }
+
     async fn finish_store(&mut self) -> Result<(), String> {
+        // The last PDV is in: from here to the response sent is the ack latency.
+        let started = Instant::now();
         let State::Storing {
             request,
             context_id,
@@ -447,8 +499,9 @@ impl Session<'_> {
         else {
             return Ok(());
         };
-        let listener = &self.server.cfg.name;
-        let m = &self.server.metrics;
+        let server = self.server;
+        let listener = &server.cfg.name;
+        let m = &server.metrics;
         let (code, comment) = match (writer, failure) {
             (Some(mut w), None) => {
                 let bytes = w.len();
@@ -461,40 +514,37 @@ impl Session<'_> {
                     Err(e) => Err(e),
                     Ok(()) => w.commit().await,
                 };
-                committed.map_or_else(
-                    |e| {
+                match committed {
+                    Err(e) => {
                         let (code, comment) = failure_status(&e);
                         (code, Some(comment))
-                    },
-                    |committed| {
-                        m.objects_received.with_label_values(&[listener]).inc();
-                        m.bytes_received
+                    }
+                    Ok(committed) => {
+                        m.received_objects.with_label_values(&[listener]).inc();
+                        m.received_bytes
                             .with_label_values(&[listener])
                             .inc_by(bytes);
+                        self.objects += 1;
+                        self.bytes += bytes;
                         debug!(%listener, ?committed, bytes, "stored");
                         (status::SUCCESS, None)
-                    },
-                )
+                    }
+                }
             }
             (_, Some((code, comment))) => (code, Some(comment)),
             (None, None) => (status::PROCESSING_FAILURE, Some("internal".to_owned())),
         };
         if code != status::SUCCESS {
-            let reason = match code {
-                status::OUT_OF_RESOURCES => "out_of_resources",
-                status::DATASET_DOES_NOT_MATCH => "dataset_mismatch",
-                status::CANNOT_UNDERSTAND => "cannot_understand",
-                status::INVALID_ARGUMENT_VALUE => "invalid_argument",
-                _ => "failure",
-            };
-            m.objects_refused
-                .with_label_values(&[listener, reason])
-                .inc();
             warn!(%listener, status = format!("0x{code:04X}"), reason = comment.as_deref().unwrap_or(""), "C-STORE refused");
         }
+        self.count_response(code);
         let mut rsp = request.response(code);
         rsp.error_comment = comment;
-        self.respond(context_id, &rsp).await
+        let sent = self.respond(context_id, &rsp).await;
+        m.store_duration
+            .with_label_values(&[listener])
+            .observe(started.elapsed().as_secs_f64());
+        sent
     }
 
     async fn respond(&mut self, context_id: u8, rsp: &Command) -> Result<(), String> {

@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::LinkListener;
 use crate::dataset;
-use crate::metrics::Metrics;
+use crate::metrics::{ActiveGuard, Metrics, tls_failure_reason};
 use crate::spool::{Committed, DedupState, Ingest, Spool, SpoolError};
 
 /// Bytes a request may carry outside part bodies (preamble, boundaries, part headers).
@@ -46,10 +46,19 @@ pub struct LinkServer {
     max_object_bytes: u64,
 }
 
+/// What one link connection carried, for its log line.
+#[derive(Debug, Default)]
+struct ConnStats {
+    objects: AtomicU64,
+    bytes: AtomicU64,
+    refused: AtomicU64,
+}
+
 /// The outcome of one part.
 #[derive(Debug)]
 enum PartResult {
-    Stored,
+    /// Stored, with its size in bytes.
+    Stored(u64),
     Duplicate,
     Conflict(String),
     BadRequest(String),
@@ -115,17 +124,26 @@ impl LinkServer {
         {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
-                info!(listener = %name, peer = %addr, error = %e, "link handshake failed");
+                let reason = tls_failure_reason(&e);
+                info!(listener = %name, peer = %addr, reason = %reason, error = %e, "link handshake failed");
                 self.metrics
-                    .connections
+                    .associations
                     .with_label_values(&[&name, "handshake_failed"])
+                    .inc();
+                self.metrics
+                    .tls_handshake_failures
+                    .with_label_values(&[&name, reason])
                     .inc();
                 return;
             }
             Err(_) => {
                 info!(listener = %name, peer = %addr, "link handshake timed out");
                 self.metrics
-                    .connections
+                    .associations
+                    .with_label_values(&[&name, "timeout"])
+                    .inc();
+                self.metrics
+                    .tls_handshake_failures
                     .with_label_values(&[&name, "timeout"])
                     .inc();
                 return;
@@ -140,22 +158,28 @@ impl LinkServer {
         let Some(peer) = peer else {
             // The verifier already refused such peers; this is a second line.
             self.metrics
-                .connections
+                .associations
                 .with_label_values(&[&name, "rejected"])
                 .inc();
             return;
         };
         self.metrics
-            .connections
+            .associations
             .with_label_values(&[&name, "accepted"])
             .inc();
+        let _active =
+            ActiveGuard::new(self.metrics.associations_active.with_label_values(&[&name]));
+        let started = Instant::now();
         debug!(listener = %name, %peer, "link connection");
+        let stats = Arc::new(ConnStats::default());
         let server = self.clone();
         let peer2 = peer.clone();
+        let stats2 = stats.clone();
         let svc = service_fn(move |req| {
             let server = server.clone();
             let peer = peer2.clone();
-            async move { Ok::<_, std::convert::Infallible>(server.handle(req, &peer).await) }
+            let stats = stats2.clone();
+            async move { Ok::<_, std::convert::Infallible>(server.handle(req, &peer, &stats).await) }
         });
         let mut builder = hyper::server::conn::http2::Builder::new(exec);
         builder
@@ -179,9 +203,25 @@ impl LinkServer {
                 let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
             }
         }
+        // One line per link connection (a connection carries many objects).
+        info!(
+            listener = %name,
+            peer = %peer,
+            address = %addr,
+            objects = stats.objects.load(Ordering::Relaxed),
+            bytes = stats.bytes.load(Ordering::Relaxed),
+            refused = stats.refused.load(Ordering::Relaxed),
+            duration_ms = started.elapsed().as_millis() as u64,
+            "link connection ended"
+        );
     }
 
-    async fn handle(&self, req: Request<Incoming>, peer: &str) -> Response<Full<Bytes>> {
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: &str,
+        stats: &ConnStats,
+    ) -> Response<Full<Bytes>> {
         if req.uri().path() != super::STOW_PATH {
             return text(StatusCode::NOT_FOUND, "not found");
         }
@@ -241,6 +281,18 @@ impl LinkServer {
             between_parts.store(0, Ordering::Relaxed);
             results.push(self.part(field, peer).await);
         }
+        for r in &results {
+            match r {
+                PartResult::Stored(bytes) => {
+                    stats.objects.fetch_add(1, Ordering::Relaxed);
+                    stats.bytes.fetch_add(*bytes, Ordering::Relaxed);
+                }
+                PartResult::Duplicate => {}
+                _ => {
+                    stats.refused.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
         self.respond(results)
     }
 
@@ -255,15 +307,21 @@ impl LinkServer {
         let mut refused = 0;
         for r in &results {
             let (code, msg, reason) = match r {
-                PartResult::Stored | PartResult::Duplicate => {
+                PartResult::Stored(_) => {
                     ok += 1;
+                    m.link_parts.with_label_values(&[name, "stored"]).inc();
+                    continue;
+                }
+                PartResult::Duplicate => {
+                    ok += 1;
+                    m.link_parts.with_label_values(&[name, "duplicate"]).inc();
                     continue;
                 }
                 PartResult::Conflict(s) => (StatusCode::CONFLICT, s, "conflict"),
                 PartResult::BadRequest(s) => (StatusCode::BAD_REQUEST, s, "bad_request"),
                 PartResult::Unavailable(s) => (StatusCode::SERVICE_UNAVAILABLE, s, "unavailable"),
             };
-            m.objects_refused.with_label_values(&[name, reason]).inc();
+            m.link_parts.with_label_values(&[name, reason]).inc();
             warn!(listener = %name, status = code.as_u16(), reason = %msg, "STOW part refused");
             refused += 1;
             // 503 outranks 409 outranks 400: a retry is worth it if anything was transient.
@@ -385,21 +443,32 @@ impl LinkServer {
             }
         }
         if writer.digest_so_far() != digest {
+            self.metrics
+                .integrity_failures
+                .with_label_values(&["link_digest"])
+                .inc();
             return PartResult::BadRequest("Content-Digest does not match the part".into());
         }
         let bytes = writer.len();
-        match writer.commit().await {
+        // The part's last byte is in: from here to the commit is this part's ack latency.
+        let started = Instant::now();
+        let committed = writer.commit().await;
+        self.metrics
+            .store_duration
+            .with_label_values(&[&self.cfg.name])
+            .observe(started.elapsed().as_secs_f64());
+        match committed {
             Ok(Committed::Stored(id)) => {
                 self.metrics
-                    .objects_received
+                    .received_objects
                     .with_label_values(&[&self.cfg.name])
                     .inc();
                 self.metrics
-                    .bytes_received
+                    .received_bytes
                     .with_label_values(&[&self.cfg.name])
                     .inc_by(bytes);
                 debug!(listener = %self.cfg.name, object = %id, bytes, "stored from link");
-                PartResult::Stored
+                PartResult::Stored(bytes)
             }
             Ok(Committed::Duplicate) => PartResult::Duplicate,
             Err(SpoolError::IdentityMismatch("content of this transfer")) => PartResult::Conflict(

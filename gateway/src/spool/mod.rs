@@ -32,8 +32,8 @@ use tracing::{debug, info, warn};
 
 use crate::dataset::{self, Identity, Scan};
 use crate::sop::Encoding;
-pub use rocks::StoreError;
 use rocks::{Cf, Store};
+pub use rocks::{StoreError, StoreStats};
 
 /// Version byte of a metadata record.
 const META_VERSION: u8 = 1;
@@ -791,6 +791,13 @@ impl Spool {
     /// How many handles to this spool exist (the database closes when the last drops).
     pub fn handles(&self) -> usize {
         Arc::strong_count(&self.inner)
+    }
+
+    /// RocksDB's counters (background errors, size, pending compaction), for metrics. The
+    /// probe does not keep the spool open: it answers `None` once the spool is closed.
+    pub fn stats_probe(&self) -> impl Fn() -> Option<StoreStats> + Send + Sync + 'static {
+        let inner = Arc::downgrade(&self.inner);
+        move || inner.upgrade().map(|i| i.store.stats())
     }
 
     /// Segment size in bytes.

@@ -82,6 +82,17 @@ impl From<rocksdb::Error> for StoreError {
 /// A key and its value, as read.
 pub(crate) type Pair = (Box<[u8]>, Box<[u8]>);
 
+/// RocksDB's own counters, read for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Background errors since open (flush, compaction); above 0 the database is read-only.
+    pub background_errors: u64,
+    /// Bytes in SST and blob files, over every column family.
+    pub live_bytes: u64,
+    /// Bytes compaction estimates it still has to rewrite.
+    pub pending_compaction_bytes: u64,
+}
+
 /// The RocksDB handle.
 pub(crate) struct Store {
     db: DB,
@@ -227,5 +238,26 @@ impl Store {
             out.push((k, v));
         }
         Ok(out)
+    }
+
+    /// RocksDB's counters (in-memory properties, no I/O).
+    pub(crate) fn stats(&self) -> StoreStats {
+        let sum = |name: &str| -> u64 {
+            Cf::ALL
+                .iter()
+                .filter_map(|cf| self.db.cf_handle(cf.name()))
+                .filter_map(|h| self.db.property_int_value_cf(h, name).ok().flatten())
+                .sum()
+        };
+        StoreStats {
+            background_errors: self
+                .db
+                .property_int_value("rocksdb.background-errors")
+                .ok()
+                .flatten()
+                .unwrap_or(0),
+            live_bytes: sum("rocksdb.total-sst-files-size") + sum("rocksdb.total-blob-file-size"),
+            pending_compaction_bytes: sum("rocksdb.estimate-pending-compaction-bytes"),
+        }
     }
 }

@@ -1,0 +1,147 @@
+//! Node-level observability wiring: the gauges nobody pushes, and the series that must exist
+//! from the first scrape.
+//!
+//! Owns:
+//! - the scrape hook that refreshes `disk_free_bytes` (a `statvfs` of `node.data_dir`) and
+//!   RocksDB's counters (`db_background_error`, `db_size_bytes`,
+//!   `db_pending_compaction_bytes`) through a probe that never keeps the spool open;
+//! - `certificate_expiry_timestamp_seconds` for the node's certificate and its CA bundle,
+//!   read once at start from the files the TLS configs are built from;
+//! - creating every per-listener and per-destination series at zero, so that `rate()` and
+//!   `increase()` see the first event and dashboards show a line before any traffic.
+//!
+//! Invariant: every label value set here is a configuration name or a fixed word.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::spool::Spool;
+
+/// Install the node's gauges and zero series on `metrics`.
+pub fn install(metrics: &Metrics, cfg: &Config, spool: &Spool) -> Result<()> {
+    for l in &cfg.dicom_listener {
+        let n = l.name.as_str();
+        metrics.received_objects.with_label_values(&[n]);
+        metrics.received_bytes.with_label_values(&[n]);
+        metrics.associations.with_label_values(&[n, "accepted"]);
+        metrics.associations_active.with_label_values(&[n]);
+        metrics.cstore_responses.with_label_values(&[n, "success"]);
+        metrics.store_duration.with_label_values(&[n]);
+        metrics.uid_mismatch.with_label_values(&[n]);
+    }
+    for l in &cfg.link_listener {
+        let n = l.name.as_str();
+        metrics.received_objects.with_label_values(&[n]);
+        metrics.received_bytes.with_label_values(&[n]);
+        metrics.associations.with_label_values(&[n, "accepted"]);
+        metrics.associations_active.with_label_values(&[n]);
+        metrics.link_parts.with_label_values(&[n, "stored"]);
+        for reason in crate::metrics::TLS_FAILURE_REASONS {
+            metrics
+                .tls_handshake_failures
+                .with_label_values(&[n, reason]);
+        }
+        metrics.store_duration.with_label_values(&[n]);
+    }
+    if !cfg.link_listener.is_empty() {
+        metrics
+            .integrity_failures
+            .with_label_values(&["link_digest"]);
+    }
+    for d in &cfg.destination {
+        let n = d.name.as_str();
+        metrics.forwarded_objects.with_label_values(&[n]);
+        metrics.forwarded_bytes.with_label_values(&[n]);
+        metrics.end_to_end.with_label_values(&[n]);
+        metrics.queue_objects.with_label_values(&[n]);
+        metrics.dead_letter_objects.with_label_values(&[n]);
+        metrics.forward_duration.with_label_values(&[n]);
+        metrics.queue_bytes.with_label_values(&[n]);
+        metrics.queue_oldest_age.with_label_values(&[n]);
+        metrics.circuit_open.with_label_values(&[n]);
+    }
+    if let Some(tls) = &cfg.tls {
+        let node =
+            not_after(&tls.cert).with_context(|| format!("[tls] cert {}", tls.cert.display()))?;
+        metrics
+            .certificate_expiry
+            .with_label_values(&["node"])
+            .set(node as f64);
+        let ca = not_after(&tls.ca).with_context(|| format!("[tls] ca {}", tls.ca.display()))?;
+        metrics
+            .certificate_expiry
+            .with_label_values(&["ca"])
+            .set(ca as f64);
+    }
+    let data_dir: PathBuf = cfg.node.data_dir.clone();
+    let probe = spool.stats_probe();
+    metrics.on_scrape(move |m| {
+        if let Some(free) = free_bytes(&data_dir) {
+            m.disk_free_bytes.set(clamp(free));
+        }
+        if let Some(s) = probe() {
+            m.db_background_error
+                .set(i64::from(s.background_errors > 0));
+            m.db_size_bytes.set(clamp(s.live_bytes));
+            m.db_pending_compaction_bytes
+                .set(clamp(s.pending_compaction_bytes));
+        }
+    });
+    Ok(())
+}
+
+fn clamp(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The earliest notAfter (Unix seconds) of the certificates in a PEM file.
+pub fn not_after(pem: &Path) -> Result<i64> {
+    let certs = crate::tls::load_certs(pem)?;
+    let mut earliest: Option<i64> = None;
+    for der in &certs {
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+            .map_err(|e| anyhow::anyhow!("cannot parse a certificate: {e}"))?;
+        let t = cert.validity().not_after.timestamp();
+        earliest = Some(earliest.map_or(t, |e| e.min(t)));
+    }
+    earliest.context("no certificate")
+}
+
+/// Bytes available to an unprivileged writer on the volume holding `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `s` a writable statvfs.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return None;
+    }
+    #[allow(clippy::unnecessary_cast)] // the field types differ between platforms
+    let free = s.f_bavail as u64 * s.f_frsize as u64;
+    Some(free)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_bytes_of_a_real_volume() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(free_bytes(dir.path()).is_some_and(|b| b > 0));
+        assert!(free_bytes(&dir.path().join("missing")).is_none());
+    }
+
+    #[test]
+    fn not_after_of_the_development_pki() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = crate::pki::init(dir.path(), &["site-a".to_owned()]).unwrap();
+        let t = not_after(&files.sites[0].1).unwrap();
+        // rcgen's default validity ends in 4096.
+        assert!(t > 4_000_000_000, "{t}");
+        assert!(not_after(&dir.path().join("site-a.key")).is_err());
+    }
+}
