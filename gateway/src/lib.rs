@@ -25,7 +25,8 @@
 //! [`dataset`] (Part-10 framing and the identity scanner), [`sop`] (storage SOP classes and
 //! transfer syntaxes), [`tls`] (rustls configs and peer identity), [`metrics`] (every metric
 //! name), [`admin_http`] (`/healthz`, `/readyz`, `/metrics`), [`node`] (wiring one node),
-//! [`pki`] (development PKI), [`demo`] (the two-site demo).
+//! [`pki`] (development PKI), [`demo`] (the two-site demo), [`exit`] (exit codes),
+//! [`healthcheck`] (the container's probe of `/healthz`).
 //!
 //! ## Invariants
 //! 1. A C-STORE or STOW-RS request is acknowledged with success only after the object, its
@@ -47,6 +48,8 @@ pub mod deliver;
 pub mod demo;
 pub mod dimse;
 pub mod dispatch;
+pub mod exit;
+pub mod healthcheck;
 pub mod metrics;
 pub mod node;
 pub mod pki;
