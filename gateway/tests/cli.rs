@@ -301,3 +301,57 @@ fn ctrl_c_mid_run_removes_the_folder() {
     assert!(!out.contains("delivered identical"), "{out}");
     assert!(!work.exists(), "left behind: {}", work.display());
 }
+
+/// `serve` with a valid config: `healthcheck` passes against its admin endpoint and fails
+/// against a path that is not 200 and a port nobody listens on; SIGTERM stops it with 0.
+#[cfg(unix)]
+#[test]
+fn healthcheck_against_a_running_node_and_sigterm_stops_it() {
+    let s = Site::new();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config", s.path().to_str().expect("utf-8")])
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn serve");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut admin = None;
+    let mut seen = String::new();
+    while admin.is_none() {
+        let mut l = String::new();
+        let n = stdout.read_line(&mut l).expect("read stdout");
+        assert!(
+            n > 0,
+            "serve ended before its admin endpoint was up: {seen}"
+        );
+        seen.push_str(&l);
+        if l.contains("admin HTTP up") {
+            let i = l.find("127.0.0.1:").expect("admin address in the log line");
+            let addr: String = l[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                .collect();
+            admin = Some(addr);
+        }
+    }
+    let admin = admin.expect("admin address");
+    let hc = |url: String| run(&["healthcheck", "--url", &url], &[]);
+    let ok = hc(format!("http://{admin}/healthz"));
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    let missing = hc(format!("http://{admin}/no-such-path"));
+    assert_eq!(missing.status.code(), Some(1), "{}", stderr(&missing));
+
+    let pid = libc::pid_t::try_from(child.id()).expect("pid");
+    // SAFETY: kill with a valid pid of our own child and a valid signal number.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).expect("read stdout");
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "{status:?}: {rest}");
+    assert!(rest.contains("node stopped"), "{rest}");
+    // Nobody listens there any more.
+    let gone = hc(format!("http://{admin}/healthz"));
+    assert_eq!(gone.status.code(), Some(1), "{}", stderr(&gone));
+}
