@@ -120,23 +120,29 @@ pub struct HttpSection {
 }
 
 /// `[spool]`: tuning with safe defaults.
+///
+/// Keys take human-readable values: `segment_size = "1MiB"`, `max_object_size = "16GiB"`
+/// (`bytesize`: `KiB`/`MiB`/`GiB` are powers of 1024, `kB`/`MB`/`GB` of 1000; a bare
+/// integer is bytes), `dedup_window = "7d"` (`humantime`). The integer keys of 0.1
+/// (`segment_bytes`, `max_object_bytes`, `dedup_window_secs`) are still accepted, with a
+/// deprecation warning; giving both forms of one setting is an error.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RawSpoolSection")]
 pub struct SpoolSection {
-    /// Plaintext bytes per sealed segment (64 KiB to 8 MiB).
-    #[serde(default = "default_segment_bytes")]
+    /// Plaintext bytes per sealed segment (64 KiB to 8 MiB). Key `segment_size`.
     pub segment_bytes: usize,
-    /// Largest object accepted, in bytes.
-    #[serde(default = "default_max_object_bytes")]
+    /// Largest object accepted, in bytes. Key `max_object_size`.
     pub max_object_bytes: u64,
     /// How long a link receiver remembers a transfer for deduplication, in seconds.
-    #[serde(default = "default_dedup_window_secs")]
+    /// Key `dedup_window`.
     pub dedup_window_secs: u64,
     /// Free space the data directory's filesystem must keep (a size such as `"10GiB"`).
     /// Below it, new C-STOREs get 0xA700 and new link requests 503 with Retry-After, and
     /// `/readyz` is 503; service resumes by itself once space returns.
     #[serde(default = "default_min_free")]
     pub min_free: bytesize::ByteSize,
+    /// Deprecated keys this section was written with, as `(old, new)`.
+    pub deprecated_keys: Vec<(&'static str, &'static str)>,
 }
 
 impl Default for SpoolSection {
@@ -146,7 +152,79 @@ impl Default for SpoolSection {
             max_object_bytes: default_max_object_bytes(),
             dedup_window_secs: default_dedup_window_secs(),
             min_free: default_min_free(),
+            deprecated_keys: Vec::new(),
         }
+    }
+}
+
+/// The TOML shape of `[spool]`, old and new keys.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpoolSection {
+    segment_size: Option<bytesize::ByteSize>,
+    max_object_size: Option<bytesize::ByteSize>,
+    #[serde(default, with = "humantime_serde")]
+    dedup_window: Option<std::time::Duration>,
+    segment_bytes: Option<u64>,
+    max_object_bytes: Option<u64>,
+    dedup_window_secs: Option<u64>,
+    min_free: Option<bytesize::ByteSize>,
+}
+
+/// Pick the new key's value, or the deprecated key's (recording it), never both.
+fn new_or_old<T>(
+    new: Option<T>,
+    old: Option<T>,
+    names: (&'static str, &'static str),
+    deprecated: &mut Vec<(&'static str, &'static str)>,
+) -> Result<Option<T>, String> {
+    match (new, old) {
+        (Some(_), Some(_)) => Err(format!(
+            "give `{}` or the deprecated `{}`, not both",
+            names.0, names.1
+        )),
+        (Some(v), None) => Ok(Some(v)),
+        (None, Some(v)) => {
+            deprecated.push((names.1, names.0));
+            Ok(Some(v))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+impl TryFrom<RawSpoolSection> for SpoolSection {
+    type Error = String;
+
+    fn try_from(r: RawSpoolSection) -> Result<Self, String> {
+        let mut deprecated = Vec::new();
+        let segment = new_or_old(
+            r.segment_size.map(|b| b.as_u64()),
+            r.segment_bytes,
+            ("segment_size", "segment_bytes"),
+            &mut deprecated,
+        )?;
+        let max_object = new_or_old(
+            r.max_object_size.map(|b| b.as_u64()),
+            r.max_object_bytes,
+            ("max_object_size", "max_object_bytes"),
+            &mut deprecated,
+        )?;
+        let dedup = new_or_old(
+            r.dedup_window.map(|d| d.as_secs()),
+            r.dedup_window_secs,
+            ("dedup_window", "dedup_window_secs"),
+            &mut deprecated,
+        )?;
+        Ok(SpoolSection {
+            segment_bytes: match segment {
+                Some(n) => usize::try_from(n).map_err(|_| "segment_size is too large")?,
+                None => default_segment_bytes(),
+            },
+            max_object_bytes: max_object.unwrap_or_else(default_max_object_bytes),
+            dedup_window_secs: dedup.unwrap_or_else(default_dedup_window_secs),
+            min_free: r.min_free.unwrap_or_else(default_min_free),
+            deprecated_keys: deprecated,
+        })
     }
 }
 
@@ -186,7 +264,7 @@ pub enum LogFormat {
 
 /// `[[dicom_listener]]`
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RawDicomListener")]
 pub struct DicomListener {
     /// Name used in logs and metric labels.
     pub name: String,
@@ -195,24 +273,71 @@ pub struct DicomListener {
     /// Our AE title; a request calling another AE title is rejected.
     pub ae_title: String,
     /// Calling AE titles allowed; empty means any.
-    #[serde(default)]
     pub allowed_calling_ae_titles: Vec<String>,
     /// Destinations every received object is queued for.
     pub route_to: Vec<String>,
     /// Largest PDU we accept (bounds memory per association).
-    #[serde(default = "default_max_pdu")]
     pub max_pdu_length: u32,
     /// Concurrent associations allowed.
-    #[serde(default = "default_max_associations")]
     pub max_associations: usize,
-    /// Seconds a peer may stay silent before the association is aborted.
-    #[serde(default = "default_timeout_secs")]
+    /// Seconds a peer may stay silent before the association is aborted. Key `timeout`
+    /// (`"60s"`, `"2m"`); the deprecated `timeout_secs` is still accepted.
     pub timeout_secs: u64,
     /// Refuse (0xA900) a data set whose SOP Class or Instance UID differs from its C-STORE
     /// command. By default such an object is stored and forwarded under the data set's own
     /// UIDs, with a warning and a count in `dicom_gateway_uid_mismatch_total`.
     #[serde(default)]
     pub strict_uid_match: bool,
+    /// Deprecated keys this listener was written with, as `(old, new)`.
+    pub deprecated_keys: Vec<(&'static str, &'static str)>,
+}
+
+/// The TOML shape of a `[[dicom_listener]]`, old and new keys.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDicomListener {
+    name: String,
+    listen: SocketAddr,
+    ae_title: String,
+    #[serde(default)]
+    allowed_calling_ae_titles: Vec<String>,
+    route_to: Vec<String>,
+    #[serde(default = "default_max_pdu")]
+    max_pdu_length: u32,
+    #[serde(default = "default_max_associations")]
+    max_associations: usize,
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<std::time::Duration>,
+    timeout_secs: Option<u64>,
+    #[serde(default)]
+    strict_uid_match: bool,
+}
+
+impl TryFrom<RawDicomListener> for DicomListener {
+    type Error = String;
+
+    fn try_from(r: RawDicomListener) -> Result<Self, String> {
+        let mut deprecated = Vec::new();
+        let timeout = new_or_old(
+            r.timeout.map(|d| d.as_secs()),
+            r.timeout_secs,
+            ("timeout", "timeout_secs"),
+            &mut deprecated,
+        )
+        .map_err(|e| format!("dicom_listener {:?}: {e}", r.name))?;
+        Ok(DicomListener {
+            name: r.name,
+            listen: r.listen,
+            ae_title: r.ae_title,
+            allowed_calling_ae_titles: r.allowed_calling_ae_titles,
+            route_to: r.route_to,
+            max_pdu_length: r.max_pdu_length,
+            max_associations: r.max_associations,
+            timeout_secs: timeout.unwrap_or_else(default_timeout_secs),
+            strict_uid_match: r.strict_uid_match,
+            deprecated_keys: deprecated,
+        })
+    }
 }
 
 fn default_max_pdu() -> u32 {
@@ -513,7 +638,29 @@ impl Config {
         cfg.file = file.to_owned();
         cfg.resolve_paths(&base);
         cfg.validate()?;
+        for (key, new) in cfg.deprecated_keys() {
+            tracing::warn!(
+                file = %cfg.file.display(),
+                "config key `{key}` is deprecated and will be removed in the next release; use `{new}`"
+            );
+        }
         Ok(cfg)
+    }
+
+    /// Every deprecated key the file used, as (`section.old_key`, `new_key`).
+    pub fn deprecated_keys(&self) -> Vec<(String, &'static str)> {
+        let mut out: Vec<(String, &'static str)> = self
+            .spool
+            .deprecated_keys
+            .iter()
+            .map(|(old, new)| (format!("spool.{old}"), *new))
+            .collect();
+        for l in &self.dicom_listener {
+            for (old, new) in &l.deprecated_keys {
+                out.push((format!("dicom_listener[{}].{old}", l.name), *new));
+            }
+        }
+        out
     }
 
     fn resolve_paths(&mut self, base: &Path) {
@@ -553,10 +700,13 @@ impl Config {
         }
         let s = &self.spool;
         if !(64 * 1024..=8 * 1024 * 1024).contains(&s.segment_bytes) {
-            return Err(self.invalid("spool.segment_bytes", "must be between 65536 and 8388608"));
+            return Err(self.invalid(
+                "spool.segment_size",
+                "must be between 64KiB and 8MiB (65536 to 8388608 bytes)",
+            ));
         }
         if s.max_object_bytes == 0 {
-            return Err(self.invalid("spool.max_object_bytes", "must be greater than 0"));
+            return Err(self.invalid("spool.max_object_size", "must be greater than 0"));
         }
 
         let mut dest_names = HashSet::new();
@@ -683,7 +833,7 @@ impl Config {
                 return Err(self.invalid(key("max_associations"), "must be > 0"));
             }
             if l.timeout_secs == 0 {
-                return Err(self.invalid(key("timeout_secs"), "must be > 0"));
+                return Err(self.invalid(key("timeout"), "must be at least 1s"));
             }
         }
         for l in &self.link_listener {
@@ -987,10 +1137,86 @@ path = "received"
                 "site-b.toml",
                 include_str!("../../deploy/examples/site-b.toml"),
             ),
+            (
+                "k8s site-a gateway.toml",
+                include_str!("../../deploy/k8s/overlays/site-a/gateway.toml"),
+            ),
+            (
+                "k8s site-b gateway.toml",
+                include_str!("../../deploy/k8s/overlays/site-b/gateway.toml"),
+            ),
         ] {
             Config::parse(text, Path::new(name), Path::new("/etc/dicom-gateway"))
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
         }
+    }
+
+    #[test]
+    fn human_readable_sizes_and_durations() {
+        let c = parse(&format!(
+            "{GOOD}\n[spool]\nsegment_size = \"512KiB\"\nmax_object_size = \"4GiB\"\ndedup_window = \"2d 12h\"\n"
+        ))
+        .expect("valid");
+        assert_eq!(c.spool.segment_bytes, 512 * 1024);
+        assert_eq!(c.spool.max_object_bytes, 4 << 30);
+        assert_eq!(c.spool.dedup_window_secs, 60 * 3600);
+        assert!(c.deprecated_keys().is_empty());
+        let c = parse(&GOOD.replace(
+            "ae_title = \"GW_A\"",
+            "ae_title = \"GW_A\"\ntimeout = \"2m\"",
+        ))
+        .expect("valid");
+        assert_eq!(c.dicom_listener[0].timeout_secs, 120);
+        // Defaults.
+        let c = parse(GOOD).expect("valid");
+        assert_eq!(c.spool.segment_bytes, 1 << 20);
+        assert_eq!(c.spool.dedup_window_secs, 7 * 24 * 3600);
+        assert_eq!(c.dicom_listener[0].timeout_secs, 60);
+    }
+
+    #[test]
+    fn old_integer_keys_are_accepted_and_reported_deprecated() {
+        let c = parse(&format!(
+            "{GOOD}\n[spool]\nsegment_bytes = 65536\nmax_object_bytes = 1048576\ndedup_window_secs = 60\n"
+        ))
+        .expect("old keys still work");
+        assert_eq!(
+            (
+                c.spool.segment_bytes,
+                c.spool.max_object_bytes,
+                c.spool.dedup_window_secs
+            ),
+            (65536, 1048576, 60)
+        );
+        let c = parse(&GOOD.replace(
+            "ae_title = \"GW_A\"",
+            "ae_title = \"GW_A\"\ntimeout_secs = 5",
+        ))
+        .expect("old key still works");
+        assert_eq!(c.dicom_listener[0].timeout_secs, 5);
+        assert_eq!(
+            c.deprecated_keys(),
+            vec![("dicom_listener[lan].timeout_secs".to_owned(), "timeout")]
+        );
+    }
+
+    #[test]
+    fn both_forms_of_a_key_or_a_bad_value_are_errors() {
+        let e = err(&format!(
+            "{GOOD}\n[spool]\nsegment_bytes = 65536\nsegment_size = \"64KiB\"\n"
+        ));
+        assert!(e.contains("segment_size") && e.contains("not both"), "{e}");
+        let e = err(&format!("{GOOD}\n[spool]\ndedup_window = \"a week\"\n"));
+        assert!(e.contains("dedup_window"), "{e}");
+        let e = err(&format!("{GOOD}\n[spool]\nsegment_size = \"9MiB\"\n"));
+        assert!(e.contains("spool.segment_size"), "{e}");
+        let e = err(&GOOD.replace(
+            "ae_title = \"GW_A\"",
+            "ae_title = \"GW_A\"\ntimeout = \"100ms\"",
+        ));
+        assert!(e.contains("dicom_listener[lan].timeout"), "{e}");
+        let e = err(&format!("{GOOD}\n[spool]\nsegment_sise = \"1MiB\"\n"));
+        assert!(e.contains("segment_sise"), "{e}");
     }
 
     #[test]

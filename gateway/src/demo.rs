@@ -210,8 +210,11 @@ pub struct DemoOptions {
     pub objects_per_study: u32,
     /// Approximate size of each object in KiB.
     pub object_kib: usize,
-    /// Keep both sites running after the check.
+    /// Keep both sites running after the check (until Ctrl-C or SIGTERM).
     pub keep_running: bool,
+    /// Keep the work folder at the end; by default it is removed, on success, on failure
+    /// and on Ctrl-C (SIGINT) or SIGTERM.
+    pub keep: bool,
 }
 
 fn write_file(path: &Path, text: &str) -> Result<()> {
@@ -276,15 +279,23 @@ peer_name = "site-b"
     )
 }
 
-/// Run the demo.
+/// Run the demo. The work folder is removed at the end, whatever the outcome, including
+/// Ctrl-C (SIGINT) and SIGTERM, unless `opts.keep`; the nodes are stopped first, so
+/// nothing writes into it while it is removed.
 pub async fn run(opts: DemoOptions) -> Result<()> {
-    let dir = match &opts.dir {
-        Some(d) => d.clone(),
-        None => std::env::temp_dir().join(format!(
-            "dicom-gateway-demo-{}-{}",
-            std::process::id(),
-            crate::spool::now_ms()
-        )),
+    // Install the signal handlers before anything exists on disk, so that a signal from
+    // here on reaches this code and not the default action (which would leave the folder).
+    let mut signals = Signals::new()?;
+    let (dir, created) = match &opts.dir {
+        Some(d) => (d.clone(), !d.exists()),
+        None => (
+            std::env::temp_dir().join(format!(
+                "dicom-gateway-demo-{}-{}",
+                std::process::id(),
+                crate::spool::now_ms()
+            )),
+            true,
+        ),
     };
     if dir.exists() && std::fs::read_dir(&dir)?.next().is_some() {
         bail!(
@@ -294,6 +305,150 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     }
     std::fs::create_dir_all(&dir)?;
     println!("work folder: {}", dir.display());
+
+    let nodes = Nodes::default();
+    let mut verified = false;
+    let ended = tokio::select! {
+        r = run_in(&opts, &dir, &nodes, &mut verified) => Ok(r),
+        name = signals.recv() => Err(name),
+    };
+    let outcome = match ended {
+        Ok(r) => r,
+        Err(name) => {
+            println!();
+            if verified && opts.keep_running {
+                println!("{name}: stopping");
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!("interrupted by {name}"))
+            }
+        }
+    };
+    // A node whose start was under way when the signal came finishes starting (its task
+    // owns it), so that it can be stopped; then site A first, as it sends to site B.
+    nodes.starting.close();
+    nodes.starting.wait().await;
+    let started = std::mem::take(&mut *nodes.lock());
+    for node in started.into_iter().rev() {
+        node.stop().await;
+    }
+    if opts.keep {
+        println!("work folder kept: {}", dir.display());
+    } else {
+        let remove = || {
+            if created {
+                std::fs::remove_dir_all(&dir)
+            } else {
+                remove_contents(&dir)
+            }
+        };
+        // RocksDB closes when the last spool handle drops, which a stray task may still
+        // hold for a moment after `stop`: a file can appear while the folder is removed.
+        let mut removed = remove();
+        for _ in 0..20 {
+            if removed.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            removed = remove();
+        }
+        match removed {
+            Ok(()) => println!("work folder removed (--keep keeps it)"),
+            Err(e) => eprintln!("warning: cannot remove {}: {e}", dir.display()),
+        }
+    }
+    outcome
+}
+
+/// Remove what is inside `dir` (a folder the user gave, which existed empty).
+fn remove_contents(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() && !path.is_symlink() {
+            std::fs::remove_dir_all(&path)?;
+        } else {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    Ok(())
+}
+
+/// SIGINT and SIGTERM, installed once (the gateway is Unix-only).
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            int: signal(SignalKind::interrupt()).context("installing a SIGINT handler")?,
+            term: signal(SignalKind::terminate()).context("installing a SIGTERM handler")?,
+        })
+    }
+
+    /// Wait for the next signal; returns its name.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => "SIGTERM",
+        }
+    }
+}
+
+/// The demo's nodes. Each is started in a task of its own that puts it here, so a node
+/// whose start is under way when the demo is interrupted is still started and can then be
+/// stopped (dropping `Node::start` half-way would leave its spool opening in the
+/// background, writing into the folder being removed).
+#[derive(Default)]
+struct Nodes {
+    started: std::sync::Arc<std::sync::Mutex<Vec<Node>>>,
+    starting: tokio_util::task::TaskTracker,
+}
+
+/// What the demo needs of a started node.
+struct NodeAddrs {
+    dicom: Option<std::net::SocketAddr>,
+    link: Option<std::net::SocketAddr>,
+    http: Option<std::net::SocketAddr>,
+}
+
+fn lock(v: &std::sync::Mutex<Vec<Node>>) -> std::sync::MutexGuard<'_, Vec<Node>> {
+    v.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Nodes {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Node>> {
+        lock(&self.started)
+    }
+
+    /// Start a node from `path`. Cancellation-safe: the start runs to its end in its own
+    /// task, which keeps the node here for the caller of [`run`] to stop.
+    async fn start(&self, path: &Path, what: &'static str) -> Result<NodeAddrs> {
+        let cfg = Config::load(path)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let started = self.started.clone();
+        self.starting.spawn(async move {
+            let result = Node::start(cfg).await.map(|node| {
+                let addrs = NodeAddrs {
+                    dicom: node.dicom_addrs.get("lan").copied(),
+                    link: node.link_addrs.get("wan").copied(),
+                    http: node.http_addr,
+                };
+                lock(&started).push(node);
+                addrs
+            });
+            let _ = tx.send(result);
+        });
+        rx.await
+            .context("node start task ended")?
+            .with_context(|| format!("starting {what}"))
+    }
+}
+
+/// The demo inside its work folder; `verified` is set once every object has been checked.
+async fn run_in(opts: &DemoOptions, dir: &Path, nodes: &Nodes, verified: &mut bool) -> Result<()> {
     crate::pki::init(
         &dir.join("pki"),
         &["site-a".to_owned(), "site-b".to_owned()],
@@ -304,22 +459,12 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
 
     let b_path = dir.join("site-b.toml");
     write_file(&b_path, &site_b_config("received"))?;
-    let site_b = Node::start(Config::load(&b_path)?)
-        .await
-        .context("starting site B")?;
-    let link = *site_b
-        .link_addrs
-        .get("wan")
-        .context("site B has no link listener")?;
+    let b = nodes.start(&b_path, "site B").await?;
+    let link = b.link.context("site B has no link listener")?;
     let a_path = dir.join("site-a.toml");
     write_file(&a_path, &site_a_config(link))?;
-    let site_a = Node::start(Config::load(&a_path)?)
-        .await
-        .context("starting site A")?;
-    let dicom = *site_a
-        .dicom_addrs
-        .get("lan")
-        .context("site A has no DICOM listener")?;
+    let a = nodes.start(&a_path, "site A").await?;
+    let dicom = a.dicom.context("site A has no DICOM listener")?;
     println!("site A: DICOM GW_A@{dicom}   site B: link https://{link} (mutual TLS 1.3)");
 
     let total = (opts.studies * opts.objects_per_study) as usize;
@@ -421,6 +566,7 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         "  site A spool and site B spool hold only ciphertext; the hand-off folder {} is plaintext by design",
         received.display()
     );
+    *verified = true;
 
     if opts.keep_running {
         println!();
@@ -431,16 +577,15 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
             dicom.port()
         );
         println!("  site B writes:   {}", received.display());
-        if let Some(h) = site_a.http_addr {
+        if let Some(h) = a.http {
             println!("  site A metrics:  http://{h}/metrics");
         }
-        if let Some(h) = site_b.http_addr {
+        if let Some(h) = b.http {
             println!("  site B metrics:  http://{h}/metrics");
         }
-        let _ = tokio::signal::ctrl_c().await;
+        // The caller's signal branch ends the demo.
+        std::future::pending::<()>().await;
     }
-    site_a.stop().await;
-    site_b.stop().await;
     Ok(())
 }
 

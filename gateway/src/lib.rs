@@ -32,8 +32,9 @@
 //! transfer syntaxes), [`tls`] (rustls configs and peer identity), [`metrics`] (every metric
 //! name), [`observe`] (scrape-time gauges and zero series), [`admin_http`] (`/healthz`,
 //! `/readyz`, `/metrics`), [`admin`] (the operator's Unix socket: status, queues, dead
-//! letters), [`node`] (wiring one node), [`pki`] (development PKI), [`demo`] (the two-site
-//! demo).
+//! letters), [`cli`] (the `status` and `queue` commands), [`node`] (wiring one node),
+//! [`pki`] (development PKI), [`demo`] (the two-site demo), [`exit`] (exit codes),
+//! [`healthcheck`] (the container's probe of `/healthz`).
 //!
 //! ## Invariants
 //! 1. A C-STORE or STOW-RS request is acknowledged with success only after the object, its
@@ -57,6 +58,8 @@ pub mod deliver;
 pub mod demo;
 pub mod dimse;
 pub mod dispatch;
+pub mod exit;
+pub mod healthcheck;
 pub mod metrics;
 pub mod node;
 pub mod observe;

@@ -46,7 +46,7 @@ enum Command {
     /// Run a node.
     Serve {
         /// The node's TOML config.
-        #[arg(long)]
+        #[arg(long, env = "DICOM_GATEWAY_CONFIG")]
         config: PathBuf,
     },
     /// Run two sites on loopback, send generated studies through them and verify them.
@@ -66,6 +66,15 @@ enum Command {
         /// Keep both sites running afterwards and print their addresses.
         #[arg(long)]
         keep_running: bool,
+        /// Keep the work folder at the end and print where it is (default: removed).
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Probe the admin endpoint; exit 0 only on a 200 (for Docker's HEALTHCHECK).
+    Healthcheck {
+        /// The URL to GET.
+        #[arg(long, default_value = "http://127.0.0.1:9464/healthz")]
+        url: String,
     },
     /// Development PKI.
     Pki {
@@ -163,8 +172,7 @@ enum KeysCommand {
     },
 }
 
-/// EX_USAGE: a configuration error.
-const EX_USAGE: u8 = 64;
+use dicom_gateway::exit::{EX_CONFIG, code_for};
 
 /// Logs go to stderr (stdout is for command output), coloured only on a terminal.
 fn init_logging(default: &str, format: LogFormat) {
@@ -203,7 +211,7 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("error: {e}");
-                    return ExitCode::from(EX_USAGE);
+                    return ExitCode::from(EX_CONFIG);
                 }
             };
             init_logging("info", cli.log_format.map_or(cfg.log.format, Into::into));
@@ -212,7 +220,7 @@ fn main() -> ExitCode {
                     Ok(n) => n,
                     Err(e) => {
                         eprintln!("error: {e:#}");
-                        return ExitCode::FAILURE;
+                        return ExitCode::from(code_for(&e));
                     }
                 };
                 wait_for_signal().await;
@@ -234,6 +242,7 @@ fn main() -> ExitCode {
             objects,
             object_kib,
             keep_running,
+            keep,
         } => {
             init_logging("warn", cli.log_format.map_or(LogFormat::Text, Into::into));
             let opts = dicom_gateway::demo::DemoOptions {
@@ -242,9 +251,14 @@ fn main() -> ExitCode {
                 objects_per_study: objects,
                 object_kib,
                 keep_running,
+                keep,
             };
             report(runtime.block_on(dicom_gateway::demo::run(opts)))
         }
+        Command::Healthcheck { url } => report(dicom_gateway::healthcheck::probe(
+            &url,
+            std::time::Duration::from_secs(3),
+        )),
         Command::Pki {
             command: PkiCommand::Init { dir, sites },
         } => report(dicom_gateway::pki::init(&dir, &sites).map(|f| {
@@ -315,7 +329,7 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(code_for(&e))
         }
     }
 }

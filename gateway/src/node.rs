@@ -213,19 +213,20 @@ impl Node {
         self.readiness.set_draining();
         self.listeners_stop.cancel();
         self.listener_tasks.close();
-        if tokio::time::timeout(Duration::from_secs(60), self.listener_tasks.wait())
+        // Bounded so that the whole drain fits a 60 s grace period (see the module docs).
+        if tokio::time::timeout(Duration::from_secs(35), self.listener_tasks.wait())
             .await
             .is_err()
         {
-            warn!("listeners did not drain within 60 s");
+            warn!("listeners did not drain within 35 s");
         }
         self.workers_stop.cancel();
         self.worker_tasks.close();
-        if tokio::time::timeout(Duration::from_secs(60), self.worker_tasks.wait())
+        if tokio::time::timeout(Duration::from_secs(15), self.worker_tasks.wait())
             .await
             .is_err()
         {
-            warn!("dispatchers did not stop within 60 s");
+            warn!("dispatchers did not stop within 15 s");
         }
         if let Some(spool) = self.spool.take() {
             spool.quiesce().await;

@@ -46,9 +46,10 @@ pub enum KeystoreError {
         path: PathBuf,
     },
 
-    /// The KEK file is accessible by group or others.
+    /// The KEK file grants more than owner access and group read by the process's own
+    /// group.
     #[error(
-        "KEK file {path} has mode {mode:04o}, which grants access to group or others; run `chmod 600 {path}`",
+        "KEK file {path} has mode {mode:04o} and group {gid}: only the owner may have access, plus read by the process's own group (gid {own_gid}, as Kubernetes mounts a Secret with fsGroup); run `chmod 600 {path}`",
         path = path.display()
     )]
     KekPermissions {
@@ -56,6 +57,10 @@ pub enum KeystoreError {
         path: PathBuf,
         /// Permission bits of the file (`mode & 0o7777`).
         mode: u32,
+        /// Group of the file.
+        gid: u32,
+        /// Effective group of this process.
+        own_gid: u32,
     },
 
     /// A wrapped DEK failed authentication: wrong KEK, wrong context (study)

@@ -59,6 +59,15 @@ impl Drop for SecretKey {
     }
 }
 
+/// Whether a KEK file with permission bits `mode`, owned by group `file_gid`,
+/// may be used by a process whose effective group is `own_gid`: nothing for
+/// others, and for the group nothing or read only, by the process's own group.
+pub fn kek_mode_allowed(mode: u32, file_gid: u32, own_gid: u32) -> bool {
+    let group = mode & 0o070;
+    let others = mode & 0o007;
+    others == 0 && (group == 0 || (group == 0o040 && file_gid == own_gid))
+}
+
 /// The key-encryption key.
 ///
 /// Loaded from a file holding exactly [`KEY_LEN`] raw bytes; it is never
@@ -74,14 +83,18 @@ impl Kek {
     /// Loads a KEK from `path`.
     ///
     /// The file must be a regular file holding exactly [`KEY_LEN`] raw bytes.
-    /// On Unix, a file whose mode grants any access to group or others
-    /// (`mode & 0o077 != 0`) is refused.
+    /// On Unix, the file may grant access to its owner and read access to its
+    /// group, and the group only if it is this process's effective group: that
+    /// is how Kubernetes mounts a Secret for a non-root pod (root-owned, group
+    /// `fsGroup`, mode 0440, with `runAsGroup` equal to `fsGroup`). Any access
+    /// for others, group write or execute, or group read by another group is
+    /// refused (see [`kek_mode_allowed`]).
     ///
     /// # Errors
     ///
     /// [`KeystoreError::KekFile`] if the file cannot be opened or read or is
     /// not a regular file, [`KeystoreError::KekPermissions`] if it is
-    /// accessible by group or others, [`KeystoreError::KekLength`] if it does
+    /// more accessible than that, [`KeystoreError::KekLength`] if it does
     /// not hold exactly 32 bytes.
     pub fn load(path: &Path) -> Result<Kek, KeystoreError> {
         let read_err = |source| KeystoreError::KekFile {
@@ -98,12 +111,16 @@ impl Kek {
         }
         #[cfg(unix)]
         {
-            use std::os::unix::fs::PermissionsExt as _;
+            use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
             let mode = meta.permissions().mode() & 0o7777;
-            if mode & 0o077 != 0 {
+            // SAFETY: getegid has no preconditions and cannot fail.
+            let own_gid = unsafe { libc::getegid() };
+            if !kek_mode_allowed(mode, meta.gid(), own_gid) {
                 return Err(KeystoreError::KekPermissions {
                     path: path.to_path_buf(),
                     mode,
+                    gid: meta.gid(),
+                    own_gid,
                 });
             }
         }
@@ -643,12 +660,27 @@ mod tests {
     }
 
     #[cfg(unix)]
+    fn chown_group(path: &Path, gid: u32) {
+        std::os::unix::fs::chown(path, None, Some(gid)).unwrap();
+    }
+
+    #[cfg(unix)]
+    fn own_gid() -> u32 {
+        // SAFETY: getegid has no preconditions and cannot fail.
+        unsafe { libc::getegid() }
+    }
+
+    #[cfg(unix)]
     #[test]
-    fn load_refuses_group_or_world_access() {
+    fn load_refuses_world_access_and_group_write_or_execute() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kek.bin");
         std::fs::write(&path, [0x42u8; KEY_LEN]).unwrap();
-        for mode in [0o644, 0o640, 0o604, 0o660, 0o602] {
+        // The file's group is ours here (it was just created), so only the bits decide.
+        chown_group(&path, own_gid());
+        for mode in [
+            0o644, 0o604, 0o660, 0o602, 0o620, 0o610, 0o444, 0o650, 0o670,
+        ] {
             set_mode(&path, mode);
             let err = Kek::load(&path).unwrap_err();
             match &err {
@@ -661,6 +693,46 @@ mod tests {
             set_mode(&path, mode);
             assert!(Kek::load(&path).is_ok(), "mode {mode:o}");
         }
+    }
+
+    /// Kubernetes mounts a Secret root-owned, group `fsGroup`, mode 0440.
+    #[cfg(unix)]
+    #[test]
+    fn load_accepts_group_read_by_the_process_group_only() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kek.bin");
+        std::fs::write(&path, [0x42u8; KEY_LEN]).unwrap();
+        chown_group(&path, own_gid());
+        for mode in [0o440, 0o640] {
+            set_mode(&path, mode);
+            assert!(Kek::load(&path).is_ok(), "mode {mode:o}, own group");
+        }
+
+        // The same bits with another group: refused. Changing a file's group to one we
+        // are not in needs root (CI runs as root); a non-root run checks the rule alone.
+        let other = own_gid().wrapping_add(4242);
+        if std::os::unix::fs::chown(&path, None, Some(other)).is_ok() {
+            assert_eq!(std::fs::metadata(&path).unwrap().gid(), other);
+            for mode in [0o440, 0o640] {
+                set_mode(&path, mode);
+                match Kek::load(&path).unwrap_err() {
+                    KeystoreError::KekPermissions {
+                        gid, own_gid: g, ..
+                    } => {
+                        assert_eq!((gid, g), (other, own_gid()));
+                    }
+                    e => panic!("expected KekPermissions, got {e:?}"),
+                }
+            }
+            // Owner-only access does not depend on the group.
+            set_mode(&path, 0o400);
+            assert!(Kek::load(&path).is_ok());
+        } else {
+            eprintln!("not root: cannot chown to a foreign group; checking the rule only");
+        }
+        assert!(!kek_mode_allowed(0o440, other, own_gid()));
+        assert!(kek_mode_allowed(0o440, own_gid(), own_gid()));
     }
 
     #[test]

@@ -1,0 +1,358 @@
+//! The `dicom-gateway` binary as an operator runs it: exit codes of configuration errors
+//! (found in parsing, in validation and at start-up), the `DICOM_GATEWAY_CONFIG`
+//! fallback, and the demo's work folder (removed at the end and on SIGINT, kept with
+//! `--keep`). Every test runs the real binary.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_dicom-gateway");
+const EX_CONFIG: i32 = 78;
+
+fn run(args: &[&str], env: &[(&str, &Path)]) -> Output {
+    let mut c = Command::new(BIN);
+    c.args(args).env_remove("DICOM_GATEWAY_CONFIG");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("run dicom-gateway")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A site folder made by the binary itself: PKI for site-a and site-b, a KEK, a config.
+struct Site {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+}
+
+impl Site {
+    fn new() -> Site {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().to_owned();
+        let d = dir.to_str().expect("utf-8 temp dir");
+        let o = run(
+            &[
+                "pki",
+                "init",
+                "--dir",
+                &format!("{d}/tls"),
+                "--site",
+                "site-a",
+                "--site",
+                "site-b",
+            ],
+            &[],
+        );
+        assert!(o.status.success(), "pki init: {}", stderr(&o));
+        let o = run(&["keys", "new-kek", "--out", &format!("{d}/kek.key")], &[]);
+        assert!(o.status.success(), "new-kek: {}", stderr(&o));
+        let s = Site { _tmp: tmp, dir };
+        s.write(&s.config());
+        s
+    }
+
+    /// A valid config (which would start a node) with every port on loopback port 0.
+    fn config(&self) -> String {
+        r#"[node]
+name = "site-a"
+data_dir = "data"
+[keystore]
+kek_file = "kek.key"
+[tls]
+cert = "tls/site-a.crt"
+key = "tls/site-a.key"
+ca = "tls/ca.crt"
+[http]
+listen = "127.0.0.1:0"
+[[dicom_listener]]
+name = "lan"
+listen = "127.0.0.1:0"
+ae_title = "GW_A"
+route_to = ["site-b"]
+[[destination]]
+name = "site-b"
+kind = "gateway"
+url = "https://127.0.0.1:9"
+peer_name = "site-b"
+"#
+        .to_owned()
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.join("gateway.toml")
+    }
+
+    fn write(&self, text: &str) {
+        std::fs::write(self.path(), text).expect("write config");
+    }
+
+    fn serve(&self) -> Output {
+        run(
+            &["serve", "--config", self.path().to_str().expect("utf-8")],
+            &[],
+        )
+    }
+}
+
+fn assert_config_error(o: &Output, needle: &str) {
+    assert_eq!(o.status.code(), Some(EX_CONFIG), "stderr: {}", stderr(o));
+    assert!(
+        stderr(o).contains(needle),
+        "{needle:?} not in: {}",
+        stderr(o)
+    );
+}
+
+#[test]
+fn parse_errors_exit_78() {
+    let s = Site::new();
+    s.write(&format!("{}\n[bogus]\nx = 1\n", s.config()));
+    assert_config_error(&s.serve(), "bogus");
+    s.write("not toml = = =");
+    assert_config_error(&s.serve(), "gateway.toml");
+    std::fs::remove_file(s.path()).expect("remove");
+    assert_config_error(&s.serve(), "cannot read config");
+}
+
+#[test]
+fn validation_errors_exit_78() {
+    let s = Site::new();
+    s.write(
+        &s.config()
+            .replace("route_to = [\"site-b\"]", "route_to = [\"nowhere\"]"),
+    );
+    assert_config_error(&s.serve(), "dicom_listener[lan].route_to");
+    s.write(&s.config().replace("GW_A", "AN_AE_TITLE_FAR_TOO_LONG"));
+    assert_config_error(&s.serve(), "ae_title");
+}
+
+#[test]
+fn missing_or_bad_pem_files_exit_78() {
+    let s = Site::new();
+    s.write(&s.config().replace("tls/site-a.crt", "tls/absent.crt"));
+    assert_config_error(&s.serve(), "absent.crt");
+    s.write(&s.config().replace("tls/site-a.key", "tls/absent.key"));
+    assert_config_error(&s.serve(), "absent.key");
+
+    // A file that is not a certificate at all.
+    std::fs::write(s.dir.join("tls/garbage.crt"), "hello\n").expect("write");
+    s.write(&s.config().replace("tls/site-a.crt", "tls/garbage.crt"));
+    assert_config_error(&s.serve(), "garbage.crt");
+    // A real certificate that does not carry the node name.
+    s.write(&s.config().replace("tls/site-a.crt", "tls/site-b.crt"));
+    assert_config_error(&s.serve(), "node.name");
+}
+
+#[cfg(unix)]
+#[test]
+fn kek_file_problems_exit_78() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let s = Site::new();
+    let kek = s.dir.join("kek.key");
+    std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    assert_config_error(&s.serve(), "chmod 600");
+    std::fs::remove_file(&kek).expect("remove");
+    assert_config_error(&s.serve(), "kek.key");
+    std::fs::write(&kek, [1u8; 5]).expect("write");
+    std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    assert_config_error(&s.serve(), "32 bytes");
+}
+
+#[test]
+fn the_config_comes_from_the_environment_without_config() {
+    let s = Site::new();
+    s.write(&format!("{}\n[from_env]\nx = 1\n", s.config()));
+    let o = run(&["serve"], &[("DICOM_GATEWAY_CONFIG", &s.path())]);
+    assert_config_error(&o, "from_env");
+    // --config wins over the environment.
+    let other = s.dir.join("absent.toml");
+    let o = run(
+        &["serve", "--config", other.to_str().expect("utf-8")],
+        &[("DICOM_GATEWAY_CONFIG", &s.path())],
+    );
+    assert_config_error(&o, "absent.toml");
+    // Neither: a usage error from the command line parser, not a config error.
+    let o = run(&["serve"], &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--config"), "{}", stderr(&o));
+    // The help names the variable.
+    let o = run(&["serve", "--help"], &[]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("DICOM_GATEWAY_CONFIG"));
+}
+
+fn demo_args(dir: &Path, objects: u32) -> Vec<String> {
+    [
+        "demo",
+        "--studies",
+        "1",
+        "--objects",
+        &objects.to_string(),
+        "--object-kib",
+        "16",
+        "--dir",
+        dir.to_str().expect("utf-8"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[test]
+fn the_demo_removes_its_work_folder() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let work = tmp.path().join("work");
+    let o = Command::new(BIN)
+        .args(demo_args(&work, 4))
+        .output()
+        .expect("demo");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}\n{}", stderr(&o));
+    // The premise: the demo used the folder (4 objects delivered into it).
+    assert!(out.contains("4/4 delivered identical"), "{out}");
+    assert!(
+        out.contains(&format!("work folder: {}", work.display())),
+        "{out}"
+    );
+    assert!(!work.exists(), "left behind: {}", work.display());
+}
+
+#[test]
+fn the_demo_keeps_its_work_folder_with_keep() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let work = tmp.path().join("work");
+    let mut args = demo_args(&work, 2);
+    args.push("--keep".into());
+    let o = Command::new(BIN).args(args).output().expect("demo");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}\n{}", stderr(&o));
+    assert!(
+        out.contains(&format!("work folder kept: {}", work.display())),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read_dir(work.join("received"))
+            .expect("kept")
+            .count(),
+        2
+    );
+}
+
+/// Start the demo, wait for `line` on its stdout, send SIGINT, and return its output.
+#[cfg(unix)]
+fn demo_interrupted_after(
+    args: Vec<String>,
+    line: &str,
+) -> (std::process::ExitStatus, String, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn demo");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut seen = String::new();
+    loop {
+        let mut l = String::new();
+        let n = stdout.read_line(&mut l).expect("read stdout");
+        assert!(n > 0, "demo ended before {line:?}: {seen}");
+        seen.push_str(&l);
+        if l.contains(line) {
+            break;
+        }
+    }
+    let pid = libc::pid_t::try_from(child.id()).expect("pid");
+    // SAFETY: kill with a valid pid of our own child and a valid signal number.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).expect("read stdout");
+    seen.push_str(&rest);
+    let o = child.wait_with_output().expect("wait");
+    (o.status, seen, stderr(&o))
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_after_the_check_stops_cleanly_and_removes_the_folder() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let work = tmp.path().join("work");
+    let mut args = demo_args(&work, 3);
+    args.push("--keep-running".into());
+    let (status, out, err) = demo_interrupted_after(args, "press Ctrl-C");
+    assert!(status.success(), "{status:?}\n{out}\n{err}");
+    assert!(out.contains("3/3 delivered identical"), "{out}");
+    assert!(out.contains("SIGINT: stopping"), "{out}");
+    assert!(!work.exists(), "left behind: {}", work.display());
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_mid_run_removes_the_folder() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let work = tmp.path().join("work");
+    // Interrupted as soon as the folder exists, while the PKI and keys are being made and
+    // long before 2000 objects could be through.
+    let (status, out, err) = demo_interrupted_after(demo_args(&work, 2000), "work folder:");
+    assert!(!status.success(), "{out}\n{err}");
+    assert!(err.contains("interrupted by SIGINT"), "{err}");
+    assert!(!out.contains("delivered identical"), "{out}");
+    assert!(!work.exists(), "left behind: {}", work.display());
+}
+
+/// `serve` with a valid config: `healthcheck` passes against its admin endpoint and fails
+/// against a path that is not 200 and a port nobody listens on; SIGTERM stops it with 0.
+#[cfg(unix)]
+#[test]
+fn healthcheck_against_a_running_node_and_sigterm_stops_it() {
+    let s = Site::new();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config", s.path().to_str().expect("utf-8")])
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn serve");
+    // Logs go to stderr.
+    let mut stdout = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut admin = None;
+    let mut seen = String::new();
+    while admin.is_none() {
+        let mut l = String::new();
+        let n = stdout.read_line(&mut l).expect("read stdout");
+        assert!(
+            n > 0,
+            "serve ended before its admin endpoint was up: {seen}"
+        );
+        seen.push_str(&l);
+        if l.contains("admin HTTP up") {
+            let i = l.find("127.0.0.1:").expect("admin address in the log line");
+            let addr: String = l[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                .collect();
+            admin = Some(addr);
+        }
+    }
+    let admin = admin.expect("admin address");
+    let hc = |url: String| run(&["healthcheck", "--url", &url], &[]);
+    let ok = hc(format!("http://{admin}/healthz"));
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    let missing = hc(format!("http://{admin}/no-such-path"));
+    assert_eq!(missing.status.code(), Some(1), "{}", stderr(&missing));
+
+    let pid = libc::pid_t::try_from(child.id()).expect("pid");
+    // SAFETY: kill with a valid pid of our own child and a valid signal number.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).expect("read stdout");
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "{status:?}: {rest}");
+    assert!(rest.contains("node stopped"), "{rest}");
+    // Nobody listens there any more.
+    let gone = hc(format!("http://{admin}/healthz"));
+    assert_eq!(gone.status.code(), Some(1), "{}", stderr(&gone));
+}
