@@ -201,5 +201,6 @@ fn an_unknown_log_format_is_a_config_error() {
     let s = Served::start(dir.path(), "[log]\nformat = \"xml\"\n", &[]);
     let mut child = s.child;
     let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(64));
+    // EX_CONFIG, like every configuration error.
+    assert_eq!(status.code(), Some(78));
 }
