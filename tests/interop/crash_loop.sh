@@ -50,7 +50,7 @@ queued() { # site: objects queued at that site (empty if it does not answer)
 in_flight=0
 for ((i = 1; i <= KILLS; i++)); do
 	sleep "$("$PY" -c 'import random; print(round(random.uniform(0.2, 1.2), 2))')"
-	acked=$(wc -l <"$WORK/acked.tsv" 2>/dev/null || echo 0)
+	acked=$( (wc -l <"$WORK/acked.tsv") 2>/dev/null || echo 0)
 	qa=$(queued a)
 	qb=$(queued b)
 	if alive "$SENDER" || [[ ${qa:-0} != 0 || ${qb:-0} != 0 ]]; then
