@@ -47,13 +47,18 @@ queued() { # site: objects queued at that site (empty if it does not answer)
 		"$PY" -c 'import json,sys; print(sum(d["queued"] for d in json.load(sys.stdin)["destinations"]))' 2>/dev/null || true
 }
 
+# Mid-transfer means mid-transfer: start killing once objects are being acknowledged.
+deadline=$((SECONDS + 120))
+until [[ -s $WORK/acked.tsv ]] || ! alive "$SENDER" || ((SECONDS > deadline)); do sleep 0.1; done
+[[ -s $WORK/acked.tsv ]] || { fail "the sender acknowledged nothing"; show_tail "$WORK/sender.log"; exit 1; }
+
 in_flight=0
 for ((i = 1; i <= KILLS; i++)); do
 	sleep "$("$PY" -c 'import random; print(round(random.uniform(0.2, 1.2), 2))')"
 	acked=$( (wc -l <"$WORK/acked.tsv") 2>/dev/null || echo 0)
 	qa=$(queued a)
 	qb=$(queued b)
-	if alive "$SENDER" || [[ ${qa:-0} != 0 || ${qb:-0} != 0 ]]; then
+	if { alive "$SENDER" && ((acked < OBJECTS)); } || [[ ${qa:-0} != 0 || ${qb:-0} != 0 ]]; then
 		in_flight=$((in_flight + 1))
 	fi
 	pid=${GW_PID[$VICTIM]}
