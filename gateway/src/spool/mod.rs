@@ -699,6 +699,15 @@ impl Spool {
         Ok(r?)
     }
 
+    /// The lock serialising read-modify-write sequences (study key creation, dedup
+    /// check-and-set, reference counting).
+    fn commit_lock(&self) -> Result<std::sync::MutexGuard<'_, ()>, SpoolError> {
+        self.inner
+            .lock
+            .lock()
+            .map_err(|_| SpoolError::Internal("lock poisoned".into()))
+    }
+
     /// Flush memtables to disk (shutdown; the WAL already holds everything).
     pub fn flush_blocking(&self) -> Result<(), SpoolError> {
         Ok(self.inner.store.flush()?)
@@ -996,11 +1005,7 @@ impl Spool {
                 "study key missing".into(),
             ));
         }
-        let _g = self
-            .inner
-            .lock
-            .lock()
-            .map_err(|_| SpoolError::Internal("lock poisoned".into()))?;
+        let _g = self.commit_lock()?;
         if let Some(w) = s.get(Cf::Keys, &kid)? {
             return self.inner.kek.unwrap(&w, &kid).map_err(SpoolError::Key);
         }
@@ -1059,11 +1064,7 @@ impl Spool {
         shred_study: bool,
     ) -> Result<bool, SpoolError> {
         let s = &self.inner.store;
-        let _g = self
-            .inner
-            .lock
-            .lock()
-            .map_err(|_| SpoolError::Internal("lock poisoned".into()))?;
+        let _g = self.commit_lock()?;
         let id = entry.object;
         let qk = queue_key(dest, entry.seq);
         let mut b = s.batch();
@@ -1618,11 +1619,7 @@ impl CommitJob {
         let dedup = self.dedup;
         let (committed, entries) = blocking(move || {
             let s = &spool.inner.store;
-            let _g = spool
-                .inner
-                .lock
-                .lock()
-                .map_err(|_| SpoolError::Internal("lock poisoned".into()))?;
+            let _g = spool.commit_lock()?;
             fault!(spool.inner, "spool::commit::batch");
             if let Some(key) = dedup {
                 match spool.dedup_state(key, &digest)? {
