@@ -104,6 +104,11 @@ pub struct TlsSection {
     pub key: PathBuf,
     /// PEM CA bundle that peers must chain to.
     pub ca: PathBuf,
+    /// PEM CRL files of the CA. With any given, every peer certificate's revocation status
+    /// must be known from a CRL that has not passed its nextUpdate; otherwise the handshake
+    /// fails (fail closed).
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
 }
 
 /// `[http]`
@@ -167,12 +172,33 @@ pub struct DicomListener {
     /// Largest PDU we accept (bounds memory per association).
     #[serde(default = "default_max_pdu")]
     pub max_pdu_length: u32,
-    /// Concurrent associations allowed.
+    /// Concurrent associations allowed (counted once negotiated).
     #[serde(default = "default_max_associations")]
     pub max_associations: usize,
-    /// Seconds a peer may stay silent before the association is aborted.
+    /// Seconds a peer may stay silent, or take to deliver one PDU, before the association
+    /// is aborted. This also caps an association's idle time between commands.
     #[serde(default = "default_timeout_secs")]
     pub timeout_secs: u64,
+    /// Connections allowed to be negotiating at once; more are closed at once.
+    #[serde(default = "default_max_negotiating")]
+    pub max_negotiating: usize,
+    /// Seconds a connection may take to complete association negotiation.
+    #[serde(default = "default_negotiation_timeout_secs")]
+    pub negotiation_timeout_secs: u64,
+    /// Seconds an association may last in total; it is aborted after that (a transfer in
+    /// progress is discarded and the sender retries).
+    #[serde(default = "default_max_association_secs")]
+    pub max_association_secs: u64,
+}
+
+fn default_max_negotiating() -> usize {
+    16
+}
+fn default_negotiation_timeout_secs() -> u64 {
+    10
+}
+fn default_max_association_secs() -> u64 {
+    4 * 3600
 }
 
 fn default_max_pdu() -> u32 {
@@ -193,10 +219,45 @@ pub struct LinkListener {
     pub name: String,
     /// Address to bind.
     pub listen: SocketAddr,
-    /// Peer node names (DNS SANs of their client certificates) allowed to connect.
+    /// Peers allowed to connect: DNS names, or `spiffe://` IDs, that their client
+    /// certificates must carry exactly as a SAN (wildcard SANs never match).
     pub allowed_peers: Vec<String>,
     /// Destinations every received object is queued for.
     pub route_to: Vec<String>,
+    /// Connections allowed in the TLS handshake at once (10 s each at most); more are
+    /// closed at once.
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: usize,
+    /// Authenticated connections allowed at once; more are closed after the handshake.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// HTTP/2 streams (requests in flight) allowed per connection.
+    #[serde(default = "default_max_streams")]
+    pub max_streams_per_connection: u32,
+    /// Requests processed at once across all connections; more wait for a slot (within
+    /// their deadline).
+    #[serde(default = "default_max_requests")]
+    pub max_requests: usize,
+    /// Seconds a request may take from its headers to its response; it fails with 503
+    /// after that and its part is discarded.
+    #[serde(default = "default_request_timeout_secs")]
+    pub request_timeout_secs: u64,
+}
+
+fn default_max_handshakes() -> usize {
+    32
+}
+fn default_max_connections() -> usize {
+    16
+}
+fn default_max_streams() -> u32 {
+    32
+}
+fn default_max_requests() -> usize {
+    64
+}
+fn default_request_timeout_secs() -> u64 {
+    900
 }
 
 /// `[[destination]]`
@@ -413,6 +474,7 @@ impl Config {
             r(&mut tls.cert);
             r(&mut tls.key);
             r(&mut tls.ca);
+            tls.crls.iter_mut().for_each(r);
         }
         for d in &mut self.destination {
             if let DestinationKind::Folder { path } = &mut d.kind {
@@ -544,8 +606,15 @@ impl Config {
             if l.max_associations == 0 {
                 return Err(self.invalid(key("max_associations"), "must be > 0"));
             }
-            if l.timeout_secs == 0 {
-                return Err(self.invalid(key("timeout_secs"), "must be > 0"));
+            for (k, v) in [
+                ("timeout_secs", l.timeout_secs),
+                ("max_negotiating", l.max_negotiating as u64),
+                ("negotiation_timeout_secs", l.negotiation_timeout_secs),
+                ("max_association_secs", l.max_association_secs),
+            ] {
+                if v == 0 {
+                    return Err(self.invalid(key(k), "must be > 0"));
+                }
             }
         }
         for l in &self.link_listener {
@@ -557,13 +626,28 @@ impl Config {
                 return Err(self.invalid(key("allowed_peers"), "must list at least one peer"));
             }
             for p in &l.allowed_peers {
-                if !is_dns_name(p) {
-                    return Err(
-                        self.invalid(key("allowed_peers"), format!("{p:?} is not a DNS name"))
-                    );
+                if !is_dns_name(p) && !is_spiffe_id(p) {
+                    return Err(self.invalid(
+                        key("allowed_peers"),
+                        format!("{p:?} is neither a DNS name nor a spiffe:// ID"),
+                    ));
                 }
             }
             check_routes(key("route_to"), &l.route_to)?;
+            for (k, v) in [
+                ("max_handshakes", l.max_handshakes as u64),
+                ("max_connections", l.max_connections as u64),
+                (
+                    "max_streams_per_connection",
+                    u64::from(l.max_streams_per_connection),
+                ),
+                ("max_requests", l.max_requests as u64),
+                ("request_timeout_secs", l.request_timeout_secs),
+            ] {
+                if v == 0 {
+                    return Err(self.invalid(key(k), "must be > 0"));
+                }
+            }
             if self.tls.is_none() {
                 return Err(self.invalid("tls", "a [[link_listener]] requires [tls]"));
             }
@@ -614,6 +698,30 @@ pub fn is_dns_name(s: &str) -> bool {
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
+}
+
+/// A SPIFFE ID (`spiffe://trust-domain/path`), as a URI SAN of a peer's certificate: a
+/// lower-case trust domain, non-empty path segments of `[A-Za-z0-9._-]` that are not `.`
+/// or `..`, no query or fragment, at most 2048 bytes.
+pub fn is_spiffe_id(s: &str) -> bool {
+    let Some(rest) = s.strip_prefix("spiffe://") else {
+        return false;
+    };
+    let (domain, path) = rest.split_once('/').unwrap_or((rest, ""));
+    s.len() <= 2048
+        && !domain.is_empty()
+        && domain
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b))
+        && (path.is_empty()
+            || path.split('/').all(|seg| {
+                !seg.is_empty()
+                    && seg != "."
+                    && seg != ".."
+                    && seg
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+            }))
 }
 
 /// AE titles: 1–16 characters of the default character repertoire, no backslash or control
@@ -768,6 +876,24 @@ path = "received"
         assert!(e.contains("destination[site-b].url"), "{e}");
         let e = err(&GOOD.replace("peer_name = \"site-b\"", "peer_name = \"not a name\""));
         assert!(e.contains("destination[site-b].peer_name"), "{e}");
+    }
+
+    #[test]
+    fn peer_identities_are_dns_names_or_spiffe_ids() {
+        assert!(is_spiffe_id("spiffe://example.org/gw/site-a"));
+        assert!(is_spiffe_id("spiffe://example.org"));
+        for bad in [
+            "spiffe://Example.org/x",
+            "spiffe:///x",
+            "spiffe://example.org/a//b",
+            "spiffe://example.org/../x",
+            "spiffe://example.org/x?y",
+            "https://example.org/x",
+        ] {
+            assert!(!is_spiffe_id(bad), "{bad}");
+        }
+        assert!(!is_dns_name("*.example.org"));
+        assert!(!is_dns_name("site-a."));
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub struct Metrics {
     pub queue_parked: IntGaugeVec,
     /// Seconds from receipt to confirmed delivery, by destination.
     pub delivery_seconds: HistogramVec,
+    /// Reloads of a link listener's TLS files, by listener and result (ok, failed).
+    pub tls_reloads: IntCounterVec,
 }
 
 impl Metrics {
@@ -113,6 +115,11 @@ impl Metrics {
                 &["destination"],
             ),
             delivery_seconds,
+            tls_reloads: cv(
+                "tls_reloads_total",
+                "Reloads of a link listener's certificate, key, CA and CRL files",
+                &["listener", "result"],
+            ),
             registry,
         }
     }

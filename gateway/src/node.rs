@@ -153,7 +153,8 @@ impl Node {
                 spool.clone(),
                 metrics.clone(),
                 cfg.spool.max_object_bytes,
-            );
+            )
+            .reload_from(tls)?;
             listener_tasks.spawn(server.run(listener, listeners_stop.clone()));
         }
         let ready = Arc::new(AtomicBool::new(false));

@@ -6,13 +6,13 @@
 //! - a file appears under its name only complete and fsynced: it is written to an unnamed
 //!   `O_TMPFILE` inode in the target folder and linked into place afterwards, so no partial
 //!   or temporary file is ever visible; the folder is fsynced after the link;
-//! - a retry after a crash finds the complete file already there and succeeds.
+//! - a retry after a crash finds the complete file already there and succeeds;
+//! - the 128-byte preamble is written as zeros, whatever the sender put there (a preamble
+//!   can make the file a valid executable or TIFF too: CVE-2019-11687).
 
-use std::ffi::CString;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -47,11 +47,14 @@ impl FolderSender {
             .await
             .map_err(|e| SendError::Transient(e.to_string()))?
             .map_err(io)?;
-        while let Some(seg) = reader
+        let mut at = 0usize;
+        while let Some(mut seg) = reader
             .next_segment()
             .await
             .map_err(|e| SendError::Transient(format!("spool: {e}")))?
         {
+            zero_preamble(&mut seg, at);
+            at = at.saturating_add(seg.len());
             file = tokio::task::spawn_blocking(move || file.write_all(&seg).map(|_| file))
                 .await
                 .map_err(|e| SendError::Transient(e.to_string()))?
@@ -81,25 +84,43 @@ fn open_unnamed(dir: &Path) -> std::io::Result<File> {
 /// Give the unnamed file its name. An existing file of that name is a previous complete
 /// delivery of the same object.
 fn link_into_place(file: &File, dir: &Path, name: &str) -> std::io::Result<()> {
-    let src = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
-        .map_err(std::io::Error::other)?;
-    let dst = CString::new(dir.join(name).as_os_str().as_bytes()).map_err(std::io::Error::other)?;
-    // SAFETY: both paths are valid NUL-terminated C strings that outlive the call.
-    let rc = unsafe {
-        libc::linkat(
-            libc::AT_FDCWD,
-            src.as_ptr(),
-            libc::AT_FDCWD,
-            dst.as_ptr(),
-            libc::AT_SYMLINK_FOLLOW,
-        )
-    };
-    if rc == 0 {
-        return Ok(());
+    let src = format!("/proc/self/fd/{}", file.as_raw_fd());
+    let rc = rustix::fs::linkat(
+        rustix::fs::CWD,
+        src.as_str(),
+        rustix::fs::CWD,
+        dir.join(name).as_path(),
+        rustix::fs::AtFlags::SYMLINK_FOLLOW,
+    );
+    match rc {
+        Ok(()) | Err(rustix::io::Errno::EXIST) => Ok(()),
+        Err(e) => Err(e.into()),
     }
-    let err = std::io::Error::last_os_error();
-    if err.kind() == std::io::ErrorKind::AlreadyExists {
-        return Ok(());
+}
+
+/// Zero the bytes of `seg` that fall in the Part-10 preamble, `seg` starting at stream
+/// offset `at`.
+fn zero_preamble(seg: &mut [u8], at: usize) {
+    const PREAMBLE: usize = 128;
+    if at < PREAMBLE {
+        let n = (PREAMBLE - at).min(seg.len());
+        seg[..n].fill(0);
     }
-    Err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_preamble_is_zeroed_across_segments() {
+        let mut a = vec![0xAB; 100];
+        let mut b = vec![0xCD; 100];
+        super::zero_preamble(&mut a, 0);
+        super::zero_preamble(&mut b, 100);
+        assert!(a.iter().all(|x| *x == 0));
+        assert!(b[..28].iter().all(|x| *x == 0));
+        assert!(b[28..].iter().all(|x| *x == 0xCD));
+        let mut c = vec![0xEF; 10];
+        super::zero_preamble(&mut c, 128);
+        assert!(c.iter().all(|x| *x == 0xEF));
+    }
 }
