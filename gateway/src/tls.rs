@@ -768,7 +768,9 @@ mod tests {
         assert!(e.contains("Revoked"), "{e}");
         run(&with(&good, &[&fresh]), &server).expect("server not revoked");
         // A CRL file without a CRL is a configuration error, naming the file.
-        let e = load_crls(std::slice::from_ref(&good.cert)).unwrap_err().to_string();
+        let e = load_crls(std::slice::from_ref(&good.cert))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no CRL") && e.contains("good.crt"), "{e}");
     }
 
