@@ -136,6 +136,7 @@ fn client_tls(
             cert: cert.to_owned(),
             key: key.to_owned(),
             ca: ca.to_owned(),
+            crls: Vec::new(),
         })
         .unwrap(),
     )
@@ -496,5 +497,68 @@ async fn malformed_stow_requests_are_refused_and_store_nothing() {
         409
     );
     assert_eq!(sites.b_spool().object_count().unwrap(), 6);
+    sites.stop().await;
+}
+
+/// A Part-10 file the gateway writes never carries the sender's preamble (CVE-2019-11687:
+/// a preamble can make a DICOM file a valid executable too). The peer here sends a
+/// Windows executable header in it; the hand-off folder gets zeros.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_polyglot_preamble_is_zeroed_in_handed_off_files() {
+    let Fixture {
+        tmp: _tmp,
+        pacs: _pacs,
+        mut sites,
+    } = Fixture::start("", "").await;
+    // Site B delivers into a hand-off folder instead of the PACS.
+    sites.stop_b().await;
+    let cfg_path = sites.dir.path().join("site-b.toml");
+    let cfg = std::fs::read_to_string(&cfg_path).unwrap();
+    let (head, rest) = cfg.split_once("kind = \"dicom\"").unwrap();
+    let (_, tail) = rest.split_once("retry_initial_ms").unwrap();
+    std::fs::write(
+        &cfg_path,
+        format!("{head}kind = \"folder\"\npath = \"handoff\"\nretry_initial_ms{tail}"),
+    )
+    .unwrap();
+    sites.start_b().await;
+    let d = sites.dir.path().to_owned();
+    let tls = client_tls(
+        &d.join("pki/site-a.crt"),
+        &d.join("pki/site-a.key"),
+        &d.join("pki/ca.crt"),
+    );
+    let obj = study(1, "POLY^GLOT", 4096).remove(0);
+    let mut part10 = dicom_gateway::dataset::part10_header(
+        &obj.sop_class,
+        &obj.sop_instance,
+        &obj.transfer_syntax,
+        None,
+    );
+    part10[..4].copy_from_slice(b"MZ\x90\x00");
+    part10[60..64].copy_from_slice(&64u32.to_le_bytes());
+    part10[64..68].copy_from_slice(b"PE\0\0");
+    part10.extend_from_slice(&obj.dataset);
+    let mut body = format!(
+        "--XyZ\r\nContent-Type: application/dicom\r\nContent-ID: <poly@site-a>\r\nContent-Digest: {}\r\n\r\n",
+        dicom_gateway::relay::content_digest(&sha256(&part10))
+    )
+    .into_bytes();
+    body.extend_from_slice(&part10);
+    body.extend_from_slice(b"\r\n--XyZ--\r\n");
+    let ct = "multipart/related; type=\"application/dicom\"; boundary=XyZ";
+    assert_eq!(raw_post(sites.link_port, tls, ct, body).await, 200);
+    let handoff = d.join("handoff");
+    assert!(
+        eventually(Duration::from_secs(30), || all_files(&handoff).len() == 1).await,
+        "nothing handed off"
+    );
+    let file = std::fs::read(&all_files(&handoff)[0]).unwrap();
+    assert_eq!(file.len(), part10.len());
+    assert!(
+        file[..128].iter().all(|b| *b == 0),
+        "preamble passed through"
+    );
+    assert_eq!(&file[128..], &part10[128..], "only the preamble may differ");
     sites.stop().await;
 }

@@ -10,17 +10,20 @@ use std::time::Duration;
 use dicom_gateway::demo;
 use dicom_gateway_e2e::*;
 
+/// Limit the size of files this process writes. SIGXFSZ gets a (tokio) handler, so an
+/// over-limit write fails with EFBIG instead of killing the test process.
 fn limit_file_size(bytes: u64) {
-    let lim = libc::rlimit {
-        rlim_cur: bytes,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: plain libc calls with a valid struct; SIGXFSZ is ignored so an over-limit
-    // write fails with EFBIG instead of killing the test process.
-    unsafe {
-        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-        assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &lim), 0);
-    }
+    let sigxfsz = tokio::signal::unix::SignalKind::from_raw(libc::SIGXFSZ);
+    // The handler stays installed after the stream is dropped.
+    drop(tokio::signal::unix::signal(sigxfsz).expect("a SIGXFSZ handler"));
+    rustix::process::setrlimit(
+        rustix::process::Resource::Fsize,
+        rustix::process::Rlimit {
+            current: Some(bytes),
+            maximum: None,
+        },
+    )
+    .expect("setrlimit");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -109,6 +109,11 @@ pub struct TlsSection {
     pub key: PathBuf,
     /// PEM CA bundle that peers must chain to.
     pub ca: PathBuf,
+    /// PEM CRL files of the CA. With any given, every peer certificate's revocation status
+    /// must be known from a CRL that has not passed its nextUpdate; otherwise the handshake
+    /// fails (fail closed).
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
 }
 
 /// `[http]`
@@ -288,6 +293,15 @@ pub struct DicomListener {
     /// UIDs, with a warning and a count in `dicom_gateway_uid_mismatch_total`.
     #[serde(default)]
     pub strict_uid_match: bool,
+    /// Connections allowed to be negotiating at once; more are closed at once.
+    pub max_negotiating: usize,
+    /// Seconds a connection may take to complete association negotiation (key
+    /// `negotiation_timeout`, default `"10s"`).
+    pub negotiation_timeout_secs: u64,
+    /// Seconds an association may last in total; it is aborted after that (a transfer in
+    /// progress is discarded and the sender retries). Key `max_association_time`, default
+    /// `"4h"`.
+    pub max_association_secs: u64,
     /// Deprecated keys this listener was written with, as `(old, new)`.
     pub deprecated_keys: Vec<(&'static str, &'static str)>,
 }
@@ -311,6 +325,12 @@ struct RawDicomListener {
     timeout_secs: Option<u64>,
     #[serde(default)]
     strict_uid_match: bool,
+    #[serde(default = "default_max_negotiating")]
+    max_negotiating: usize,
+    #[serde(default = "default_negotiation_timeout", with = "humantime_serde")]
+    negotiation_timeout: std::time::Duration,
+    #[serde(default = "default_max_association_time", with = "humantime_serde")]
+    max_association_time: std::time::Duration,
 }
 
 impl TryFrom<RawDicomListener> for DicomListener {
@@ -335,9 +355,22 @@ impl TryFrom<RawDicomListener> for DicomListener {
             max_associations: r.max_associations,
             timeout_secs: timeout.unwrap_or_else(default_timeout_secs),
             strict_uid_match: r.strict_uid_match,
+            max_negotiating: r.max_negotiating,
+            negotiation_timeout_secs: r.negotiation_timeout.as_secs(),
+            max_association_secs: r.max_association_time.as_secs(),
             deprecated_keys: deprecated,
         })
     }
+}
+
+fn default_max_negotiating() -> usize {
+    16
+}
+fn default_negotiation_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(10)
+}
+fn default_max_association_time() -> std::time::Duration {
+    std::time::Duration::from_secs(4 * 3600)
 }
 
 fn default_max_pdu() -> u32 {
@@ -358,10 +391,45 @@ pub struct LinkListener {
     pub name: String,
     /// Address to bind.
     pub listen: SocketAddr,
-    /// Peer node names (DNS SANs of their client certificates) allowed to connect.
+    /// Peers allowed to connect: DNS names, or `spiffe://` IDs, that their client
+    /// certificates must carry exactly as a SAN (wildcard SANs never match).
     pub allowed_peers: Vec<String>,
     /// Destinations every received object is queued for.
     pub route_to: Vec<String>,
+    /// Connections allowed in the TLS handshake at once (10 s each at most); more are
+    /// closed at once.
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: usize,
+    /// Authenticated connections allowed at once; more are closed after the handshake.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// HTTP/2 streams (requests in flight) allowed per connection.
+    #[serde(default = "default_max_streams")]
+    pub max_streams_per_connection: u32,
+    /// Requests processed at once across all connections; more wait for a slot (within
+    /// their deadline).
+    #[serde(default = "default_max_requests")]
+    pub max_requests: usize,
+    /// How long a request may take from its headers to its response (`"15m"`); it fails
+    /// with 503 after that and its part is discarded.
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub request_timeout: std::time::Duration,
+}
+
+fn default_max_handshakes() -> usize {
+    32
+}
+fn default_max_connections() -> usize {
+    16
+}
+fn default_max_streams() -> u32 {
+    32
+}
+fn default_max_requests() -> usize {
+    64
+}
+fn default_request_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(900)
 }
 
 /// `[[destination]]`
@@ -675,6 +743,7 @@ impl Config {
             r(&mut tls.cert);
             r(&mut tls.key);
             r(&mut tls.ca);
+            tls.crls.iter_mut().for_each(r);
         }
         for d in &mut self.destination {
             if let DestinationKind::Folder { path } = &mut d.kind {
@@ -832,8 +901,15 @@ impl Config {
             if l.max_associations == 0 {
                 return Err(self.invalid(key("max_associations"), "must be > 0"));
             }
-            if l.timeout_secs == 0 {
-                return Err(self.invalid(key("timeout"), "must be at least 1s"));
+            for (k, v) in [
+                ("timeout", l.timeout_secs),
+                ("max_negotiating", l.max_negotiating as u64),
+                ("negotiation_timeout", l.negotiation_timeout_secs),
+                ("max_association_time", l.max_association_secs),
+            ] {
+                if v == 0 {
+                    return Err(self.invalid(key(k), "must be at least 1 (1s for a duration)"));
+                }
             }
         }
         for l in &self.link_listener {
@@ -845,13 +921,28 @@ impl Config {
                 return Err(self.invalid(key("allowed_peers"), "must list at least one peer"));
             }
             for p in &l.allowed_peers {
-                if !is_dns_name(p) {
-                    return Err(
-                        self.invalid(key("allowed_peers"), format!("{p:?} is not a DNS name"))
-                    );
+                if !is_dns_name(p) && !is_spiffe_id(p) {
+                    return Err(self.invalid(
+                        key("allowed_peers"),
+                        format!("{p:?} is neither a DNS name nor a spiffe:// ID"),
+                    ));
                 }
             }
             check_routes(key("route_to"), &l.route_to)?;
+            for (k, v) in [
+                ("max_handshakes", l.max_handshakes as u64),
+                ("max_connections", l.max_connections as u64),
+                (
+                    "max_streams_per_connection",
+                    u64::from(l.max_streams_per_connection),
+                ),
+                ("max_requests", l.max_requests as u64),
+                ("request_timeout", l.request_timeout.as_secs()),
+            ] {
+                if v == 0 {
+                    return Err(self.invalid(key(k), "must be > 0"));
+                }
+            }
             if self.tls.is_none() {
                 return Err(self.invalid("tls", "a [[link_listener]] requires [tls]"));
             }
@@ -902,6 +993,30 @@ pub fn is_dns_name(s: &str) -> bool {
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
+}
+
+/// A SPIFFE ID (`spiffe://trust-domain/path`), as a URI SAN of a peer's certificate: a
+/// lower-case trust domain, non-empty path segments of `[A-Za-z0-9._-]` that are not `.`
+/// or `..`, no query or fragment, at most 2048 bytes.
+pub fn is_spiffe_id(s: &str) -> bool {
+    let Some(rest) = s.strip_prefix("spiffe://") else {
+        return false;
+    };
+    let (domain, path) = rest.split_once('/').unwrap_or((rest, ""));
+    s.len() <= 2048
+        && !domain.is_empty()
+        && domain
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b))
+        && (path.is_empty()
+            || path.split('/').all(|seg| {
+                !seg.is_empty()
+                    && seg != "."
+                    && seg != ".."
+                    && seg
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+            }))
 }
 
 /// AE titles: 1–16 characters of the default character repertoire, no backslash or control
@@ -1065,6 +1180,24 @@ path = "received"
         assert!(e.contains("destination[site-b].url"), "{e}");
         let e = err(&GOOD.replace("peer_name = \"site-b\"", "peer_name = \"not a name\""));
         assert!(e.contains("destination[site-b].peer_name"), "{e}");
+    }
+
+    #[test]
+    fn peer_identities_are_dns_names_or_spiffe_ids() {
+        assert!(is_spiffe_id("spiffe://example.org/gw/site-a"));
+        assert!(is_spiffe_id("spiffe://example.org"));
+        for bad in [
+            "spiffe://Example.org/x",
+            "spiffe:///x",
+            "spiffe://example.org/a//b",
+            "spiffe://example.org/../x",
+            "spiffe://example.org/x?y",
+            "https://example.org/x",
+        ] {
+            assert!(!is_spiffe_id(bad), "{bad}");
+        }
+        assert!(!is_dns_name("*.example.org"));
+        assert!(!is_dns_name("site-a."));
     }
 
     #[test]

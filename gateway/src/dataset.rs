@@ -11,8 +11,6 @@
 //! - sequence nesting is bounded ([`MAX_DEPTH`]) and scanned input is bounded by the caller;
 //! - the scanner never decodes pixel data and never fails on elements it does not know.
 
-use std::io::Read;
-
 use crate::sop::Encoding;
 
 /// Largest file meta group we parse.
@@ -73,8 +71,21 @@ pub fn part10_header(
     out
 }
 
+/// Shows a patient-linked UID in `Debug` output without revealing it: only whether it is
+/// there and its length. SOP class and transfer syntax UIDs name no patient and are shown.
+pub struct RedactedUid<'a>(pub Option<&'a str>);
+
+impl std::fmt::Debug for RedactedUid<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            None => f.write_str("None"),
+            Some(u) => write!(f, "<redacted UID, {} bytes>", u.len()),
+        }
+    }
+}
+
 /// What a Part-10 header says.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Part10Meta {
     /// (0002,0002)
     pub sop_class: String,
@@ -84,6 +95,17 @@ pub struct Part10Meta {
     pub transfer_syntax: String,
     /// Offset of the first data set byte.
     pub dataset_offset: usize,
+}
+
+impl std::fmt::Debug for Part10Meta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Part10Meta")
+            .field("sop_class", &self.sop_class)
+            .field("sop_instance", &RedactedUid(Some(&self.sop_instance)))
+            .field("transfer_syntax", &self.transfer_syntax)
+            .field("dataset_offset", &self.dataset_offset)
+            .finish()
+    }
 }
 
 /// Why input is not a usable DICOM object.
@@ -202,8 +224,8 @@ fn long_vr(vr: [u8; 2]) -> bool {
     )
 }
 
-/// The identity elements found in a data set.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The identity elements found in a data set. `Debug` redacts the patient-linked UIDs.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Identity {
     /// (0008,0016) SOP Class UID.
     pub sop_class: Option<String>,
@@ -213,6 +235,17 @@ pub struct Identity {
     pub study: Option<String>,
     /// (0020,000E) Series Instance UID.
     pub series: Option<String>,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("sop_class", &self.sop_class)
+            .field("sop_instance", &RedactedUid(self.sop_instance.as_deref()))
+            .field("study", &RedactedUid(self.study.as_deref()))
+            .field("series", &RedactedUid(self.series.as_deref()))
+            .finish()
+    }
 }
 
 /// Result of scanning a data set prefix.
@@ -234,275 +267,353 @@ const SEQ_END: u32 = 0xFFFE_E0DD;
 
 /// Scan the start of a data set for its identity. `complete` says the prefix is the whole
 /// data set, so running out of bytes ends the scan instead of asking for more.
+///
+/// A one-shot convenience over [`IdentityScanner`], which callers receiving a data set in
+/// pieces use instead.
 pub fn scan_identity(
     prefix: &[u8],
     encoding: Encoding,
     complete: bool,
 ) -> Result<Scan, FormatError> {
-    match encoding {
-        Encoding::DeflatedExplicitLe => {
-            let inflated = inflate_prefix(prefix, MAX_IDENTITY_PREFIX)?;
-            // A deflated prefix only ends cleanly if the whole stream was given.
-            scan_plain(&inflated, false, false, complete)
-        }
-        Encoding::ImplicitLe => scan_plain(prefix, false, true, complete),
-        Encoding::ExplicitLe => scan_plain(prefix, false, false, complete),
-        Encoding::ExplicitBe => scan_plain(prefix, true, false, complete),
+    let mut s = IdentityScanner::new(encoding);
+    match s.feed(prefix)? {
+        Scan::NeedMore if complete => s.finish(),
+        scan => Ok(scan),
     }
 }
 
-fn inflate_prefix(prefix: &[u8], limit: usize) -> Result<Vec<u8>, FormatError> {
-    let mut out = Vec::new();
-    let mut decoder = flate2::read::DeflateDecoder::new(prefix).take(limit as u64);
-    let mut buf = [0u8; 16 * 1024];
-    loop {
-        match decoder.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            // A truncated stream ends with an error after yielding what it could.
-            Err(_) => break,
-        }
-    }
-    if out.is_empty() && prefix.len() > 1024 {
-        return Err(FormatError::Malformed("deflated data set does not inflate"));
-    }
-    Ok(out)
+/// Bytes of inflated output produced per step of a deflated scan.
+const INFLATE_CHUNK: usize = 16 * 1024;
+
+/// What the scanner expects next.
+#[derive(Debug, Clone, Copy)]
+enum Want {
+    /// An element header (its first `hdr_len` bytes are in `hdr`).
+    Header,
+    /// Value bytes to pass over.
+    Skip(u64),
+    /// The value of an identity element (at most 64 bytes), gathered into `value`.
+    Value { tag: u32, len: usize },
 }
 
-struct Cursor<'a> {
-    buf: &'a [u8],
-    pos: usize,
+/// An open undefined-length container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Frame {
+    /// A sequence (or encapsulated value): items until the sequence delimiter.
+    Seq,
+    /// An item: elements until the item delimiter.
+    Item,
+}
+
+/// Finds an object's identity in a data set delivered in pieces of any size, down to
+/// empty or one-byte PDVs.
+///
+/// Invariants (what makes a slow trickle cheap):
+/// - every input byte is examined once: values are passed over by count, and only element
+///   headers (at most 12 bytes) and identity values (at most 64 bytes) are ever copied;
+/// - a deflated data set is inflated incrementally, each compressed byte once, and at most
+///   [`MAX_IDENTITY_PREFIX`] inflated bytes are looked at (a deflate bomb stops there);
+/// - the state is bounded: one header, one UID, [`MAX_DEPTH`] nested sequences and the
+///   inflater's window, whatever the input.
+pub struct IdentityScanner {
     big_endian: bool,
     implicit: bool,
+    /// The raw-deflate decoder, for the deflated syntax.
+    inflater: Option<Box<flate2::Decompress>>,
+    /// The deflate stream has ended; later input is ignored.
+    inflate_ended: bool,
+    want: Want,
+    /// The element header being gathered.
+    hdr: [u8; 12],
+    hdr_len: usize,
+    /// The identity value being gathered.
+    value: Vec<u8>,
+    /// Open undefined-length sequences and items, innermost last.
+    stack: Vec<Frame>,
+    /// Data set bytes (inflated, for the deflated syntax) consumed so far.
+    scanned: u64,
+    id: Identity,
+    done: bool,
 }
 
-enum Step {
-    Element {
-        tag: u32,
-        vr: [u8; 2],
-        len: u32,
-        value_at: usize,
-    },
-    Short,
+impl std::fmt::Debug for IdentityScanner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // No UIDs: only the scan's position.
+        f.debug_struct("IdentityScanner")
+            .field("scanned", &self.scanned)
+            .field("depth", &self.stack.len())
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
 }
 
-impl Cursor<'_> {
-    fn u16_at(&self, at: usize) -> Option<u16> {
-        let b = self.buf.get(at..at + 2)?;
-        Some(if self.big_endian {
-            u16::from_be_bytes([b[0], b[1]])
-        } else {
-            u16::from_le_bytes([b[0], b[1]])
-        })
-    }
-    fn u32_at(&self, at: usize) -> Option<u32> {
-        let b = self.buf.get(at..at + 4)?;
-        Some(if self.big_endian {
-            u32::from_be_bytes([b[0], b[1], b[2], b[3]])
-        } else {
-            u32::from_le_bytes([b[0], b[1], b[2], b[3]])
-        })
-    }
-
-    /// Read an element header at the cursor.
-    fn header(&self) -> Step {
-        let p = self.pos;
-        let (Some(g), Some(e)) = (self.u16_at(p), self.u16_at(p + 2)) else {
-            return Step::Short;
+impl IdentityScanner {
+    /// A scanner for a data set in `encoding`.
+    pub fn new(encoding: Encoding) -> IdentityScanner {
+        let (big_endian, implicit) = match encoding {
+            Encoding::ImplicitLe => (false, true),
+            Encoding::ExplicitBe => (true, false),
+            Encoding::ExplicitLe | Encoding::DeflatedExplicitLe => (false, false),
         };
-        let tag = (u32::from(g) << 16) | u32::from(e);
+        IdentityScanner {
+            big_endian,
+            implicit,
+            inflater: matches!(encoding, Encoding::DeflatedExplicitLe)
+                .then(|| Box::new(flate2::Decompress::new(false))),
+            inflate_ended: false,
+            want: Want::Header,
+            hdr: [0; 12],
+            hdr_len: 0,
+            value: Vec::new(),
+            stack: Vec::new(),
+            scanned: 0,
+            id: Identity::default(),
+            done: false,
+        }
+    }
+
+    /// Data set bytes consumed so far (inflated bytes, for the deflated syntax).
+    pub fn scanned(&self) -> u64 {
+        self.scanned
+    }
+
+    /// Feed the next bytes of the data set. `Done` once the identity is complete (and on
+    /// every call after that); `NeedMore` otherwise.
+    pub fn feed(&mut self, data: &[u8]) -> Result<Scan, FormatError> {
+        if !self.done {
+            match self.inflater.take() {
+                Some(mut z) => {
+                    let r = self.feed_deflated(&mut z, data);
+                    self.inflater = Some(z);
+                    r?;
+                }
+                None => self.feed_plain(data)?,
+            }
+        }
+        Ok(if self.done {
+            Scan::Done(self.id.clone())
+        } else {
+            Scan::NeedMore
+        })
+    }
+
+    /// The data set has ended: the identity as far as it goes, or why the data set is
+    /// malformed where the scanner had to read it.
+    pub fn finish(&mut self) -> Result<Scan, FormatError> {
+        if self.done {
+            return Ok(Scan::Done(self.id.clone()));
+        }
+        if !self.stack.is_empty() {
+            return Err(FormatError::Malformed("data set ends inside a sequence"));
+        }
+        match self.want {
+            Want::Header if self.hdr_len > 0 => Err(FormatError::Malformed(
+                "data set ends inside an element header",
+            )),
+            Want::Value { .. } => Err(FormatError::Malformed("data set ends inside a value")),
+            // A value that runs past the end is not ours to judge: it holds no identity.
+            Want::Header | Want::Skip(_) => {
+                self.done = true;
+                Ok(Scan::Done(self.id.clone()))
+            }
+        }
+    }
+
+    fn feed_deflated(
+        &mut self,
+        z: &mut flate2::Decompress,
+        mut input: &[u8],
+    ) -> Result<(), FormatError> {
+        let mut out = [0u8; INFLATE_CHUNK];
+        while !self.done && !self.inflate_ended {
+            let (in0, out0) = (z.total_in(), z.total_out());
+            let status = z
+                .decompress(input, &mut out, flate2::FlushDecompress::None)
+                .map_err(|_| FormatError::Malformed("deflated data set does not inflate"))?;
+            let used = (z.total_in() - in0) as usize;
+            let produced = (z.total_out() - out0) as usize;
+            input = input.get(used..).unwrap_or(&[]);
+            self.feed_plain(&out[..produced])?;
+            if status == flate2::Status::StreamEnd {
+                self.inflate_ended = true;
+            }
+            // Stop when the input is used up and the decoder has no more output pending.
+            if (input.is_empty() && produced < out.len()) || (used == 0 && produced == 0) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn feed_plain(&mut self, mut data: &[u8]) -> Result<(), FormatError> {
+        while !self.done && !data.is_empty() {
+            match self.want {
+                Want::Skip(n) => {
+                    let k = n.min(data.len() as u64);
+                    data = &data[k as usize..];
+                    self.scanned += k;
+                    self.want = if k == n {
+                        Want::Header
+                    } else {
+                        Want::Skip(n - k)
+                    };
+                }
+                Want::Value { tag, len } => {
+                    let k = (len - self.value.len()).min(data.len());
+                    self.value.extend_from_slice(&data[..k]);
+                    data = &data[k..];
+                    self.scanned += k as u64;
+                    if self.value.len() == len {
+                        self.store_value(tag);
+                    }
+                }
+                Want::Header => {
+                    let need = self.header_len();
+                    let k = (need - self.hdr_len).min(data.len());
+                    self.hdr[self.hdr_len..self.hdr_len + k].copy_from_slice(&data[..k]);
+                    self.hdr_len += k;
+                    data = &data[k..];
+                    self.scanned += k as u64;
+                    // The length of an explicit VR header is known only after its VR.
+                    if self.hdr_len == need && self.header_len() == need {
+                        self.element()?;
+                    }
+                }
+            }
+            if !self.done && self.scanned > MAX_IDENTITY_PREFIX as u64 {
+                return Err(FormatError::PrefixTooLarge);
+            }
+        }
+        Ok(())
+    }
+
+    fn u16_at(&self, at: usize) -> u16 {
+        let b = [self.hdr[at], self.hdr[at + 1]];
+        if self.big_endian {
+            u16::from_be_bytes(b)
+        } else {
+            u16::from_le_bytes(b)
+        }
+    }
+
+    fn u32_at(&self, at: usize) -> u32 {
+        let b = [
+            self.hdr[at],
+            self.hdr[at + 1],
+            self.hdr[at + 2],
+            self.hdr[at + 3],
+        ];
+        if self.big_endian {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        }
+    }
+
+    /// Bytes in the header being gathered: 8, or 12 for an explicit VR with a long length
+    /// (known once its VR has arrived).
+    fn header_len(&self) -> usize {
+        if self.hdr_len >= 6
+            && !self.implicit
+            && self.u16_at(0) != 0xFFFE
+            && long_vr([self.hdr[4], self.hdr[5]])
+        {
+            12
+        } else {
+            8
+        }
+    }
+
+    /// Act on a complete element header.
+    fn element(&mut self) -> Result<(), FormatError> {
+        let group = self.u16_at(0);
+        let tag = (u32::from(group) << 16) | u32::from(self.u16_at(2));
         // Item and delimiter tags never carry a VR.
-        if g == 0xFFFE || self.implicit {
-            return match self.u32_at(p + 4) {
-                Some(len) => Step::Element {
-                    tag,
-                    vr: *b"  ",
-                    len,
-                    value_at: p + 8,
-                },
-                None => Step::Short,
-            };
-        }
-        let Some(vr) = self.buf.get(p + 4..p + 6) else {
-            return Step::Short;
-        };
-        let vr = [vr[0], vr[1]];
-        if long_vr(vr) {
-            match self.u32_at(p + 8) {
-                Some(len) => Step::Element {
-                    tag,
-                    vr,
-                    len,
-                    value_at: p + 12,
-                },
-                None => Step::Short,
-            }
+        let (vr, len) = if group == 0xFFFE || self.implicit {
+            (*b"  ", self.u32_at(4))
+        } else if self.hdr_len == 12 {
+            ([self.hdr[4], self.hdr[5]], self.u32_at(8))
         } else {
-            match self.u16_at(p + 6) {
-                Some(len) => Step::Element {
+            ([self.hdr[4], self.hdr[5]], u32::from(self.u16_at(6)))
+        };
+        self.hdr_len = 0;
+        self.want = Want::Header;
+        match self.stack.last() {
+            None => {
+                if tag > TAG_SERIES {
+                    self.done = true;
+                } else if len == u32::MAX {
+                    // Undefined length: a sequence (or encapsulated data) to pass over.
+                    self.push_seq()?;
+                } else if matches!(
                     tag,
-                    vr,
-                    len: u32::from(len),
-                    value_at: p + 8,
-                },
-                None => Step::Short,
-            }
-        }
-    }
-}
-
-/// Outcome of skipping one nested structure.
-enum Skip {
-    Ok,
-    Short,
-}
-
-fn scan_plain(
-    buf: &[u8],
-    big_endian: bool,
-    implicit: bool,
-    complete: bool,
-) -> Result<Scan, FormatError> {
-    let mut c = Cursor {
-        buf,
-        pos: 0,
-        big_endian,
-        implicit,
-    };
-    let mut id = Identity::default();
-    loop {
-        if c.pos >= buf.len() {
-            return Ok(if complete {
-                Scan::Done(id)
-            } else {
-                Scan::NeedMore
-            });
-        }
-        let (tag, vr, len, value_at) = match c.header() {
-            Step::Short => {
-                return if complete {
-                    Err(FormatError::Malformed(
-                        "data set ends inside an element header",
-                    ))
-                } else {
-                    Ok(Scan::NeedMore)
-                };
-            }
-            Step::Element {
-                tag,
-                vr,
-                len,
-                value_at,
-            } => (tag, vr, len, value_at),
-        };
-        if tag > TAG_SERIES {
-            return Ok(Scan::Done(id));
-        }
-        if len == u32::MAX {
-            // Undefined length: a sequence (or encapsulated data) to skip.
-            c.pos = value_at;
-            match skip_undefined(&mut c, 0)? {
-                Skip::Ok => continue,
-                Skip::Short => {
-                    return if complete {
-                        Err(FormatError::Malformed("data set ends inside a sequence"))
-                    } else {
-                        Ok(Scan::NeedMore)
+                    TAG_SOP_CLASS | TAG_SOP_INSTANCE | TAG_STUDY | TAG_SERIES
+                ) {
+                    if len > 64 {
+                        return Err(FormatError::Malformed("UID element longer than 64 bytes"));
+                    }
+                    if !self.implicit && &vr != b"UI" && &vr != b"UN" {
+                        return Err(FormatError::Malformed(
+                            "identity element with a VR other than UI",
+                        ));
+                    }
+                    self.value.clear();
+                    self.want = Want::Value {
+                        tag,
+                        len: len as usize,
                     };
+                    if len == 0 {
+                        self.store_value(tag);
+                    }
+                } else {
+                    self.want = Want::Skip(u64::from(len));
+                }
+            }
+            Some(Frame::Seq) => match tag {
+                SEQ_END => {
+                    self.stack.pop();
+                }
+                ITEM if len == u32::MAX => self.stack.push(Frame::Item),
+                ITEM => self.want = Want::Skip(u64::from(len)),
+                _ => {
+                    return Err(FormatError::Malformed(
+                        "unexpected element inside a sequence",
+                    ));
+                }
+            },
+            Some(Frame::Item) => {
+                if tag == ITEM_END {
+                    self.stack.pop();
+                } else if len == u32::MAX {
+                    self.push_seq()?;
+                } else {
+                    self.want = Want::Skip(u64::from(len));
                 }
             }
         }
-        let end = value_at + len as usize;
-        let wanted = matches!(
-            tag,
-            TAG_SOP_CLASS | TAG_SOP_INSTANCE | TAG_STUDY | TAG_SERIES
-        );
-        if wanted {
-            if len > 64 {
-                return Err(FormatError::Malformed("UID element longer than 64 bytes"));
-            }
-            let Some(value) = buf.get(value_at..end) else {
-                return if complete {
-                    Err(FormatError::Malformed("data set ends inside a value"))
-                } else {
-                    Ok(Scan::NeedMore)
-                };
-            };
-            if !implicit && &vr != b"UI" && &vr != b"UN" {
-                return Err(FormatError::Malformed(
-                    "identity element with a VR other than UI",
-                ));
-            }
-            let v = Some(uid_value(value));
-            match tag {
-                TAG_SOP_CLASS => id.sop_class = v,
-                TAG_SOP_INSTANCE => id.sop_instance = v,
-                TAG_STUDY => id.study = v,
-                _ => id.series = v,
-            }
-        }
-        c.pos = end;
-        if tag == TAG_SERIES {
-            return Ok(Scan::Done(id));
-        }
+        Ok(())
     }
-}
 
-/// Skip the content of an undefined-length sequence or encapsulated value whose header has
-/// been consumed, up to and including its sequence delimiter.
-fn skip_undefined(c: &mut Cursor<'_>, depth: usize) -> Result<Skip, FormatError> {
-    if depth >= MAX_DEPTH {
-        return Err(FormatError::Malformed("sequences nested too deeply"));
+    fn push_seq(&mut self) -> Result<(), FormatError> {
+        let depth = self.stack.iter().filter(|f| **f == Frame::Seq).count();
+        if depth >= MAX_DEPTH {
+            return Err(FormatError::Malformed("sequences nested too deeply"));
+        }
+        self.stack.push(Frame::Seq);
+        Ok(())
     }
-    loop {
-        let (tag, len, value_at) = match c.header() {
-            Step::Short => return Ok(Skip::Short),
-            Step::Element {
-                tag, len, value_at, ..
-            } => (tag, len, value_at),
-        };
+
+    fn store_value(&mut self, tag: u32) {
+        let v = Some(uid_value(&self.value));
+        self.value.clear();
+        self.want = Want::Header;
         match tag {
-            SEQ_END => {
-                c.pos = value_at;
-                return Ok(Skip::Ok);
-            }
-            ITEM if len == u32::MAX => {
-                c.pos = value_at;
-                // An undefined-length item: elements until the item delimiter.
-                loop {
-                    let (tag, len, value_at) = match c.header() {
-                        Step::Short => return Ok(Skip::Short),
-                        Step::Element {
-                            tag, len, value_at, ..
-                        } => (tag, len, value_at),
-                    };
-                    if tag == ITEM_END {
-                        c.pos = value_at;
-                        break;
-                    }
-                    c.pos = value_at;
-                    if len == u32::MAX {
-                        if let Skip::Short = skip_undefined(c, depth + 1)? {
-                            return Ok(Skip::Short);
-                        }
-                    } else {
-                        c.pos = value_at + len as usize;
-                        if c.pos > c.buf.len() {
-                            return Ok(Skip::Short);
-                        }
-                    }
-                }
-            }
-            ITEM => {
-                c.pos = value_at + len as usize;
-                if c.pos > c.buf.len() {
-                    return Ok(Skip::Short);
-                }
-            }
+            TAG_SOP_CLASS => self.id.sop_class = v,
+            TAG_SOP_INSTANCE => self.id.sop_instance = v,
+            TAG_STUDY => self.id.study = v,
             _ => {
-                return Err(FormatError::Malformed(
-                    "unexpected element inside a sequence",
-                ));
+                self.id.series = v;
+                self.done = true;
             }
         }
     }
@@ -648,6 +759,144 @@ mod tests {
             deep.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
         }
         assert!(scan_identity(&deep, Encoding::ExplicitLe, false).is_err());
+    }
+
+    fn deflate(plain: &[u8]) -> Vec<u8> {
+        let mut enc =
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut enc, plain).unwrap();
+        enc.finish().unwrap()
+    }
+
+    /// Feed `data` in pieces of the sizes `sizes` yields (0 included), then finish.
+    fn feed_in_pieces(
+        data: &[u8],
+        encoding: Encoding,
+        mut sizes: impl FnMut() -> usize,
+    ) -> (Result<Scan, FormatError>, u64) {
+        let mut s = IdentityScanner::new(encoding);
+        let mut rest = data;
+        while !rest.is_empty() {
+            let n = sizes().min(rest.len());
+            let (piece, tail) = rest.split_at(n);
+            rest = tail;
+            match s.feed(piece) {
+                Ok(Scan::NeedMore) => {}
+                other => return (other, s.scanned()),
+            }
+        }
+        (s.finish(), s.scanned())
+    }
+
+    #[test]
+    fn pieces_of_any_size_give_the_one_shot_result() {
+        let plain = sample_explicit();
+        let deflated = deflate(&plain);
+        let whole = scan_identity(&plain, Encoding::ExplicitLe, true).unwrap();
+        assert!(matches!(whole, Scan::Done(ref id) if id.series.is_some()));
+        for (data, enc) in [
+            (&plain, Encoding::ExplicitLe),
+            (&deflated, Encoding::DeflatedExplicitLe),
+        ] {
+            // one byte at a time, with an empty piece between every two
+            let mut flip = false;
+            let (r, _) = feed_in_pieces(data, enc, || {
+                flip = !flip;
+                usize::from(flip)
+            });
+            assert_eq!(r.unwrap(), whole, "{enc:?} byte by byte");
+            let mut rng = fastrand::Rng::with_seed(7);
+            for _ in 0..50 {
+                let (r, _) = feed_in_pieces(data, enc, || rng.usize(0..40));
+                assert_eq!(r.unwrap(), whole, "{enc:?} random pieces");
+            }
+        }
+        // every cut of the stream, fed in two pieces, agrees with the one-shot scan
+        for cut in 0..plain.len() {
+            let mut s = IdentityScanner::new(Encoding::ExplicitLe);
+            let a = s.feed(&plain[..cut]).unwrap();
+            assert_eq!(
+                a,
+                scan_identity(&plain[..cut], Encoding::ExplicitLe, false).unwrap()
+            );
+            assert_eq!(s.feed(&plain[cut..]).unwrap(), whole, "cut {cut}");
+        }
+    }
+
+    /// The adversarial stream of the review: thousands of small private elements ahead of
+    /// the identity, delivered one byte per write. Each byte is consumed exactly once, and
+    /// no more than the data set's own bytes are ever looked at.
+    #[test]
+    fn a_trickle_examines_each_byte_once() {
+        let mut d = Vec::new();
+        el_le(
+            &mut d,
+            0x0008,
+            0x0016,
+            b"UI",
+            b"1.2.840.10008.5.1.4.1.1.7\0",
+        );
+        el_le(&mut d, 0x0008, 0x0018, b"UI", b"1.2.3.4\0");
+        for i in 0..40_000u16 {
+            el_le(&mut d, 0x0009, 0x1000 | (i & 0xFF), b"LO", b"xy");
+        }
+        el_le(&mut d, 0x0020, 0x000D, b"UI", b"1.2.3.5\0");
+        el_le(&mut d, 0x0020, 0x000E, b"UI", b"1.2.3.6\0");
+        let (r, scanned) = feed_in_pieces(&d, Encoding::ExplicitLe, || 1);
+        let Scan::Done(id) = r.unwrap() else { panic!() };
+        assert_eq!(id.series.as_deref(), Some("1.2.3.6"));
+        assert_eq!(scanned, d.len() as u64, "each byte once");
+        let z = deflate(&d);
+        let (r, scanned) = feed_in_pieces(&z, Encoding::DeflatedExplicitLe, || 1);
+        assert!(matches!(r.unwrap(), Scan::Done(ref i) if i.study.as_deref() == Some("1.2.3.5")));
+        assert_eq!(scanned, d.len() as u64, "each inflated byte once");
+    }
+
+    #[test]
+    fn a_deflate_bomb_stops_at_the_prefix_limit() {
+        // 64 MiB of one private element's zeros, deflated to about 64 KiB, ahead of the
+        // identity: the scanner gives up after MAX_IDENTITY_PREFIX inflated bytes.
+        let mut head = Vec::new();
+        head.extend_from_slice(&[0x09, 0x00, 0x10, 0x10, b'U', b'N', 0, 0]);
+        head.extend_from_slice(&(64u32 << 20).to_le_bytes());
+        let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+        std::io::Write::write_all(&mut enc, &head).unwrap();
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..64 {
+            std::io::Write::write_all(&mut enc, &zeros).unwrap();
+        }
+        let z = enc.finish().unwrap();
+        assert!(z.len() < 1 << 20);
+        let mut s = IdentityScanner::new(Encoding::DeflatedExplicitLe);
+        assert_eq!(s.feed(&z), Err(FormatError::PrefixTooLarge));
+        assert!(s.scanned() <= MAX_IDENTITY_PREFIX as u64 + INFLATE_CHUNK as u64);
+        // and garbage that is not deflate at all is refused, not waited on
+        let mut s = IdentityScanner::new(Encoding::DeflatedExplicitLe);
+        assert!(matches!(
+            s.feed(&[0xFF; 64]),
+            Err(FormatError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn debug_output_redacts_patient_uids() {
+        let Scan::Done(id) = scan_identity(&sample_explicit(), Encoding::ExplicitLe, true).unwrap()
+        else {
+            panic!()
+        };
+        let h = part10_header(
+            "1.2.840.10008.5.1.4.1.1.7",
+            "1.2.3.4",
+            "1.2.840.10008.1.2.1",
+            None,
+        );
+        let meta = parse_part10_header(&h).unwrap().unwrap();
+        let shown = format!("{id:?} {:?} {meta:?}", Scan::Done(id.clone()));
+        for uid in ["1.2.3.4", "1.2.3.5", "1.2.3.6"] {
+            assert!(!shown.contains(uid), "{uid} in {shown}");
+        }
+        assert!(shown.contains("1.2.840.10008.5.1.4.1.1.7"), "{shown}");
+        assert!(shown.contains("redacted"), "{shown}");
     }
 
     #[test]

@@ -75,8 +75,9 @@ pub fn classify(status: u16) -> StatusClass {
 /// Value of Command Data Set Type meaning "no data set follows".
 pub const NO_DATA_SET: u16 = 0x0101;
 
-/// A decoded command set, holding the elements the gateway uses.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// A decoded command set, holding the elements the gateway uses. `Debug` redacts the
+/// Affected SOP Instance UID and the peer's error comment.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Command {
     /// (0000,0100) Command Field.
     pub field: u16,
@@ -100,6 +101,34 @@ pub struct Command {
     pub move_originator_ae: Option<String>,
     /// (0000,1031) Move Originator Message ID.
     pub move_originator_id: Option<u16>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::dataset::RedactedUid;
+        f.debug_struct("Command")
+            .field("field", &format_args!("0x{:04X}", self.field))
+            .field("message_id", &self.message_id)
+            .field("responded_to", &self.responded_to)
+            .field("affected_sop_class", &self.affected_sop_class)
+            .field(
+                "affected_sop_instance",
+                &RedactedUid(self.affected_sop_instance.as_deref()),
+            )
+            .field("priority", &self.priority)
+            .field("has_data_set", &self.has_data_set)
+            .field("status", &self.status)
+            .field(
+                "error_comment",
+                &self
+                    .error_comment
+                    .as_ref()
+                    .map(|c| format!("<{} bytes>", c.len())),
+            )
+            .field("move_originator_ae", &self.move_originator_ae)
+            .field("move_originator_id", &self.move_originator_id)
+            .finish()
+    }
 }
 
 /// Why a command set could not be decoded.
@@ -359,6 +388,18 @@ mod tests {
         let decoded = Command::decode(&bytes).unwrap();
         assert_eq!(decoded, rq);
         assert!(decoded.has_data_set);
+    }
+
+    #[test]
+    fn debug_output_redacts_the_instance_uid() {
+        let mut rq = Command::store_rq(7, "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5");
+        rq.error_comment = Some("DOE^JANE not found".into());
+        let shown = format!("{rq:?}");
+        assert!(
+            !shown.contains("1.2.3.4.5") && !shown.contains("DOE"),
+            "{shown}"
+        );
+        assert!(shown.contains("1.2.840.10008.5.1.4.1.1.2"), "{shown}");
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub struct Metrics {
     /// [`cstore_status`] word.
     pub cstore_responses: IntCounterVec,
     /// `link_parts_total{listener,result}`: STOW-RS parts answered by a link listener
-    /// (`stored`, `duplicate`, `conflict`, `bad_request`, `unavailable`).
+    /// (`stored`, `duplicate`, `conflict`, `bad_request`, `unavailable`, `timeout`).
     pub link_parts: IntCounterVec,
     /// `associations_total{listener,result}`: DICOM associations and link connections
     /// (`accepted`, `rejected`, `timeout`, `over_limit`, `handshake_failed`).
@@ -108,6 +108,9 @@ pub struct Metrics {
     pub db_size_bytes: IntGauge,
     /// `db_pending_compaction_bytes`: bytes RocksDB estimates compaction still has to rewrite.
     pub db_pending_compaction_bytes: IntGauge,
+    /// `tls_reloads_total{listener,result}`: reloads of a link listener's certificate, key,
+    /// CA and CRL files (`ok`, `failed`).
+    pub tls_reloads: IntCounterVec,
     /// `build_info{version}`: always 1.
     pub build_info: IntGaugeVec,
 }
@@ -388,6 +391,11 @@ impl Metrics {
             queue_objects,
             dead_letter_objects,
             build_info,
+            tls_reloads: cv(
+                "tls_reloads_total",
+                "Reloads of a link listener's certificate, key, CA and CRL files",
+                &["listener", "result"],
+            ),
             hooks: Mutex::new(Vec::new()),
             registry,
         }

@@ -153,7 +153,8 @@ impl Node {
                 spool.clone(),
                 metrics.clone(),
                 cfg.spool.max_object_bytes,
-            );
+            )
+            .reload_from(tls)?;
             listener_tasks.spawn(server.run(listener, listeners_stop.clone()));
         }
         let mut http_addr = None;
@@ -256,8 +257,4 @@ async fn watch_disk(spool: Spool, stop: CancellationToken) {
     }
 }
 
-/// Free bytes for an unprivileged writer on the filesystem of `dir`.
-pub fn free_bytes(dir: &std::path::Path) -> std::io::Result<u64> {
-    let st = rustix::fs::statvfs(dir)?;
-    Ok(st.f_bavail.saturating_mul(st.f_frsize))
-}
+pub use crate::spool::free_bytes;

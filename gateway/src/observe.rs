@@ -112,16 +112,7 @@ pub fn not_after(pem: &Path) -> Result<i64> {
 
 /// Bytes available to an unprivileged writer on the volume holding `dir`.
 fn free_bytes(dir: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid NUL-terminated path and `s` a writable statvfs.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
-        return None;
-    }
-    #[allow(clippy::unnecessary_cast)] // the field types differ between platforms
-    let free = s.f_bavail as u64 * s.f_frsize as u64;
-    Some(free)
+    crate::spool::free_bytes(dir).ok()
 }
 
 #[cfg(test)]

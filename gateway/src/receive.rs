@@ -12,7 +12,17 @@
 //!   (or a more specific failure) and the writer's drop removes what was written;
 //! - a PDV on a presentation context that was not accepted aborts the association;
 //! - A-ABORT, A-RELEASE, a timeout or a dropped connection at any point discards the
-//!   partial object, and nothing committed is affected.
+//!   partial object, and nothing committed is affected;
+//! - every wait has a deadline, and every resource a peer can hold has a cap
+//!   (`[[dicom_listener]]` keys, defaults in brackets): at most `max_negotiating` [16]
+//!   connections negotiate at once, each for at most `negotiation_timeout` [10s];
+//!   at most `max_associations` [64] negotiated associations run at once, each for at
+//!   most `max_association_time` [4h]; every PDU must arrive whole within `timeout`
+//!   [60] of the previous one, which caps idle time and defeats a byte-per-minute trickle.
+//!   Memory per association is bounded by one PDU (`max_pdu_length`), the command set,
+//!   the identity prefix ([`crate::dataset::MAX_IDENTITY_PREFIX`]) and one segment: about
+//!   6 MiB with the defaults, so about 400 MiB for 64 associations at their worst, and
+//!   one PDU per negotiating connection.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,7 +35,7 @@ use dicom_ul::pdu::{
 };
 use dicom_ul::{Pdu, ServerAssociationOptions};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -102,6 +112,9 @@ impl DicomServer {
     /// Accept associations until `shutdown`; each runs in its own task.
     pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) {
         let server = Arc::new(self);
+        // A connection holds a negotiation slot until negotiated, then an association
+        // permit: a peer that never finishes negotiating cannot keep others out for long.
+        let negotiating = Arc::new(Semaphore::new(server.cfg.max_negotiating));
         let permits = Arc::new(Semaphore::new(server.cfg.max_associations));
         let tasks = tokio_util::task::TaskTracker::new();
         loop {
@@ -117,8 +130,8 @@ impl DicomServer {
                     continue;
                 }
             };
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
-                warn!(listener = %server.cfg.name, %peer, "too many associations; closing connection");
+            let Ok(slot) = negotiating.clone().try_acquire_owned() else {
+                warn!(listener = %server.cfg.name, %peer, "too many connections negotiating; closing connection");
                 server
                     .metrics
                     .associations
@@ -129,25 +142,32 @@ impl DicomServer {
             };
             let server = server.clone();
             let shutdown = shutdown.clone();
+            let permits = permits.clone();
             tasks.spawn(async move {
-                server.handle(socket, shutdown).await;
-                drop(permit);
+                server.handle(socket, slot, &permits, shutdown).await;
             });
         }
         tasks.close();
         tasks.wait().await;
     }
 
-    async fn handle(&self, socket: TcpStream, shutdown: CancellationToken) {
+    async fn handle(
+        &self,
+        socket: TcpStream,
+        slot: OwnedSemaphorePermit,
+        permits: &Arc<Semaphore>,
+        shutdown: CancellationToken,
+    ) {
         let name = &self.cfg.name;
         let started = Instant::now();
         let peer = socket
             .peer_addr()
             .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
         let _ = socket.set_nodelay(true);
-        let timeout = Duration::from_secs(self.cfg.timeout_secs);
-        let assoc = match tokio::time::timeout(timeout, self.options.establish_async(socket)).await
-        {
+        let timeout = Duration::from_secs(self.cfg.negotiation_timeout_secs);
+        let negotiated = tokio::time::timeout(timeout, self.options.establish_async(socket)).await;
+        drop(slot);
+        let mut assoc = match negotiated {
             Ok(Ok(a)) => a,
             Ok(Err(e)) => {
                 info!(listener = %name, %peer, error = %e, "association refused");
@@ -165,6 +185,21 @@ impl DicomServer {
                     .inc();
                 return;
             }
+        };
+        let Ok(_permit) = permits.clone().try_acquire_owned() else {
+            warn!(listener = %name, %peer, "too many associations; aborting the new one");
+            self.metrics
+                .associations
+                .with_label_values(&[name, "over_limit"])
+                .inc();
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                assoc.send(&Pdu::AbortRQ {
+                    source: AbortRQSource::ServiceUser,
+                }),
+            )
+            .await;
+            return;
         };
         self.metrics
             .associations
@@ -194,6 +229,10 @@ impl DicomServer {
                 "closed"
             }
             Outcome::Shutdown => "shutdown",
+            Outcome::Expired(deadline) => {
+                info!(listener = %name, %peer, deadline, "association cut off at its deadline");
+                "expired"
+            }
         };
         // One line per association: a busy node logs one line per study, not per object.
         info!(
@@ -231,6 +270,8 @@ enum Outcome {
     Released,
     Aborted,
     Closed(String),
+    /// A deadline passed: the association's lifetime, or the wait for a PDU.
+    Expired(&'static str),
     Shutdown,
 }
 
@@ -249,6 +290,10 @@ struct Session<'a> {
 
 impl Session<'_> {
     async fn run(&mut self, shutdown: CancellationToken) -> Outcome {
+        let cfg = &self.server.cfg;
+        let end_of_life =
+            tokio::time::Instant::now() + Duration::from_secs(cfg.max_association_secs);
+        let per_pdu = Duration::from_secs(cfg.timeout_secs);
         loop {
             let pdu = tokio::select! {
                 // Only stop between objects; a transfer in progress finishes or times out.
@@ -256,11 +301,19 @@ impl Session<'_> {
                     self.abort().await;
                     return Outcome::Shutdown;
                 }
-                pdu = self.assoc.receive() => pdu,
+                _ = tokio::time::sleep_until(end_of_life) => {
+                    self.abort().await;
+                    return Outcome::Expired("lifetime");
+                }
+                pdu = tokio::time::timeout(per_pdu, self.assoc.receive()) => pdu,
             };
             let pdu = match pdu {
-                Ok(p) => p,
-                Err(e) => return Outcome::Closed(e.to_string()),
+                Ok(Ok(p)) => p,
+                Ok(Err(e)) => return Outcome::Closed(e.to_string()),
+                Err(_) => {
+                    self.abort().await;
+                    return Outcome::Expired("pdu_timeout");
+                }
             };
             match pdu {
                 Pdu::PData { data } => {
@@ -563,17 +616,59 @@ impl Session<'_> {
     }
 }
 
-/// Map a spool failure to a C-STORE status and a log-safe comment.
+/// Map a spool failure to a C-STORE status and a comment for the peer. The comment names
+/// the kind of failure only: storage errors may carry local paths and stay in our log.
 fn failure_status(e: &SpoolError) -> (u16, String) {
-    let code = match e {
-        SpoolError::Store(_)
-        | SpoolError::Key(_)
-        | SpoolError::Internal(_)
-        | SpoolError::TooLarge(_)
-        | SpoolError::Busy(_) => status::OUT_OF_RESOURCES,
-        SpoolError::IdentityMismatch(_) => status::DATASET_DOES_NOT_MATCH,
-        SpoolError::Format(_) => status::CANNOT_UNDERSTAND,
-        SpoolError::Corrupt(..) | SpoolError::NotFound(_) => status::PROCESSING_FAILURE,
+    let (code, comment) = match e {
+        SpoolError::Store(_) => (status::OUT_OF_RESOURCES, "storage failure".to_owned()),
+        SpoolError::Key(_) => (status::OUT_OF_RESOURCES, "key failure".to_owned()),
+        SpoolError::Internal(_) => (status::OUT_OF_RESOURCES, "internal failure".to_owned()),
+        // Busy names a configured destination or the watermark, never a path: the sender's
+        // operator needs to know why to retry later.
+        SpoolError::Busy(d) if !d.contains('/') => (status::OUT_OF_RESOURCES, e.to_string()),
+        SpoolError::Busy(_) => (status::OUT_OF_RESOURCES, "gateway busy".to_owned()),
+        SpoolError::TooLarge(_) => (status::OUT_OF_RESOURCES, e.to_string()),
+        SpoolError::IdentityMismatch(_) => (status::DATASET_DOES_NOT_MATCH, e.to_string()),
+        SpoolError::Format(_) => (status::CANNOT_UNDERSTAND, e.to_string()),
+        SpoolError::Corrupt(..) | SpoolError::NotFound(_) => {
+            (status::PROCESSING_FAILURE, "processing failure".to_owned())
+        }
     };
-    (code, e.to_string())
+    if matches!(
+        e,
+        SpoolError::Store(_) | SpoolError::Key(_) | SpoolError::Internal(_)
+    ) {
+        warn!(error = %e, "spool failure while storing");
+    }
+    (code, comment)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn comments_for_the_peer_carry_no_local_paths() {
+        // A storage error as RocksDB reports it, naming the data folder.
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("spool-is-a-file");
+        std::fs::write(&blocker, b"x").unwrap();
+        let e = Spool::open(
+            &blocker,
+            keystore::Kek::from_bytes([1; 32]),
+            Default::default(),
+        )
+        .err()
+        .expect("a spool on a file must fail");
+        assert!(
+            e.to_string().contains("spool-is-a-file"),
+            "premise: the error names the path: {e}"
+        );
+        let (code, comment) = failure_status(&e);
+        assert_eq!(code, status::OUT_OF_RESOURCES);
+        assert!(
+            !comment.contains('/') && !comment.contains("spool-is-a-file"),
+            "{comment}"
+        );
+    }
 }

@@ -4,16 +4,27 @@
 //! - TLS 1.3 only, with the aws-lc-rs provider chosen explicitly (no process-wide default);
 //! - both sides present certificates that chain to the configured CA;
 //! - a server accepts a client only if its certificate carries a DNS SAN listed in
-//!   `allowed_peers`; the check happens inside the handshake, so an unlisted peer never
-//!   gets a connection;
-//! - a client accepts a server only if its certificate carries the configured `peer_name`.
+//!   `allowed_peers` (or a listed SPIFFE ID as a URI SAN); the check happens inside the
+//!   handshake, so an unlisted peer never gets a connection;
+//! - a client accepts a server only if its certificate carries the configured `peer_name`;
+//! - with CRLs configured (`tls.crls`), every certificate of a peer's chain must have a
+//!   known revocation status from a CRL that has not expired (`nextUpdate` enforced); an
+//!   expired CRL or an unknown status fails the handshake (fail closed);
+//! - peer identity is an **exact** match of a subject alternative name (ASCII
+//!   case-insensitive for DNS names, byte for byte for SPIFFE IDs), never the server-name
+//!   matching rules of WebPKI: a wildcard SAN (`*.example.org`) names no peer, the subject
+//!   CN is never read, and `site-b.` (trailing dot) is not `site-b`.
 
 use std::path::Path;
 use std::sync::Arc;
 
-use rustls::client::danger::HandshakeSignatureValid;
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime,
+};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
@@ -59,7 +70,7 @@ fn file_err(path: &Path, message: impl Into<String>) -> TlsError {
 /// Read a PEM certificate chain.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = std::fs::read(path).map_err(|e| file_err(path, e.to_string()))?;
-    let certs: Result<Vec<_>, _> = rustls_pemfile::certs(&mut pem.as_slice()).collect();
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&pem).collect();
     let certs = certs.map_err(|e| file_err(path, format!("bad PEM: {e}")))?;
     if certs.is_empty() {
         return Err(file_err(path, "no certificate found"));
@@ -67,12 +78,31 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
     Ok(certs)
 }
 
-/// Read a PEM private key.
+/// Read a PEM private key (PKCS#8, PKCS#1 or SEC1).
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let pem = std::fs::read(path).map_err(|e| file_err(path, e.to_string()))?;
-    rustls_pemfile::private_key(&mut pem.as_slice())
-        .map_err(|e| file_err(path, format!("bad PEM: {e}")))?
-        .ok_or_else(|| file_err(path, "no private key found"))
+    let pem =
+        zeroize::Zeroizing::new(std::fs::read(path).map_err(|e| file_err(path, e.to_string()))?);
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => file_err(path, "no private key found"),
+        e => file_err(path, format!("bad PEM: {e}")),
+    })
+}
+
+/// Read PEM CRL files (each may hold several CRLs).
+pub fn load_crls(
+    paths: &[std::path::PathBuf],
+) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let mut out = Vec::new();
+    for path in paths {
+        let pem = std::fs::read(path).map_err(|e| file_err(path, e.to_string()))?;
+        let crls: Result<Vec<_>, _> = CertificateRevocationListDer::pem_slice_iter(&pem).collect();
+        let crls = crls.map_err(|e| file_err(path, format!("bad PEM: {e}")))?;
+        if crls.is_empty() {
+            return Err(file_err(path, "no CRL found"));
+        }
+        out.extend(crls);
+    }
+    Ok(out)
 }
 
 /// Read the CA bundle into a root store.
@@ -86,15 +116,33 @@ pub fn load_roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
     Ok(Arc::new(roots))
 }
 
-/// True if the end-entity certificate is valid for the DNS name `name`.
-pub fn cert_has_dns_name(cert: &CertificateDer<'_>, name: &str) -> bool {
+/// The scheme of a SPIFFE ID; an allow-list entry starting with it names a URI SAN.
+pub const SPIFFE_SCHEME: &str = "spiffe://";
+
+/// True if the end-entity certificate names `name` exactly: a DNS SAN equal to `name` up to
+/// ASCII case, or, for a `spiffe://` name, a URI SAN equal to it byte for byte.
+///
+/// Wildcard SANs never match, the subject CN is never consulted, and no other
+/// normalisation happens (a SAN `site-b.` does not name `site-b`). A certificate that does
+/// not parse names nobody.
+pub fn cert_has_name(cert: &CertificateDer<'_>, name: &str) -> bool {
     let Ok(ee) = webpki::EndEntityCert::try_from(cert) else {
         return false;
     };
-    let Ok(sn) = ServerName::try_from(name) else {
+    if name.starts_with(SPIFFE_SCHEME) {
+        return ee.valid_uri_names().any(|uri| uri == name);
+    }
+    // Only a plain DNS name can be wanted: no wildcard, no trailing dot.
+    if !crate::config::is_dns_name(name) {
         return false;
-    };
-    ee.verify_is_valid_for_subject_name(&sn).is_ok()
+    }
+    ee.valid_dns_names()
+        .any(|san| !san.contains('*') && san.eq_ignore_ascii_case(name))
+}
+
+/// True if the end-entity certificate carries the DNS name `name` (see [`cert_has_name`]).
+pub fn cert_has_dns_name(cert: &CertificateDer<'_>, name: &str) -> bool {
+    !name.starts_with(SPIFFE_SCHEME) && cert_has_name(cert, name)
 }
 
 /// Check that the node's own certificate carries `node_name`.
@@ -113,9 +161,10 @@ pub fn check_node_name(tls: &TlsSection, node_name: &str) -> Result<(), TlsError
     }
 }
 
-/// Which of `allowed` names the client certificate carries.
+/// Which of `allowed` names the client certificate carries (exactly, see
+/// [`cert_has_name`]).
 pub fn peer_name(cert: &CertificateDer<'_>, allowed: &[String]) -> Option<String> {
-    allowed.iter().find(|n| cert_has_dns_name(cert, n)).cloned()
+    allowed.iter().find(|n| cert_has_name(cert, n)).cloned()
 }
 
 /// Verifies client certificates against the CA, then against the allow-list of names.
@@ -169,6 +218,60 @@ impl ClientCertVerifier for AllowedPeers {
     }
 }
 
+/// Verifies a server certificate against the CA (WebPKI), then requires the expected name
+/// as an exact SAN: WebPKI's server-name rules alone would let a wildcard certificate pass.
+#[derive(Debug)]
+struct ExactServerName {
+    inner: Arc<WebPkiServerVerifier>,
+}
+
+impl ServerCertVerifier for ExactServerName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verified = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        match server_name {
+            ServerName::DnsName(d) if cert_has_dns_name(end_entity, d.as_ref()) => Ok(verified),
+            _ => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName,
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 /// Server config for a link listener: TLS 1.3, mutual auth, ALPN h2.
 pub fn server_config(
     tls: &TlsSection,
@@ -177,6 +280,8 @@ pub fn server_config(
     let provider = provider();
     let roots = load_roots(&tls.ca)?;
     let inner = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+        .with_crls(load_crls(&tls.crls)?)
+        .enforce_revocation_expiration()
         .build()
         .map_err(|e| file_err(&tls.ca, format!("client verifier: {e}")))?;
     let verifier = Arc::new(AllowedPeers {
@@ -191,13 +296,580 @@ pub fn server_config(
     Ok(cfg)
 }
 
+/// What identifies a version of a file: the SHA-256 of its content (the files are a few
+/// KiB; modification times are too coarse to tell two quick writes apart). Reading
+/// follows symlinks, so a Kubernetes Secret's `..data` swap shows as a change.
+type FileStamp = Option<[u8; 32]>;
+
+fn stamp(path: &Path) -> FileStamp {
+    let content = zeroize::Zeroizing::new(std::fs::read(path).ok()?);
+    let mut h = keystore::Sha256::new();
+    h.update(&content);
+    Some(h.finish())
+}
+
+fn stamps(tls: &TlsSection) -> Vec<FileStamp> {
+    [&tls.cert, &tls.key, &tls.ca]
+        .into_iter()
+        .chain(tls.crls.iter())
+        .map(|p| stamp(p))
+        .collect()
+}
+
+/// The link listener's server config, rebuilt when its certificate, key, CA bundle or CRL
+/// files change (as cert-manager rotates them through a Kubernetes Secret).
+///
+/// Invariants: listeners read the current config for each new handshake, so sessions in
+/// flight go on with the config they started with; a change that does not build (a broken
+/// or half-written file, a key that does not match its certificate) keeps the previous
+/// config, and is reported by [`ServerConfigReloader::poll`].
+pub struct ServerConfigReloader {
+    tls: TlsSection,
+    allowed: Vec<String>,
+    /// The files' versions at the last rebuild attempt.
+    stamps: Vec<FileStamp>,
+    tx: tokio::sync::watch::Sender<Arc<rustls::ServerConfig>>,
+}
+
+impl ServerConfigReloader {
+    /// Build the first config (an error here is a start-up error) and a receiver that
+    /// always holds the config in use.
+    pub fn new(
+        tls: &TlsSection,
+        allowed: &[String],
+    ) -> Result<
+        (
+            ServerConfigReloader,
+            tokio::sync::watch::Receiver<Arc<rustls::ServerConfig>>,
+        ),
+        TlsError,
+    > {
+        let stamps = stamps(tls);
+        let cfg = Arc::new(server_config(tls, allowed)?);
+        let (tx, rx) = tokio::sync::watch::channel(cfg);
+        Ok((
+            ServerConfigReloader {
+                tls: tls.clone(),
+                allowed: allowed.to_vec(),
+                stamps,
+                tx,
+            },
+            rx,
+        ))
+    }
+
+    /// Rebuild the config if a file changed since the last attempt. `Ok(true)`: the new
+    /// config is in use; `Ok(false)`: nothing changed; `Err`: the change did not build and
+    /// the previous config stays in use (the same change is not retried).
+    pub fn poll(&mut self) -> Result<bool, TlsError> {
+        let now = stamps(&self.tls);
+        if now == self.stamps {
+            return Ok(false);
+        }
+        self.stamps = now;
+        let cfg = server_config(&self.tls, &self.allowed)?;
+        self.tx.send_replace(Arc::new(cfg));
+        Ok(true)
+    }
+}
+
 /// Client config towards peer gateways: TLS 1.3, our client certificate, ALPN h2.
 pub fn client_config(tls: &TlsSection) -> Result<rustls::ClientConfig, TlsError> {
+    let provider = provider();
     let roots = load_roots(&tls.ca)?;
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+    let inner = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+        .with_crls(load_crls(&tls.crls)?)
+        .enforce_revocation_expiration()
+        .build()
+        .map_err(|e| file_err(&tls.ca, format!("server verifier: {e}")))?;
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ExactServerName { inner }))
         .with_client_auth_cert(load_certs(&tls.cert)?, load_key(&tls.key)?)?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Certificates here are made by `openssl`, not by our own `pki` module, and every
+    //! handshake is a real rustls TLS 1.3 handshake between our client and server configs.
+
+    use super::*;
+    use std::path::PathBuf;
+    use std::process::Command;
+
+    /// A CA made by `openssl`, and leaf certificates it signs.
+    struct OpensslPki {
+        dir: tempfile::TempDir,
+    }
+
+    fn openssl(dir: &Path, args: &[&str]) {
+        let out = Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .expect("openssl must be installed (.ci/run installs it)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    impl OpensslPki {
+        fn new() -> OpensslPki {
+            Self::named("openssl test CA")
+        }
+
+        fn named(ca_name: &str) -> OpensslPki {
+            let dir = tempfile::tempdir().unwrap();
+            let subject = format!("/CN={ca_name}");
+            openssl(
+                dir.path(),
+                &[
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                    "-nodes",
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.crt",
+                    "-subj",
+                    &subject,
+                    "-days",
+                    "2",
+                    "-addext",
+                    "basicConstraints=critical,CA:TRUE",
+                    "-addext",
+                    "keyUsage=critical,keyCertSign,cRLSign",
+                ],
+            );
+            OpensslPki { dir }
+        }
+
+        fn ca(&self) -> PathBuf {
+            self.dir.path().join("ca.crt")
+        }
+
+        /// A leaf for client and server auth with subject CN `cn` and the given SAN
+        /// extension value (`None`: no SAN extension at all).
+        fn leaf(&self, stem: &str, cn: &str, san: Option<&str>) -> TlsSection {
+            let d = self.dir.path();
+            let mut ext = String::from(
+                "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+                 extendedKeyUsage=serverAuth,clientAuth\n",
+            );
+            if let Some(san) = san {
+                ext.push_str(&format!("subjectAltName={san}\n"));
+            }
+            std::fs::write(d.join(format!("{stem}.ext")), ext).unwrap();
+            let (key, csr, crt, extf) = (
+                format!("{stem}.key"),
+                format!("{stem}.csr"),
+                format!("{stem}.crt"),
+                format!("{stem}.ext"),
+            );
+            openssl(
+                d,
+                &[
+                    "req",
+                    "-new",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                    "-nodes",
+                    "-keyout",
+                    &key,
+                    "-out",
+                    &csr,
+                    "-subj",
+                    &format!("/CN={cn}"),
+                ],
+            );
+            openssl(
+                d,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &csr,
+                    "-CA",
+                    "ca.crt",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-days",
+                    "1",
+                    "-out",
+                    &crt,
+                    "-extfile",
+                    &extf,
+                ],
+            );
+            TlsSection {
+                cert: d.join(crt),
+                key: d.join(key),
+                ca: self.ca(),
+                crls: Vec::new(),
+            }
+        }
+    }
+
+    impl OpensslPki {
+        /// A CRL signed by this CA (made by `openssl ca`), revoking `revoked`, valid now,
+        /// or from `window.0` to `window.1` (ASN.1 times) if given.
+        fn crl(
+            &self,
+            stem: &str,
+            revoked: &[&TlsSection],
+            window: Option<(&str, &str)>,
+        ) -> PathBuf {
+            let d = self.dir.path();
+            std::fs::write(
+                d.join("ca.cnf"),
+                "[ca]\ndefault_ca = d\n[d]\ndatabase = index.txt\ncrlnumber = crlnumber\n\
+                 default_md = sha256\ndefault_crl_days = 1\ncertificate = ca.crt\n\
+                 private_key = ca.key\n",
+            )
+            .unwrap();
+            std::fs::write(d.join("index.txt"), "").unwrap();
+            std::fs::write(d.join("crlnumber"), "01\n").unwrap();
+            for r in revoked {
+                let cert = r.cert.to_str().unwrap();
+                openssl(d, &["ca", "-config", "ca.cnf", "-revoke", cert]);
+            }
+            let out = format!("{stem}.crl");
+            let mut args = vec!["ca", "-config", "ca.cnf", "-gencrl", "-out", &out];
+            if let Some((last, next)) = window {
+                args.extend(["-crl_lastupdate", last, "-crl_nextupdate", next]);
+            }
+            openssl(d, &args);
+            d.join(out)
+        }
+    }
+
+    fn leaf_der(s: &TlsSection) -> CertificateDer<'static> {
+        load_certs(&s.cert).unwrap().remove(0)
+    }
+
+    /// A full in-memory TLS 1.3 handshake. `Err` is the first side's error.
+    fn handshake(
+        client: rustls::ClientConfig,
+        server: rustls::ServerConfig,
+        server_name: &str,
+    ) -> Result<(), rustls::Error> {
+        let name = ServerName::try_from(server_name.to_owned()).unwrap();
+        let mut c = rustls::ClientConnection::new(Arc::new(client), name)?;
+        let mut s = rustls::ServerConnection::new(Arc::new(server))?;
+        for _ in 0..20 {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).unwrap();
+            }
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                s.read_tls(&mut rd).unwrap();
+                s.process_new_packets()?;
+            }
+            let mut buf = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut buf).unwrap();
+            }
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                c.read_tls(&mut rd).unwrap();
+                c.process_new_packets()?;
+            }
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return Ok(());
+            }
+        }
+        panic!("handshake did not finish");
+    }
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn peer_identity_is_an_exact_san_match() {
+        let pki = OpensslPki::new();
+        let wildcard = leaf_der(&pki.leaf("wild", "*.example.org", Some("DNS:*.example.org")));
+        let two = leaf_der(&pki.leaf("two", "site-a", Some("DNS:site-a,DNS:site-c")));
+        let cn_only = leaf_der(&pki.leaf("cn", "site-a", None));
+        let upper = leaf_der(&pki.leaf("upper", "x", Some("DNS:SITE-A.Example.ORG")));
+        let dot = leaf_der(&pki.leaf("dot", "x", Some("DNS:site-a.")));
+        let spiffe = leaf_der(&pki.leaf("spiffe", "x", Some("URI:spiffe://example.org/gw/site-a")));
+
+        // A wildcard certificate names no peer, whatever the allow-list holds.
+        for n in ["site-b.example.org", "site-a.example.org", "*.example.org"] {
+            assert!(!cert_has_name(&wildcard, n), "wildcard passed as {n}");
+        }
+        assert_eq!(
+            peer_name(
+                &wildcard,
+                &names(&["site-a.example.org", "site-b.example.org"])
+            ),
+            None
+        );
+        // Two SANs: each is a name of the peer; the first listed one is reported.
+        assert!(cert_has_name(&two, "site-a") && cert_has_name(&two, "site-c"));
+        assert_eq!(
+            peer_name(&two, &names(&["site-c", "site-a"])).as_deref(),
+            Some("site-c")
+        );
+        assert_eq!(peer_name(&two, &names(&["site-b"])), None);
+        // The subject CN is never a name.
+        assert!(!cert_has_name(&cn_only, "site-a"));
+        // DNS names compare without regard to ASCII case...
+        assert!(cert_has_name(&upper, "site-a.example.org"));
+        // ...but nothing else is normalised.
+        assert!(!cert_has_name(&dot, "site-a"));
+        assert!(!cert_has_name(&dot, "site-a."));
+        // SPIFFE IDs match a URI SAN exactly, and never a DNS name.
+        assert!(cert_has_name(&spiffe, "spiffe://example.org/gw/site-a"));
+        assert!(!cert_has_name(&spiffe, "spiffe://example.org/gw/site-b"));
+        assert!(!cert_has_name(&spiffe, "spiffe://example.org/gw/SITE-A"));
+        assert!(!cert_has_dns_name(
+            &spiffe,
+            "spiffe://example.org/gw/site-a"
+        ));
+        assert!(!cert_has_name(&two, "spiffe://example.org/gw/site-a"));
+    }
+
+    #[test]
+    fn a_wildcard_client_certificate_fails_the_listener_handshake() {
+        let pki = OpensslPki::new();
+        let server = pki.leaf(
+            "server",
+            "site-b.example.org",
+            Some("DNS:site-b.example.org"),
+        );
+        let allowed = names(&["site-a.example.org"]);
+        let wildcard = pki.leaf("wild", "*.example.org", Some("DNS:*.example.org"));
+        let exact = pki.leaf(
+            "exact",
+            "site-a.example.org",
+            Some("DNS:site-a.example.org"),
+        );
+        let cn_only = pki.leaf("cn", "site-a.example.org", None);
+        let spiffe = pki.leaf("spiffe", "x", Some("URI:spiffe://example.org/gw/site-a"));
+        let run = |client: &TlsSection, allowed: &[String]| {
+            handshake(
+                client_config(client).unwrap(),
+                server_config(&server, allowed).unwrap(),
+                "site-b.example.org",
+            )
+        };
+        for (what, c) in [("wildcard", &wildcard), ("CN without SAN", &cn_only)] {
+            let e = run(c, &allowed).expect_err(what);
+            assert!(
+                matches!(e, rustls::Error::InvalidCertificate(_)),
+                "{what}: {e:?}"
+            );
+        }
+        // Control: the same CA, an exact SAN.
+        run(&exact, &allowed).expect("exact SAN");
+        // A SPIFFE ID in the allow-list admits the URI SAN, not a DNS name.
+        let by_id = names(&["spiffe://example.org/gw/site-a"]);
+        run(&spiffe, &by_id).expect("SPIFFE ID");
+        assert!(run(&exact, &by_id).is_err());
+    }
+
+    #[test]
+    fn the_sender_refuses_a_wildcard_server_certificate() {
+        let pki = OpensslPki::new();
+        let client = pki.leaf("client", "site-a", Some("DNS:site-a"));
+        let allowed = names(&["site-a"]);
+        let wildcard = pki.leaf("wild", "*.example.org", Some("DNS:*.example.org"));
+        let exact = pki.leaf("exact", "x", Some("DNS:site-b.example.org"));
+        let run = |server: &TlsSection| {
+            handshake(
+                client_config(&client).unwrap(),
+                server_config(server, &allowed).unwrap(),
+                "site-b.example.org",
+            )
+        };
+        let e = run(&wildcard).expect_err("wildcard server certificate");
+        assert!(
+            matches!(
+                e,
+                rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName)
+            ),
+            "{e:?}"
+        );
+        run(&exact).expect("exact SAN");
+    }
+
+    #[test]
+    fn crls_revoke_and_fail_closed() {
+        let pki = OpensslPki::new();
+        let server = pki.leaf("server", "site-b", Some("DNS:site-b"));
+        let good = pki.leaf("good", "site-a", Some("DNS:site-a"));
+        let revoked = pki.leaf("revoked", "site-a", Some("DNS:site-a"));
+        let allowed = names(&["site-a"]);
+        let fresh = pki.crl("fresh", &[&revoked], None);
+        let expired = pki.crl("expired", &[], Some(("20200101000000Z", "20200102000000Z")));
+        let other_ca = OpensslPki::named("another CA");
+        let foreign = other_ca.crl("foreign", &[], None);
+        // A CA under the same name with another key: its CRL does not verify.
+        let impostor_ca = OpensslPki::new();
+        let forged = impostor_ca.crl("forged", &[], None);
+        let with = |s: &TlsSection, crls: &[&PathBuf]| TlsSection {
+            crls: crls.iter().map(|p| p.to_path_buf()).collect(),
+            ..s.clone()
+        };
+        let run = |client: &TlsSection, server: &TlsSection| {
+            handshake(
+                client_config(client).unwrap(),
+                server_config(server, &allowed).unwrap(),
+                "site-b",
+            )
+        };
+        let refused = |r: Result<(), rustls::Error>, why: &str| {
+            let e = r.expect_err(why);
+            assert!(
+                matches!(
+                    e,
+                    rustls::Error::InvalidCertificate(_)
+                        | rustls::Error::InvalidCertRevocationList(_)
+                ),
+                "{why}: {e:?}"
+            );
+            format!("{e:?}")
+        };
+        // Control: without CRLs, the revoked certificate still passes.
+        run(&revoked, &server).expect("no CRL configured");
+        // The listener checks client certificates against the CRL...
+        run(&good, &with(&server, &[&fresh])).expect("not revoked");
+        let e = refused(run(&revoked, &with(&server, &[&fresh])), "revoked client");
+        assert!(e.contains("Revoked"), "{e}");
+        // ...and fails closed on an expired CRL or one that cannot speak for the CA.
+        let e = refused(run(&good, &with(&server, &[&expired])), "expired CRL");
+        assert!(e.contains("Expired"), "{e}");
+        let e = refused(run(&good, &with(&server, &[&foreign])), "CRL of another CA");
+        assert!(e.contains("UnknownRevocationStatus"), "{e}");
+        let e = refused(run(&good, &with(&server, &[&forged])), "forged CRL");
+        assert!(e.contains("BadSignature"), "{e}");
+        // The sender checks the server's certificate the same way.
+        let revoked_server = pki.leaf("revoked-server", "site-b", Some("DNS:site-b"));
+        let fresh = pki.crl("fresh2", &[&revoked_server], None);
+        let e = refused(
+            run(&with(&good, &[&fresh]), &revoked_server),
+            "revoked server",
+        );
+        assert!(e.contains("Revoked"), "{e}");
+        run(&with(&good, &[&fresh]), &server).expect("server not revoked");
+        // A CRL file without a CRL is a configuration error, naming the file.
+        let e = load_crls(std::slice::from_ref(&good.cert))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no CRL") && e.contains("good.crt"), "{e}");
+    }
+
+    /// The certificate the server presented in a handshake.
+    fn presented(
+        server: Arc<rustls::ServerConfig>,
+        client: &TlsSection,
+    ) -> CertificateDer<'static> {
+        let name = ServerName::try_from("site-b").unwrap();
+        let mut c =
+            rustls::ClientConnection::new(Arc::new(client_config(client).unwrap()), name).unwrap();
+        let mut s = rustls::ServerConnection::new(server).unwrap();
+        while c.is_handshaking() || s.is_handshaking() {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).unwrap();
+            }
+            s.read_tls(&mut &buf[..]).unwrap();
+            s.process_new_packets().unwrap();
+            let mut buf = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut buf).unwrap();
+            }
+            c.read_tls(&mut &buf[..]).unwrap();
+            c.process_new_packets().unwrap();
+        }
+        c.peer_certificates().unwrap()[0].clone().into_owned()
+    }
+
+    #[test]
+    fn the_listener_reloads_its_certificate_and_keeps_it_through_broken_files() {
+        let pki = OpensslPki::new();
+        let client = pki.leaf("client", "site-a", Some("DNS:site-a"));
+        let first = pki.leaf("first", "site-b", Some("DNS:site-b"));
+        let second = pki.leaf("second", "site-b", Some("DNS:site-b"));
+        // The served files, as a Secret volume would hold them.
+        let live = TlsSection {
+            cert: pki.dir.path().join("live.crt"),
+            key: pki.dir.path().join("live.key"),
+            ..first.clone()
+        };
+        std::fs::copy(&first.cert, &live.cert).unwrap();
+        std::fs::copy(&first.key, &live.key).unwrap();
+        let (mut reloader, rx) = ServerConfigReloader::new(&live, &names(&["site-a"])).unwrap();
+        let old = rx.borrow().clone();
+        assert_eq!(presented(old.clone(), &client), leaf_der(&first));
+        assert!(!reloader.poll().unwrap(), "nothing changed");
+
+        // Rotation: a new key and certificate, swapped in by rename.
+        for (from, to) in [(&second.key, &live.key), (&second.cert, &live.cert)] {
+            let tmp = to.with_extension("new");
+            std::fs::copy(from, &tmp).unwrap();
+            std::fs::rename(&tmp, to).unwrap();
+        }
+        assert!(reloader.poll().unwrap(), "the change is picked up");
+        assert_eq!(presented(rx.borrow().clone(), &client), leaf_der(&second));
+        // A session that started before goes on with what it had.
+        assert_eq!(presented(old, &client), leaf_der(&first));
+
+        // A broken certificate file keeps the last good config, and says why.
+        std::fs::write(&live.cert, b"-----BEGIN CERTIFICATE-----\ngarbage\n").unwrap();
+        let e = reloader.poll().expect_err("a broken file must not be used");
+        assert!(e.to_string().contains("live.crt"), "{e}");
+        assert_eq!(presented(rx.borrow().clone(), &client), leaf_der(&second));
+        assert!(
+            !reloader.poll().unwrap(),
+            "the same broken file is reported once"
+        );
+        // A key that does not match its certificate is refused too.
+        std::fs::copy(&first.cert, &live.cert).unwrap();
+        assert!(
+            reloader.poll().is_err(),
+            "first's certificate with second's key"
+        );
+        assert_eq!(presented(rx.borrow().clone(), &client), leaf_der(&second));
+        // Fixed: picked up again.
+        std::fs::copy(&first.key, &live.key).unwrap();
+        assert!(reloader.poll().unwrap());
+        assert_eq!(presented(rx.borrow().clone(), &client), leaf_der(&first));
+    }
+
+    #[test]
+    fn node_name_must_be_an_exact_san() {
+        let pki = OpensslPki::new();
+        let wildcard = pki.leaf("wild", "x", Some("DNS:*.example.org"));
+        assert!(check_node_name(&wildcard, "site-a.example.org").is_err());
+        let exact = pki.leaf("exact", "x", Some("DNS:site-a.example.org"));
+        check_node_name(&exact, "site-a.example.org").unwrap();
+    }
+
+    #[test]
+    fn pem_files_load_and_bad_ones_are_named() {
+        let pki = OpensslPki::new();
+        let s = pki.leaf("k", "x", Some("DNS:x"));
+        assert_eq!(load_certs(&s.cert).unwrap().len(), 1);
+        load_key(&s.key).unwrap();
+        let e = load_key(&s.cert).unwrap_err().to_string();
+        assert!(e.contains("no private key"), "{e}");
+        let e = load_certs(&s.key).unwrap_err().to_string();
+        assert!(e.contains("no certificate"), "{e}");
+    }
 }

@@ -264,9 +264,7 @@ fn demo_interrupted_after(
             break;
         }
     }
-    let pid = libc::pid_t::try_from(child.id()).expect("pid");
-    // SAFETY: kill with a valid pid of our own child and a valid signal number.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    signal(&child, rustix::process::Signal::INT);
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut stdout, &mut rest).expect("read stdout");
     seen.push_str(&rest);
@@ -344,9 +342,7 @@ fn healthcheck_against_a_running_node_and_sigterm_stops_it() {
     let missing = hc(format!("http://{admin}/no-such-path"));
     assert_eq!(missing.status.code(), Some(1), "{}", stderr(&missing));
 
-    let pid = libc::pid_t::try_from(child.id()).expect("pid");
-    // SAFETY: kill with a valid pid of our own child and a valid signal number.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    signal(&child, rustix::process::Signal::TERM);
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut stdout, &mut rest).expect("read stdout");
     let status = child.wait().expect("wait");
@@ -355,4 +351,10 @@ fn healthcheck_against_a_running_node_and_sigterm_stops_it() {
     // Nobody listens there any more.
     let gone = hc(format!("http://{admin}/healthz"));
     assert_eq!(gone.status.code(), Some(1), "{}", stderr(&gone));
+}
+
+/// Send `sig` to our own child.
+fn signal(child: &std::process::Child, sig: rustix::process::Signal) {
+    let pid = rustix::process::Pid::from_child(child);
+    rustix::process::kill_process(pid, sig).expect("kill");
 }

@@ -113,8 +113,7 @@ impl Kek {
         {
             use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
             let mode = meta.permissions().mode() & 0o7777;
-            // SAFETY: getegid has no preconditions and cannot fail.
-            let own_gid = unsafe { libc::getegid() };
+            let own_gid = rustix::process::getegid().as_raw();
             if !kek_mode_allowed(mode, meta.gid(), own_gid) {
                 return Err(KeystoreError::KekPermissions {
                     path: path.to_path_buf(),
@@ -666,8 +665,7 @@ mod tests {
 
     #[cfg(unix)]
     fn own_gid() -> u32 {
-        // SAFETY: getegid has no preconditions and cannot fail.
-        unsafe { libc::getegid() }
+        rustix::process::getegid().as_raw()
     }
 
     #[cfg(unix)]

@@ -12,7 +12,9 @@
 //! - the folder is fsynced after the link or rename;
 //! - a retry after a crash finds the complete file already there and succeeds;
 //! - the folder is created at the first send, not at start-up, so a configured but unused
-//!   destination touches nothing.
+//!   destination touches nothing;
+//! - the 128-byte preamble is written as zeros, whatever the sender put there (a preamble
+//!   can make the file a valid executable or TIFF too: CVE-2019-11687).
 
 use std::fs::File;
 use std::io::Write;
@@ -95,13 +97,16 @@ impl FolderSender {
         let Some(mut out) = opened else {
             return Ok(());
         };
-        while let Some(seg) = match reader.next_segment().await {
+        let mut at = 0usize;
+        while let Some(mut seg) = match reader.next_segment().await {
             Ok(s) => s,
             Err(e) => {
                 discard(out).await;
                 return Err(DeliveryError::from_spool(e));
             }
         } {
+            zero_preamble(&mut seg, at);
+            at = at.saturating_add(seg.len());
             out = match tokio::task::spawn_blocking(move || out.file().write_all(&seg).map(|_| out))
                 .await
             {
@@ -205,5 +210,32 @@ async fn discard(out: Output) {
     if let Output::Partial(f, path) = out {
         drop(f);
         let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
+    }
+}
+
+/// Zero the bytes of `seg` that fall in the Part-10 preamble, `seg` starting at stream
+/// offset `at`.
+fn zero_preamble(seg: &mut [u8], at: usize) {
+    const PREAMBLE: usize = 128;
+    if at < PREAMBLE {
+        let n = (PREAMBLE - at).min(seg.len());
+        seg[..n].fill(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_preamble_is_zeroed_across_segments() {
+        let mut a = vec![0xAB; 100];
+        let mut b = vec![0xCD; 100];
+        super::zero_preamble(&mut a, 0);
+        super::zero_preamble(&mut b, 100);
+        assert!(a.iter().all(|x| *x == 0));
+        assert!(b[..28].iter().all(|x| *x == 0));
+        assert!(b[28..].iter().all(|x| *x == 0xCD));
+        let mut c = vec![0xEF; 10];
+        super::zero_preamble(&mut c, 128);
+        assert!(c.iter().all(|x| *x == 0xEF));
     }
 }

@@ -7,7 +7,18 @@
 //!   and committed (synced) before the response; a failed part leaves nothing behind;
 //! - an identical re-send of a transfer (same peer, same `Content-ID`, same digest) is a
 //!   success without a second copy; the same transfer with other bytes is refused with 409;
-//! - memory per request is bounded by the HTTP/2 window and one spool segment.
+//! - every resource a peer can hold has a cap and every wait a deadline
+//!   (`[[link_listener]]` keys, defaults in brackets): at most `max_handshakes` [32]
+//!   connections in the TLS handshake, each for at most 10 s; at most `max_connections`
+//!   [16] authenticated connections, each with at most `max_streams_per_connection` [32]
+//!   streams; at most `max_requests` [64] requests processed at once across all
+//!   connections, each within `request_timeout` [15m] from its headers to its
+//!   response.
+//! - memory is bounded by what those caps allow: per connection, the HTTP/2 receive
+//!   window ([`CONNECTION_WINDOW`], 16 MiB) however many streams it carries; per request
+//!   processed, one identity prefix ([`dataset::MAX_IDENTITY_PREFIX`], 4 MiB), one
+//!   segment and the bytes outside parts ([`MAX_OUTSIDE_PARTS`]). With the defaults that
+//!   is 16 × 16 MiB + 64 × 6.1 MiB, about 650 MiB at the very worst.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,6 +32,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -34,16 +46,29 @@ use crate::spool::{Committed, DedupState, Ingest, Spool, SpoolError};
 /// One HTTP/2 frame (at most 1 MiB) may straddle a header and a body, hence the margin.
 const MAX_OUTSIDE_PARTS: u64 = (1 << 20) + 64 * 1024;
 
+/// HTTP/2 receive window of a whole connection: the most a peer can make us buffer on one
+/// connection, whatever its number of streams.
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
+/// HTTP/2 receive window of one stream.
+const STREAM_WINDOW: u32 = 2 << 20;
+/// Deadline for a TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Longest `Content-ID` accepted.
 const MAX_CONTENT_ID: usize = 200;
 
 /// A link listener, ready to serve.
 pub struct LinkServer {
     cfg: LinkListener,
-    acceptor: TlsAcceptor,
+    /// The TLS config for new handshakes (replaced by the reloader when files change).
+    tls: watch::Receiver<Arc<rustls::ServerConfig>>,
+    /// Rebuilds `tls` when the certificate, key, CA or CRL files change.
+    reloader: Option<crate::tls::ServerConfigReloader>,
     spool: Spool,
     metrics: Arc<Metrics>,
     max_object_bytes: u64,
+    /// Requests processed at once, across connections (`max_requests`).
+    requests: Arc<Semaphore>,
 }
 
 /// What one link connection carried, for its log line.
@@ -75,18 +100,43 @@ impl LinkServer {
         max_object_bytes: u64,
     ) -> LinkServer {
         LinkServer {
+            requests: Arc::new(Semaphore::new(cfg.max_requests)),
             cfg,
-            acceptor: TlsAcceptor::from(tls),
+            tls: watch::channel(tls).1,
+            reloader: None,
             spool,
             metrics,
             max_object_bytes,
         }
     }
 
+    /// Rebuild the TLS config from `tls` whenever its files change (checked every
+    /// [`RELOAD_INTERVAL`]): new handshakes use the new certificate, sessions in flight go
+    /// on, and a broken file keeps the old config (logged and counted).
+    pub fn reload_from(
+        mut self,
+        tls: &crate::config::TlsSection,
+    ) -> Result<LinkServer, crate::tls::TlsError> {
+        let (reloader, rx) = crate::tls::ServerConfigReloader::new(tls, &self.cfg.allowed_peers)?;
+        self.tls = rx;
+        self.reloader = Some(reloader);
+        Ok(self)
+    }
+
     /// Serve until `shutdown`; in-flight requests are allowed to finish.
-    pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) {
+    pub async fn run(mut self, listener: TcpListener, shutdown: CancellationToken) {
+        let reload_task = self.reloader.take().map(|r| {
+            tokio::spawn(reload(
+                r,
+                self.cfg.name.clone(),
+                self.metrics.clone(),
+                shutdown.clone(),
+            ))
+        });
         let server = Arc::new(self);
         let tasks = tokio_util::task::TaskTracker::new();
+        let handshakes = Arc::new(Semaphore::new(server.cfg.max_handshakes));
+        let connections = Arc::new(Semaphore::new(server.cfg.max_connections));
         loop {
             let (socket, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -99,15 +149,31 @@ impl LinkServer {
                     }
                 },
             };
+            let Ok(slot) = handshakes.clone().try_acquire_owned() else {
+                warn!(listener = %server.cfg.name, %peer, "too many link handshakes; closing connection");
+                server
+                    .metrics
+                    .associations
+                    .with_label_values(&[&server.cfg.name, "over_limit"])
+                    .inc();
+                drop(socket);
+                continue;
+            };
             let server = server.clone();
             let shutdown = shutdown.clone();
             let exec = TrackedExecutor(tasks.clone());
+            let connections = connections.clone();
             tasks.spawn(async move {
-                server.connection(socket, peer, exec, shutdown).await;
+                server
+                    .connection(socket, peer, exec, slot, &connections, shutdown)
+                    .await;
             });
         }
         tasks.close();
         tasks.wait().await;
+        if let Some(t) = reload_task {
+            let _ = t.await;
+        }
     }
 
     async fn connection(
@@ -115,13 +181,16 @@ impl LinkServer {
         socket: TcpStream,
         addr: std::net::SocketAddr,
         exec: TrackedExecutor,
+        slot: OwnedSemaphorePermit,
+        connections: &Arc<Semaphore>,
         shutdown: CancellationToken,
     ) {
         let name = self.cfg.name.clone();
         let _ = socket.set_nodelay(true);
-        let tls = match tokio::time::timeout(Duration::from_secs(10), self.acceptor.accept(socket))
-            .await
-        {
+        let acceptor = TlsAcceptor::from(self.tls.borrow().clone());
+        let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await;
+        drop(slot);
+        let tls = match handshake {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 let reason = tls_failure_reason(&e);
@@ -163,6 +232,14 @@ impl LinkServer {
                 .inc();
             return;
         };
+        let Ok(_permit) = connections.clone().try_acquire_owned() else {
+            warn!(listener = %name, %peer, "too many link connections; closing the new one");
+            self.metrics
+                .associations
+                .with_label_values(&[&name, "over_limit"])
+                .inc();
+            return;
+        };
         self.metrics
             .associations
             .with_label_values(&[&name, "accepted"])
@@ -179,14 +256,16 @@ impl LinkServer {
             let server = server.clone();
             let peer = peer2.clone();
             let stats = stats2.clone();
-            async move { Ok::<_, std::convert::Infallible>(server.handle(req, &peer, &stats).await) }
+            async move {
+                Ok::<_, std::convert::Infallible>(server.limited(req, &peer, &stats).await)
+            }
         });
         let mut builder = hyper::server::conn::http2::Builder::new(exec);
         builder
             .timer(TokioTimer::new())
-            .max_concurrent_streams(256)
-            .initial_stream_window_size(2 << 20)
-            .initial_connection_window_size(64 << 20)
+            .max_concurrent_streams(self.cfg.max_streams_per_connection)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(1 << 20)
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(20));
@@ -214,6 +293,39 @@ impl LinkServer {
             duration_ms = started.elapsed().as_millis() as u64,
             "link connection ended"
         );
+    }
+
+    /// One request within its deadline and a processing slot. A request that misses its
+    /// deadline is dropped where it stands (its writer removes what it stored) and answered
+    /// 503, so the sender retries.
+    async fn limited(
+        &self,
+        req: Request<Incoming>,
+        peer: &str,
+        stats: &ConnStats,
+    ) -> Response<Full<Bytes>> {
+        let deadline = self.cfg.request_timeout;
+        let work = async {
+            let _slot = self
+                .requests
+                .acquire()
+                .await
+                .map_err(|_| "listener closing")?;
+            Ok::<_, &'static str>(self.handle(req, peer, stats).await)
+        };
+        match tokio::time::timeout(deadline, work).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(why)) => text(StatusCode::SERVICE_UNAVAILABLE, why),
+            Err(_) => {
+                warn!(listener = %self.cfg.name, %peer, "link request deadline passed");
+                stats.refused.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .link_parts
+                    .with_label_values(&[&self.cfg.name, "timeout"])
+                    .inc();
+                text(StatusCode::SERVICE_UNAVAILABLE, "request deadline passed")
+            }
+        }
     }
 
     async fn handle(
@@ -491,6 +603,55 @@ where
 {
     fn execute(&self, fut: F) {
         self.0.spawn(fut);
+    }
+}
+
+/// How often the TLS files are checked for changes.
+pub const RELOAD_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Check the TLS files every [`RELOAD_INTERVAL`] until `shutdown`.
+async fn reload(
+    mut r: crate::tls::ServerConfigReloader,
+    listener: String,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(RELOAD_INTERVAL) => {}
+        }
+        // Reading a few small files and building a config: off the async workers.
+        let (back, result) = match tokio::task::spawn_blocking(move || {
+            let result = r.poll();
+            (r, result)
+        })
+        .await
+        {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(%listener, error = %e, "TLS reload task failed; reloading stops");
+                return;
+            }
+        };
+        r = back;
+        match result {
+            Ok(false) => {}
+            Ok(true) => {
+                info!(%listener, "TLS certificate, key, CA or CRL changed; new handshakes use them");
+                metrics
+                    .tls_reloads
+                    .with_label_values(&[&listener, "ok"])
+                    .inc();
+            }
+            Err(e) => {
+                warn!(%listener, error = %e, "TLS files changed but do not load; keeping the previous ones");
+                metrics
+                    .tls_reloads
+                    .with_label_values(&[&listener, "failed"])
+                    .inc();
+            }
+        }
     }
 }
 

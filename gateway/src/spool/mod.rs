@@ -558,6 +558,12 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| SpoolError::Internal(e.to_string()))?
 }
 
+/// Bytes available to an unprivileged writer on the filesystem holding `dir` (a `statvfs`).
+pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    let st = rustix::fs::statvfs(dir)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
 impl Spool {
     /// Open the spool in `dir` with the given KEK, removing what interrupted ingests left.
     pub fn open(dir: &Path, kek: Kek, opts: SpoolOptions) -> Result<Spool, SpoolError> {
@@ -609,9 +615,8 @@ impl Spool {
         if min == 0 {
             return None;
         }
-        let detail = match rustix::fs::statvfs(&self.inner.dir) {
-            Ok(st) => {
-                let free = st.f_bavail.saturating_mul(st.f_frsize);
+        let detail = match free_bytes(&self.inner.dir) {
+            Ok(free) => {
                 (free < min).then(|| {
                     format!(
                         "free space on the data volume ({} MiB) is under spool.min_free ({} MiB)",
@@ -1240,6 +1245,10 @@ pub struct ObjectWriter {
     own_header: bool,
     /// Study key, identity AAD and key id, once the identity is known.
     sealing: Option<Sealing>,
+    /// The incremental identity scanner, until the identity is known.
+    scanner: Option<Box<dataset::IdentityScanner>>,
+    /// End (in `buf`) of the bytes already fed to `scanner`.
+    scanned_to: usize,
     next_index: u64,
     written: u64,
     digest: Sha256,
@@ -1276,6 +1285,8 @@ impl ObjectWriter {
             dataset_offset,
             own_header,
             sealing: None,
+            scanner: None,
+            scanned_to: 0,
             next_index: 0,
             written,
             digest,
@@ -1351,13 +1362,48 @@ impl ObjectWriter {
     }
 
     /// Find the identity in the buffered prefix; resolve the study key when found.
+    ///
+    /// The scanner is incremental: each call feeds it only the bytes buffered since the
+    /// last one, so a trickle of tiny writes costs no more than one large write. A deflated
+    /// batch large enough to matter is inflated on a blocking thread, off the async workers.
     async fn try_resolve(&mut self, complete: bool) -> Result<(), SpoolError> {
+        /// Deflated bytes scanned inline on the async worker; larger batches go to a
+        /// blocking thread.
+        const INLINE_DEFLATED: usize = 16 * 1024;
         let offset = self.dataset_offset;
-        let ds = self.buf.get(offset..).unwrap_or(&[]);
-        let ident = match dataset::scan_identity(ds, self.encoding, complete)? {
+        // A scanner lost with a cancelled call starts over at the data set's first byte.
+        let mut scanner = match self.scanner.take() {
+            Some(s) => s,
+            None => {
+                self.scanned_to = offset;
+                Box::new(dataset::IdentityScanner::new(self.encoding))
+            }
+        };
+        let from = self.scanned_to.max(offset);
+        let fresh = self.buf.get(from..).unwrap_or(&[]);
+        let to = from + fresh.len();
+        let (mut scanner, scan) =
+            if self.encoding == Encoding::DeflatedExplicitLe && fresh.len() > INLINE_DEFLATED {
+                let fresh = fresh.to_vec();
+                blocking(move || {
+                    let scan = scanner.feed(&fresh);
+                    Ok((scanner, scan))
+                })
+                .await?
+            } else {
+                let scan = scanner.feed(fresh);
+                (scanner, scan)
+            };
+        self.scanned_to = to;
+        let scan = match scan? {
+            Scan::NeedMore if complete => scanner.finish()?,
+            scan => scan,
+        };
+        self.scanner = Some(scanner);
+        let ident = match scan {
             Scan::Done(id) => id,
             Scan::NeedMore => {
-                if ds.len() > dataset::MAX_IDENTITY_PREFIX {
+                if self.buf.len().saturating_sub(offset) > dataset::MAX_IDENTITY_PREFIX {
                     return Err(dataset::FormatError::PrefixTooLarge.into());
                 }
                 return Ok(());
