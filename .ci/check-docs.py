@@ -35,6 +35,7 @@ SECTIONS = {
     "link_listener": "LinkListener",
     "destination": "RawDestination",
     "destination.retry": "RawRetry",
+    "route": "Route",
 }
 
 

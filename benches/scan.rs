@@ -133,8 +133,9 @@ fn writer(c: &mut Criterion) {
                                 sop_instance: SOP_INSTANCE.into(),
                                 transfer_syntax: ts.into(),
                                 source: "BENCH".into(),
-                                routes: vec![],
+                                routes: vec!["out".into()],
                                 dedup: None,
+                                strict_uid_match: false,
                             })
                             .unwrap();
                         for p in &ps {

@@ -42,7 +42,7 @@ fn spool_write(c: &mut Criterion) {
                         sop_instance: obj.sop_instance.clone(),
                         transfer_syntax: obj.transfer_syntax.clone(),
                         source: "BENCH".into(),
-                        routes: vec![],
+                        routes: vec!["out".into()],
                         dedup: None,
                         strict_uid_match: false,
                     })

@@ -515,10 +515,10 @@ async fn a_polyglot_preamble_is_zeroed_in_handed_off_files() {
     let cfg_path = sites.dir.path().join("site-b.toml");
     let cfg = std::fs::read_to_string(&cfg_path).unwrap();
     let (head, rest) = cfg.split_once("kind = \"dicom\"").unwrap();
-    let (_, tail) = rest.split_once("retry_initial_ms").unwrap();
+    let (_, tail) = rest.split_once("retry = ").unwrap();
     std::fs::write(
         &cfg_path,
-        format!("{head}kind = \"folder\"\npath = \"handoff\"\nretry_initial_ms{tail}"),
+        format!("{head}kind = \"folder\"\npath = \"handoff\"\nretry = {tail}"),
     )
     .unwrap();
     sites.start_b().await;

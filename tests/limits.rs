@@ -304,6 +304,7 @@ async fn the_link_listener_caps_connections_and_requests() {
                 source: "TEST".into(),
                 routes: vec!["out".into()],
                 dedup: None,
+                strict_uid_match: false,
             })
             .unwrap();
         w.write(&o.dataset).await.unwrap();

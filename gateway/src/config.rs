@@ -5,6 +5,8 @@
 //! - every relative path is resolved against the folder of the config file;
 //! - every name in a `route_to` list names a configured destination, at most once, and
 //!   names are unique;
+//! - every `[[route]]` names real listeners and destinations, and every listener has
+//!   somewhere to send what it receives (its `route_to`, or a route that can match it);
 //! - AE titles are 1–16 printable ASCII characters without a backslash;
 //! - every error names the file, the key and what is wrong.
 
@@ -67,6 +69,10 @@ pub struct Config {
     /// Where objects go.
     #[serde(default)]
     pub destination: Vec<Destination>,
+    /// Routing rules: which received objects go to which destinations, besides each
+    /// listener's `route_to`.
+    #[serde(default)]
+    pub route: Vec<Route>,
     /// Spool tuning.
     #[serde(default)]
     pub spool: SpoolSection,
@@ -279,7 +285,7 @@ pub struct DicomListener {
     pub ae_title: String,
     /// Calling AE titles allowed; empty means any.
     pub allowed_calling_ae_titles: Vec<String>,
-    /// Destinations every received object is queued for.
+    /// Destinations every received object is queued for (besides what `[[route]]`s add).
     pub route_to: Vec<String>,
     /// Largest PDU we accept (bounds memory per association).
     pub max_pdu_length: u32,
@@ -315,6 +321,7 @@ struct RawDicomListener {
     ae_title: String,
     #[serde(default)]
     allowed_calling_ae_titles: Vec<String>,
+    #[serde(default)]
     route_to: Vec<String>,
     #[serde(default = "default_max_pdu")]
     max_pdu_length: u32,
@@ -394,7 +401,8 @@ pub struct LinkListener {
     /// Peers allowed to connect: DNS names, or `spiffe://` IDs, that their client
     /// certificates must carry exactly as a SAN (wildcard SANs never match).
     pub allowed_peers: Vec<String>,
-    /// Destinations every received object is queued for.
+    /// Destinations every received object is queued for (besides what `[[route]]`s add).
+    #[serde(default)]
     pub route_to: Vec<String>,
     /// Connections allowed in the TLS handshake at once (10 s each at most); more are
     /// closed at once.
@@ -430,6 +438,37 @@ fn default_max_requests() -> usize {
 }
 fn default_request_timeout() -> std::time::Duration {
     std::time::Duration::from_secs(900)
+}
+
+/// `[[route]]`: a routing rule. An object matches when every criterion given matches (an
+/// empty or absent list matches anything); it then goes to the rule's `to` destinations, in
+/// addition to its listener's `route_to`. All destinations an object goes to get their queue
+/// entries in the one synced write that stores it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Unique; used in logs and by `dicom-gateway check --explain`.
+    pub name: String,
+    /// Listeners (DICOM or link) the object came in on.
+    #[serde(default)]
+    pub listeners: Vec<String>,
+    /// Calling AE titles of the association (DICOM listeners only).
+    #[serde(default)]
+    pub calling_ae_titles: Vec<String>,
+    /// Called AE titles (DICOM listeners only; the listener's own `ae_title`).
+    #[serde(default)]
+    pub called_ae_titles: Vec<String>,
+    /// Peer gateways (their node names) the object came from (link listeners only).
+    #[serde(default)]
+    pub peers: Vec<String>,
+    /// Modality (0008,0060) of the data set, e.g. `"CT"`.
+    #[serde(default)]
+    pub modalities: Vec<String>,
+    /// SOP Class UIDs of the data set.
+    #[serde(default)]
+    pub sop_classes: Vec<String>,
+    /// Destinations a matching object is queued for.
+    pub to: Vec<String>,
 }
 
 /// `[[destination]]`
@@ -868,9 +907,6 @@ impl Config {
         }
 
         let check_routes = |key: String, routes: &[String]| -> Result<(), ConfigError> {
-            if routes.is_empty() {
-                return Err(self.invalid(key, "must name at least one destination"));
-            }
             let mut seen = HashSet::new();
             for r in routes {
                 if !dest_names.contains(r.as_str()) {
@@ -947,7 +983,103 @@ impl Config {
                 return Err(self.invalid("tls", "a [[link_listener]] requires [tls]"));
             }
         }
+
+        let mut route_names = HashSet::new();
+        for r in &self.route {
+            let key = |k: &str| format!("route[{}].{k}", r.name);
+            if r.name.is_empty() || !route_names.insert(r.name.as_str()) {
+                return Err(self.invalid(key("name"), "route names must be unique and not empty"));
+            }
+            if r.to.is_empty() {
+                return Err(self.invalid(key("to"), "must name at least one destination"));
+            }
+            check_routes(key("to"), &r.to)?;
+            for l in &r.listeners {
+                if !listener_names.contains(l.as_str()) {
+                    return Err(self.invalid(key("listeners"), format!("no listener named {l:?}")));
+                }
+            }
+            for ae in r.calling_ae_titles.iter().chain(&r.called_ae_titles) {
+                check_ae(ae).map_err(|m| self.invalid(key("calling_ae_titles"), m))?;
+            }
+            for p in &r.peers {
+                if !is_dns_name(p) && !is_spiffe_id(p) {
+                    return Err(self.invalid(key("peers"), format!("{p:?} is not a node name")));
+                }
+            }
+            for m in &r.modalities {
+                let ok = (1..=16).contains(&m.len())
+                    && m.bytes()
+                        .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+                if !ok {
+                    return Err(self.invalid(
+                        key("modalities"),
+                        format!("{m:?} is not a modality code (upper case, e.g. \"CT\")"),
+                    ));
+                }
+            }
+            for c in &r.sop_classes {
+                if !crate::dimse::is_valid_uid(c) {
+                    return Err(self.invalid(key("sop_classes"), format!("{c:?} is not a UID")));
+                }
+            }
+            if !self.listener_names().any(|(l, link)| r.can_match(l, link)) {
+                return Err(self.invalid(
+                    key("listeners"),
+                    "this route can match no listener (AE title criteria apply to DICOM \
+                     listeners, peers to link listeners)",
+                ));
+            }
+        }
+        for (l, link) in self.listener_names() {
+            let table = if link {
+                "link_listener"
+            } else {
+                "dicom_listener"
+            };
+            let static_routes = if link {
+                self.link_listener
+                    .iter()
+                    .find(|x| x.name == l)
+                    .map(|x| &x.route_to)
+            } else {
+                self.dicom_listener
+                    .iter()
+                    .find(|x| x.name == l)
+                    .map(|x| &x.route_to)
+            };
+            if static_routes.is_none_or(|r| r.is_empty())
+                && !self.route.iter().any(|r| r.can_match(l, link))
+            {
+                return Err(self.invalid(
+                    format!("{table}[{l}].route_to"),
+                    "must name at least one destination, unless a [[route]] can match this listener",
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// Every listener's name, and whether it is a link listener.
+    pub fn listener_names(&self) -> impl Iterator<Item = (&str, bool)> {
+        self.dicom_listener
+            .iter()
+            .map(|l| (l.name.as_str(), false))
+            .chain(self.link_listener.iter().map(|l| (l.name.as_str(), true)))
+    }
+}
+
+impl Route {
+    /// Whether an object received on listener `name` (a link listener if `link`) can match
+    /// this route, given the criteria that apply to that kind of listener.
+    pub fn can_match(&self, name: &str, link: bool) -> bool {
+        let listener = self.listeners.is_empty() || self.listeners.iter().any(|l| l == name);
+        let kind = if link {
+            self.calling_ae_titles.is_empty() && self.called_ae_titles.is_empty()
+        } else {
+            self.peers.is_empty()
+        };
+        listener && kind
     }
 }
 

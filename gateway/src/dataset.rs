@@ -231,6 +231,9 @@ pub struct Identity {
     pub sop_class: Option<String>,
     /// (0008,0018) SOP Instance UID.
     pub sop_instance: Option<String>,
+    /// (0008,0060) Modality, for routing; `None` when absent or not a plausible code
+    /// (which never refuses an object).
+    pub modality: Option<String>,
     /// (0020,000D) Study Instance UID.
     pub study: Option<String>,
     /// (0020,000E) Series Instance UID.
@@ -242,6 +245,7 @@ impl std::fmt::Debug for Identity {
         f.debug_struct("Identity")
             .field("sop_class", &self.sop_class)
             .field("sop_instance", &RedactedUid(self.sop_instance.as_deref()))
+            .field("modality", &self.modality)
             .field("study", &RedactedUid(self.study.as_deref()))
             .field("series", &RedactedUid(self.series.as_deref()))
             .finish()
@@ -259,6 +263,7 @@ pub enum Scan {
 
 const TAG_SOP_CLASS: u32 = 0x0008_0016;
 const TAG_SOP_INSTANCE: u32 = 0x0008_0018;
+const TAG_MODALITY: u32 = 0x0008_0060;
 const TAG_STUDY: u32 = 0x0020_000D;
 const TAG_SERIES: u32 = 0x0020_000E;
 const ITEM: u32 = 0xFFFE_E000;
@@ -545,6 +550,19 @@ impl IdentityScanner {
                 } else if len == u32::MAX {
                     // Undefined length: a sequence (or encapsulated data) to pass over.
                     self.push_seq()?;
+                } else if tag == TAG_MODALITY
+                    && len <= 64
+                    && (self.implicit || &vr == b"CS" || &vr == b"UN")
+                {
+                    // Routing only: an odd modality is ignored, never an error.
+                    self.value.clear();
+                    self.want = Want::Value {
+                        tag,
+                        len: len as usize,
+                    };
+                    if len == 0 {
+                        self.store_value(tag);
+                    }
                 } else if matches!(
                     tag,
                     TAG_SOP_CLASS | TAG_SOP_INSTANCE | TAG_STUDY | TAG_SERIES
@@ -610,6 +628,11 @@ impl IdentityScanner {
         match tag {
             TAG_SOP_CLASS => self.id.sop_class = v,
             TAG_SOP_INSTANCE => self.id.sop_instance = v,
+            TAG_MODALITY => {
+                self.id.modality = v.map(|m| m.trim().to_owned()).filter(|m| {
+                    !m.is_empty() && m.len() <= 16 && m.bytes().all(|b| b.is_ascii_graphic())
+                });
+            }
             TAG_STUDY => self.id.study = v,
             _ => {
                 self.id.series = v;

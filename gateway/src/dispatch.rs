@@ -176,6 +176,16 @@ impl Breaker {
     }
 
     fn failure(&mut self, policy: &RetryPolicy, retry_after: Option<Duration>) -> Duration {
+        if self.state == Circuit::Open {
+            // A send that started before the circuit opened (up to `concurrency` of them
+            // fail together when a destination goes away): it says nothing new, so it
+            // neither grows the backoff nor delays the probe, except for a longer
+            // Retry-After from the peer.
+            if let Some(ra) = retry_after {
+                self.until = self.until.max(Instant::now() + ra.min(policy.max_delay));
+            }
+            return self.until.saturating_duration_since(Instant::now());
+        }
         self.opens = self.opens.saturating_add(1);
         let delay = retry_after
             .map(|d| d.min(policy.max_delay))
@@ -592,5 +602,32 @@ mod tests {
         assert_eq!(b.state, Circuit::Closed);
         let d = b.failure(&policy, Some(Duration::from_secs(7)));
         assert_eq!(d, Duration::from_secs(7), "Retry-After is honoured");
+    }
+
+    /// Found by the power-cut test: 20 sends in flight failing together grew the backoff
+    /// 20 times (to `max_delay`), so a peer that came back seconds later waited minutes.
+    #[test]
+    fn sends_failing_together_open_the_circuit_once() {
+        let policy = RetryPolicy {
+            initial: Duration::from_millis(100),
+            max_delay: Duration::from_secs(300),
+            ..RetryPolicy::default()
+        };
+        let mut b = Breaker {
+            state: Circuit::Closed,
+            opens: 0,
+            until: Instant::now(),
+        };
+        let first = b.failure(&policy, None);
+        for _ in 0..31 {
+            let d = b.failure(&policy, None);
+            assert!(d <= first, "{d:?} > {first:?}");
+        }
+        assert_eq!(b.opens, 1);
+        assert!(first <= Duration::from_millis(100));
+        // The probe's failure is what grows the backoff.
+        b.state = Circuit::HalfOpen;
+        b.failure(&policy, None);
+        assert_eq!(b.opens, 2);
     }
 }

@@ -51,6 +51,7 @@
 
 pub mod admin;
 pub mod admin_http;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod dataset;
@@ -66,6 +67,7 @@ pub mod observe;
 pub mod pki;
 pub mod receive;
 pub mod relay;
+pub mod routing;
 pub mod sop;
 pub mod spool;
 pub mod tls;

@@ -130,13 +130,15 @@ impl Node {
         let readiness = Arc::new(Readiness::default());
         worker_tasks.spawn(watch_disk(spool.clone(), workers_stop.clone()));
 
+        let router = crate::routing::Router::from_config(&cfg);
         let mut dicom_addrs = HashMap::new();
         for l in &cfg.dicom_listener {
             let listener = bind(l.listen, &format!("dicom_listener[{}]", l.name)).await?;
             let addr = listener.local_addr()?;
             info!(listener = %l.name, %addr, ae_title = %l.ae_title, "DICOM listener up");
             dicom_addrs.insert(l.name.clone(), addr);
-            let server = DicomServer::new(l.clone(), spool.clone(), metrics.clone());
+            let server = DicomServer::new(l.clone(), spool.clone(), metrics.clone())
+                .with_router(router.clone());
             listener_tasks.spawn(server.run(listener, listeners_stop.clone()));
         }
         let mut link_addrs = HashMap::new();
@@ -154,7 +156,8 @@ impl Node {
                 metrics.clone(),
                 cfg.spool.max_object_bytes,
             )
-            .reload_from(tls)?;
+            .reload_from(tls)?
+            .with_router(router.clone());
             listener_tasks.spawn(server.run(listener, listeners_stop.clone()));
         }
         let mut http_addr = None;

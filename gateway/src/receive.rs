@@ -79,6 +79,7 @@ pub struct DicomServer {
     options: ServerAssociationOptions<'static, AeAccess, DefaultNegotiation>,
     spool: Spool,
     metrics: Arc<Metrics>,
+    router: crate::routing::Router,
 }
 
 impl DicomServer {
@@ -106,7 +107,14 @@ impl DicomServer {
             options,
             spool,
             metrics,
+            router: crate::routing::Router::default(),
         }
+    }
+
+    /// Apply the `[[route]]` rules to what this listener receives.
+    pub fn with_router(mut self, router: crate::routing::Router) -> DicomServer {
+        self.router = router;
+        self
     }
 
     /// Accept associations until `shutdown`; each runs in its own task.
@@ -466,20 +474,31 @@ impl Session<'_> {
             ));
         }
         use dicom_ul::association::Association;
+        let calling = self.assoc.peer_ae_title().trim().to_owned();
+        let router = self.server.router.for_origin(crate::routing::Origin {
+            listener: self.server.cfg.name.clone(),
+            link: false,
+            calling_ae: Some(calling.clone()),
+            called_ae: Some(self.server.cfg.ae_title.clone()),
+            peer: None,
+        });
         let ingest = Ingest {
             sop_class: class,
             sop_instance: instance,
             transfer_syntax: ts.to_owned(),
-            source: self.assoc.peer_ae_title().trim().to_owned(),
+            source: calling,
             routes: self.server.cfg.route_to.clone(),
             dedup: None,
             strict_uid_match: self.server.cfg.strict_uid_match,
         };
 
-        self.server
+        let mut writer = self
+            .server
             .spool
             .writer(ingest)
-            .map_err(|e| failure_status(&e))
+            .map_err(|e| failure_status(&e))?;
+        writer.route_with(router);
+        Ok(writer)
     }
 
     async fn data(&mut self, pdv: PDataValue) -> Result<(), String> {
@@ -630,6 +649,7 @@ fn failure_status(e: &SpoolError) -> (u16, String) {
         SpoolError::TooLarge(_) => (status::OUT_OF_RESOURCES, e.to_string()),
         SpoolError::IdentityMismatch(_) => (status::DATASET_DOES_NOT_MATCH, e.to_string()),
         SpoolError::Format(_) => (status::CANNOT_UNDERSTAND, e.to_string()),
+        SpoolError::Unrouted => (status::PROCESSING_FAILURE, e.to_string()),
         SpoolError::Corrupt(..) | SpoolError::NotFound(_) => {
             (status::PROCESSING_FAILURE, "processing failure".to_owned())
         }

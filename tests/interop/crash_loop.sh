@@ -92,30 +92,7 @@ while ((SECONDS < deadline)); do
 	sleep 0.5
 done
 sleep 1 # storescp closes its last file
-result=$("$PY" - "$WORK" "$OBJECTS" <<'PYEOF'
-import hashlib, os, sys
-work, count = sys.argv[1], int(sys.argv[2])
-sent = {}
-for name in os.listdir(os.path.join(work, "send")):
-    data = open(os.path.join(work, "send", name), "rb").read()
-    n = int.from_bytes(data[140:144], "little")
-    sent[hashlib.sha256(data[144 + n:]).hexdigest()] = name
-acked = [l.split("\t")[1].strip() for l in open(os.path.join(work, "acked.tsv")) if l.strip()]
-got = {}
-for root, _, files in os.walk(os.path.join(work, "pacs")):
-    for f in files:
-        data = open(os.path.join(root, f), "rb").read()
-        if data[128:132] != b"DICM":
-            continue
-        n = int.from_bytes(data[140:144], "little")
-        h = hashlib.sha256(data[144 + n:]).hexdigest()
-        got[h] = got.get(h, 0) + 1
-lost = [h for h in set(acked) if h not in got]
-corrupt = [h for h in got if h not in sent]
-dups = sum(c - 1 for c in got.values())
-print(len(set(acked)), count, len(lost), len(corrupt), dups)
-PYEOF
-)
+result=$("$PY" "$HERE/compare_acked.py" "$WORK")
 read -r n_acked n_sent n_lost n_corrupt n_dups <<<"$result"
 log "acknowledged $n_acked of $n_sent; lost $n_lost, corrupted $n_corrupt, identical duplicates $n_dups"
 ((n_acked == n_sent)) || fail "only $n_acked of $n_sent objects were acknowledged"

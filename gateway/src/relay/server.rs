@@ -67,6 +67,7 @@ pub struct LinkServer {
     spool: Spool,
     metrics: Arc<Metrics>,
     max_object_bytes: u64,
+    router: crate::routing::Router,
     /// Requests processed at once, across connections (`max_requests`).
     requests: Arc<Semaphore>,
 }
@@ -107,7 +108,14 @@ impl LinkServer {
             spool,
             metrics,
             max_object_bytes,
+            router: crate::routing::Router::default(),
         }
+    }
+
+    /// Apply the `[[route]]` rules to what this listener receives.
+    pub fn with_router(mut self, router: crate::routing::Router) -> LinkServer {
+        self.router = router;
+        self
     }
 
     /// Rebuild the TLS config from `tls` whenever its files change (checked every
@@ -256,9 +264,7 @@ impl LinkServer {
             let server = server.clone();
             let peer = peer2.clone();
             let stats = stats2.clone();
-            async move {
-                Ok::<_, std::convert::Infallible>(server.limited(req, &peer, &stats).await)
-            }
+            async move { Ok::<_, std::convert::Infallible>(server.limited(req, &peer, &stats).await) }
         });
         let mut builder = hyper::server::conn::http2::Builder::new(exec);
         builder
@@ -539,6 +545,12 @@ impl LinkServer {
             Ok(w) => w,
             Err(e) => return spool_failure(e),
         };
+        writer.route_with(self.router.for_origin(crate::routing::Origin {
+            listener: self.cfg.name.clone(),
+            link: true,
+            peer: Some(peer.to_owned()),
+            ..Default::default()
+        }));
         if let Err(e) = writer.write(&head).await {
             return spool_failure(e);
         }
@@ -674,9 +686,10 @@ fn boundary_of(content_type: &str) -> Option<String> {
 
 fn spool_failure(e: SpoolError) -> PartResult {
     match e {
-        SpoolError::Format(_) | SpoolError::IdentityMismatch(_) | SpoolError::TooLarge(_) => {
-            PartResult::BadRequest(e.to_string())
-        }
+        SpoolError::Format(_)
+        | SpoolError::IdentityMismatch(_)
+        | SpoolError::TooLarge(_)
+        | SpoolError::Unrouted => PartResult::BadRequest(e.to_string()),
         _ => PartResult::Unavailable(e.to_string()),
     }
 }

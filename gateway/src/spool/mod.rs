@@ -115,6 +115,12 @@ pub enum SpoolError {
     /// full, or storage failed); nothing accepted is affected.
     #[error("not accepting objects now: {0}")]
     Busy(String),
+    /// No destination takes the object: no `[[route]]` matches it and its listener has no
+    /// `route_to`. Refused before anything is stored.
+    #[error(
+        "no route takes this object (no [[route]] matches it and the listener has no route_to)"
+    )]
+    Unrouted,
 }
 
 /// What the spool knows about a stored object. Held encrypted on disk.
@@ -417,6 +423,18 @@ pub struct Ingest {
     pub strict_uid_match: bool,
 }
 
+/// What the routing rules may look at in a data set, once its identity is scanned.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteFacts<'a> {
+    /// The data set's SOP Class UID (the request's if the data set has none).
+    pub sop_class: &'a str,
+    /// The data set's Modality, if it has a plausible one.
+    pub modality: Option<&'a str>,
+}
+
+/// Destinations for an object, decided from its [`RouteFacts`] (see `crate::routing`).
+pub type RouteFn = Arc<dyn Fn(&RouteFacts<'_>) -> Vec<String> + Send + Sync>;
+
 /// Identifies one transfer from a peer gateway, for deduplicating retries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DedupKey(pub [u8; 16]);
@@ -616,15 +634,13 @@ impl Spool {
             return None;
         }
         let detail = match free_bytes(&self.inner.dir) {
-            Ok(free) => {
-                (free < min).then(|| {
-                    format!(
-                        "free space on the data volume ({} MiB) is under spool.min_free ({} MiB)",
-                        free >> 20,
-                        min >> 20
-                    )
-                })
-            }
+            Ok(free) => (free < min).then(|| {
+                format!(
+                    "free space on the data volume ({} MiB) is under spool.min_free ({} MiB)",
+                    free >> 20,
+                    min >> 20
+                )
+            }),
             // Cannot tell: refuse rather than risk writing into a full disk.
             Err(e) => Some(format!("cannot read the data volume's free space: {e}")),
         };
@@ -1260,6 +1276,8 @@ pub struct ObjectWriter {
     pending: Option<Pending>,
     /// The data set's SOP Class or Instance UID differs from the request's.
     uid_mismatch: bool,
+    /// Routing rules to apply once the identity is known (adds to `ingest.routes`).
+    router: Option<RouteFn>,
 }
 
 impl ObjectWriter {
@@ -1294,6 +1312,7 @@ impl ObjectWriter {
             committing: false,
             pending: None,
             uid_mismatch: false,
+            router: None,
         }
     }
 
@@ -1310,6 +1329,13 @@ impl ObjectWriter {
     /// True before any byte was written.
     pub fn is_empty(&self) -> bool {
         self.written == 0
+    }
+
+    /// Apply `router` once the data set's identity is scanned: its destinations are added
+    /// to the ingest's `routes`, and an object that then has none is refused
+    /// ([`SpoolError::Unrouted`]) before anything is stored.
+    pub fn route_with(&mut self, router: Option<RouteFn>) {
+        self.router = router;
     }
 
     /// True once the identity is known and the data set's SOP Class or Instance UID differs
@@ -1409,7 +1435,24 @@ impl ObjectWriter {
                 return Ok(());
             }
         };
+        let modality = ident.modality.clone();
         let resolved = self.resolve_identity(ident)?;
+        if let Some(route) = &self.router {
+            let facts = RouteFacts {
+                sop_class: &resolved.sop_class,
+                modality: modality.as_deref(),
+            };
+            for d in route(&facts) {
+                if !self.ingest.routes.contains(&d) {
+                    self.ingest.routes.push(d);
+                }
+            }
+        }
+        if self.ingest.routes.is_empty() {
+            return Err(SpoolError::Unrouted);
+        }
+        // The final destinations may include one whose queue is full.
+        self.spool.admit(&self.ingest.routes)?;
         let kid = self
             .spool
             .inner
