@@ -246,3 +246,67 @@ async fn a_full_volume_refuses_new_objects_and_resumes_without_a_restart() {
     );
     sites.stop().await;
 }
+
+/// A vendor-private storage SOP class (Siemens CSA Non-Image) passes through both sites, as
+/// it would through `storescp --promiscuous`; a standard class that is not storage
+/// (Study Root FIND) sent as a C-STORE is refused with 0x0122 and stored nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_vendor_private_storage_class_passes_through() {
+    const CSA_NON_IMAGE: &str = "1.3.12.2.1107.5.9.1";
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // storescp accepts unknown SOP classes only with --promiscuous.
+    let pacs = Storescp::start_with(&tmp.path().join("pacs"), port, &["+xa", "-pm"]);
+    let mut sites = TwoSites::start(SiteOptions {
+        pacs_port: port,
+        a_listener_extra: String::new(),
+        a_spool: String::new(),
+        b_retry: SiteOptions::B_RETRY.to_owned(),
+    })
+    .await;
+    let dir = tmp.path().join("send");
+    std::fs::create_dir_all(&dir).unwrap();
+    // pydicom's CT, relabelled with a private class and with a query/retrieve class.
+    let script = r#"
+import sys, pydicom, pydicom.data as d
+from pydicom.uid import generate_uid
+for name, uid in (("private.dcm", sys.argv[2]), ("find.dcm", "1.2.840.10008.5.1.4.1.2.2.1")):
+    ds = pydicom.dcmread(d.get_testdata_file("CT_small.dcm"))
+    ds.SOPClassUID = uid
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID = uid
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(sys.argv[1] + "/" + name, enforce_file_format=True)
+"#;
+    let st = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(&dir)
+        .arg(CSA_NON_IMAGE)
+        .status()
+        .expect("python3 with pydicom");
+    assert!(st.success());
+    let private = dir.join("private.dcm");
+    let find = dir.join("find.dcm");
+    let want = file_datasets(std::slice::from_ref(&private));
+    assert_eq!(
+        send_with_pynetdicom(sites.a_dicom(), "GW_A", &[private.clone(), find]),
+        1,
+        "the private class is stored, the FIND class refused"
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || pacs.received() == want).await,
+        "PACS has {:?}, want {want:?}",
+        pacs.received()
+    );
+    // Premise: it arrived under its own, private, class.
+    let got = all_files(&tmp.path().join("pacs"));
+    assert_eq!(got.len(), 1);
+    let bytes = std::fs::read(&got[0]).unwrap();
+    assert!(
+        bytes
+            .windows(CSA_NON_IMAGE.len())
+            .any(|w| w == CSA_NON_IMAGE.as_bytes()),
+        "the delivered file does not carry the private SOP class"
+    );
+    sites.stop().await;
+}

@@ -299,6 +299,9 @@ pub struct DicomListener {
     /// UIDs, with a warning and a count in `dicom_gateway_uid_mismatch_total`.
     #[serde(default)]
     pub strict_uid_match: bool,
+    /// SOP classes this listener accepts; empty (the default): any storage class,
+    /// vendor-private ones included.
+    pub sop_classes: Vec<String>,
     /// Connections allowed to be negotiating at once; more are closed at once.
     pub max_negotiating: usize,
     /// Seconds a connection may take to complete association negotiation (key
@@ -332,6 +335,8 @@ struct RawDicomListener {
     timeout_secs: Option<u64>,
     #[serde(default)]
     strict_uid_match: bool,
+    #[serde(default)]
+    sop_classes: Vec<String>,
     #[serde(default = "default_max_negotiating")]
     max_negotiating: usize,
     #[serde(default = "default_negotiation_timeout", with = "humantime_serde")]
@@ -362,6 +367,7 @@ impl TryFrom<RawDicomListener> for DicomListener {
             max_associations: r.max_associations,
             timeout_secs: timeout.unwrap_or_else(default_timeout_secs),
             strict_uid_match: r.strict_uid_match,
+            sop_classes: r.sop_classes,
             max_negotiating: r.max_negotiating,
             negotiation_timeout_secs: r.negotiation_timeout.as_secs(),
             max_association_secs: r.max_association_time.as_secs(),
@@ -934,6 +940,14 @@ impl Config {
             }
             check_routes(key("route_to"), &l.route_to)?;
             check_pdu(l.max_pdu_length).map_err(|m| self.invalid(key("max_pdu_length"), m))?;
+            for c in &l.sop_classes {
+                if !crate::sop::may_be_stored(c) {
+                    return Err(self.invalid(
+                        key("sop_classes"),
+                        format!("{c:?} is not a storage SOP class UID"),
+                    ));
+                }
+            }
             if l.max_associations == 0 {
                 return Err(self.invalid(key("max_associations"), "must be > 0"));
             }

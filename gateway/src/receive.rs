@@ -96,8 +96,18 @@ impl DicomServer {
             .read_timeout(timeout)
             .write_timeout(timeout)
             .with_abstract_syntax(dimse::VERIFICATION_SOP_CLASS);
-        for (uid, _) in crate::sop::STORAGE_SOP_CLASSES {
-            options = options.with_abstract_syntax(*uid);
+        if cfg.sop_classes.is_empty() {
+            // Transparent by default (as `storescp --promiscuous`, Orthanc's
+            // UnknownSopClassAccepted): any abstract syntax is accepted at negotiation, and a
+            // C-STORE of a class that may not be stored gets 0x0122 ([`crate::sop::may_be_stored`]).
+            options = options.promiscuous(true);
+            for (uid, _) in crate::sop::STORAGE_SOP_CLASSES {
+                options = options.with_abstract_syntax(*uid);
+            }
+        } else {
+            for uid in &cfg.sop_classes {
+                options = options.with_abstract_syntax(uid.clone());
+            }
         }
         for (uid, _) in crate::sop::TRANSFER_SYNTAXES {
             options = options.with_transfer_syntax(*uid);
@@ -471,6 +481,12 @@ impl Session<'_> {
             return Err((
                 status::DATASET_DOES_NOT_MATCH,
                 "Affected SOP Class differs from the presentation context".to_owned(),
+            ));
+        }
+        if !crate::sop::may_be_stored(&class) {
+            return Err((
+                status::SOP_CLASS_NOT_SUPPORTED,
+                "not a storage SOP class".to_owned(),
             ));
         }
         use dicom_ul::association::Association;

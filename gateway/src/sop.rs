@@ -894,6 +894,15 @@ pub fn is_storage_sop_class(uid: &str) -> bool {
     STORAGE_SOP_CLASSES.iter().any(|(u, _)| *u == uid)
 }
 
+/// True if a pass-through gateway may store objects of class `uid`: a standard storage
+/// SOP class, or any class outside the standard's root (vendor-private storage classes
+/// such as Siemens CSA Non-Image, `1.3.12.2.1107.5.9.1`). Standard classes that are not
+/// storage (Verification, query/retrieve, storage commitment...) are refused.
+pub fn may_be_stored(uid: &str) -> bool {
+    is_storage_sop_class(uid)
+        || (!uid.starts_with("1.2.840.10008.") && crate::dimse::is_valid_uid(uid))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -913,6 +922,11 @@ mod tests {
         assert!(!is_storage_sop_class("1.2.840.10008.1.1")); // verification
         assert!(!is_storage_sop_class("1.2.840.10008.1.20.1")); // storage commitment
         assert!(!is_storage_sop_class("1.2.840.10008.5.1.4.1.2.2.1")); // study root find
+        assert!(may_be_stored("1.3.12.2.1107.5.9.1")); // Siemens CSA Non-Image (private)
+        assert!(may_be_stored("1.2.840.10008.5.1.4.1.1.2"));
+        assert!(!may_be_stored("1.2.840.10008.5.1.4.1.2.2.1"));
+        assert!(!may_be_stored("1.2.840.10008.1.1"));
+        assert!(!may_be_stored("not a uid"));
     }
 
     #[test]

@@ -529,7 +529,7 @@ impl LinkServer {
         if crate::sop::encoding(&meta.transfer_syntax).is_none() {
             return PartResult::BadRequest("unsupported transfer syntax".into());
         }
-        if !crate::sop::is_storage_sop_class(&meta.sop_class) {
+        if !crate::sop::may_be_stored(&meta.sop_class) {
             return PartResult::BadRequest("not a storage SOP class".into());
         }
         let ingest = Ingest {
