@@ -162,6 +162,38 @@ fn kek_file_problems_exit_78() {
     assert_config_error(&s.serve(), "32 bytes");
 }
 
+/// `check`: 0 for a config that holds up (warnings allowed), 1 when a file it names does
+/// not, 78 when the config itself does not parse; every problem named, JSON on request.
+#[test]
+fn check_exit_codes_and_findings() {
+    let s = Site::new();
+    let cfg = s.path();
+    let cfg = cfg.to_str().expect("utf-8");
+    let o = run(&["check", "--config", cfg], &[]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(o.status.code(), Some(0), "{out}{}", stderr(&o));
+    assert!(out.contains("ok (0 errors"), "{out}");
+
+    // A wrong CA and a missing KEK: both reported, exit 1.
+    std::fs::remove_file(s.dir.join("kek.key")).expect("remove");
+    s.write(&s.config().replace("tls/ca.crt", "tls/site-b.key"));
+    let o = run(&["check", "--config", cfg, "--json"], &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON report");
+    let subjects: Vec<&str> = report["findings"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .filter(|f| f["level"] == "error")
+        .filter_map(|f| f["subject"].as_str())
+        .collect();
+    assert!(subjects.contains(&"keystore.kek_file"), "{report}");
+    assert!(subjects.iter().any(|s| s.starts_with("tls")), "{report}");
+
+    s.write("not toml = = =");
+    assert_config_error(&run(&["check", "--config", cfg], &[]), "gateway.toml");
+}
+
 #[test]
 fn the_config_comes_from_the_environment_without_config() {
     let s = Site::new();
