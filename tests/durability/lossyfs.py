@@ -13,7 +13,9 @@ directories too).
 
 Commands are files dropped into CONTROL_DIR (polled every 50 ms; each is removed and
 answered by a `<name>.done` file holding a one-line JSON report):
-  - `cut`: the power cut. Report: files rolled back and bytes dropped.
+  - `cut`: the power cut. Report: files rolled back, bytes dropped, and how many
+    `*.partial` files were renamed into place since the start (a hand-off folder on this
+    file system, which has no O_TMPFILE, uses that fallback).
   - `lie`: from now on fsync and fdatasync return success without syncing anything, like a
     disk that acknowledges a flush it never did (or a gateway built to skip its syncs).
     The sabotage mode of the durability check.
@@ -55,6 +57,7 @@ class LossyFS(Operations):
         self.root = os.path.realpath(backing)
         self.unsynced = {}  # path -> Unsynced
         self.lying = False
+        self.partial_renames = 0
 
     # ------------------------------------------------------------ helpers
 
@@ -88,7 +91,7 @@ class LossyFS(Operations):
                     os.close(fd)
                 files += 1
             self.unsynced.clear()
-            return {"files": files, "bytes_dropped": dropped}
+            return {"files": files, "bytes_dropped": dropped, "partial_renames": self.partial_renames}
 
     # ---------------------------------------------------------- metadata
 
@@ -138,6 +141,8 @@ class LossyFS(Operations):
     def rename(self, old, new):
         with LOCK:
             os.rename(self._full(old), self._full(new))
+            if old.endswith(".partial"):
+                self.partial_renames += 1
             st = self.unsynced.pop(old, None)
             self.unsynced.pop(new, None)
             if st is not None:
