@@ -5,12 +5,16 @@
 //! the TOML ([`crate::config::ConfigError`]), and at start-up the files the config names
 //! (PEM files that are missing or unusable and a certificate without the node name,
 //! [`crate::tls::TlsError`]; a KEK file that is missing, of the wrong length or too
-//! accessible, [`keystore::KeystoreError`]). That code is 78, `EX_CONFIG` of BSD
+//! accessible, [`keystore::KeystoreError`]; a KEK that does not match the data
+//! directory's check value, [`crate::spool::kek_check::KekCheckError`]: the config names
+//! the wrong `keystore.kek_file`, and a restart will not fix it). That code is 78, `EX_CONFIG` of BSD
 //! `sysexits.h` ("something was found in an unconfigured or misconfigured state"), so a
 //! supervisor can tell a broken config, which a restart will not fix, from a crash.
 //! Command-line mistakes are clap's usage errors (2). Everything else is 1.
 
 use crate::config::ConfigError;
+use crate::spool::SpoolError;
+use crate::spool::kek_check::KekCheckError;
 use crate::tls::TlsError;
 use keystore::KeystoreError;
 
@@ -25,11 +29,18 @@ pub fn is_config_error(e: &anyhow::Error) -> bool {
         c.is::<ConfigError>()
             || c.is::<TlsError>()
             || matches!(
+                c.downcast_ref::<SpoolError>(),
+                Some(SpoolError::KekCheck(
+                    KekCheckError::Mismatch { .. } | KekCheckError::Malformed { .. }
+                ))
+            )
+            || matches!(
                 c.downcast_ref::<KeystoreError>(),
                 Some(
                     KeystoreError::KekFile { .. }
                         | KeystoreError::KekLength { .. }
                         | KeystoreError::KekPermissions { .. }
+                        | KeystoreError::KekMismatch
                 )
             )
     })
@@ -67,6 +78,15 @@ mod tests {
         .into();
         assert_eq!(code_for(&kek), EX_CONFIG);
         assert_eq!(code_for(&KeystoreError::Unwrap.into()), FAILURE);
+        let mismatch: anyhow::Error = SpoolError::KekCheck(KekCheckError::Mismatch {
+            path: "d/kek.check".into(),
+            source: KeystoreError::KekMismatch,
+        })
+        .into();
+        let wrapped = Err::<(), _>(mismatch)
+            .context("site.toml: cannot open the spool in node.data_dir d")
+            .unwrap_err();
+        assert_eq!(code_for(&wrapped), EX_CONFIG);
         assert_eq!(code_for(&anyhow::anyhow!("cannot listen")), FAILURE);
     }
 }

@@ -656,7 +656,9 @@ impl Session<'_> {
 fn failure_status(e: &SpoolError) -> (u16, String) {
     let (code, comment) = match e {
         SpoolError::Store(_) => (status::OUT_OF_RESOURCES, "storage failure".to_owned()),
-        SpoolError::Key(_) => (status::OUT_OF_RESOURCES, "key failure".to_owned()),
+        SpoolError::Key(_) | SpoolError::KekCheck(_) => {
+            (status::OUT_OF_RESOURCES, "key failure".to_owned())
+        }
         SpoolError::Internal(_) => (status::OUT_OF_RESOURCES, "internal failure".to_owned()),
         // Busy names a configured destination or the watermark, never a path: the sender's
         // operator needs to know why to retry later.
@@ -672,7 +674,10 @@ fn failure_status(e: &SpoolError) -> (u16, String) {
     };
     if matches!(
         e,
-        SpoolError::Store(_) | SpoolError::Key(_) | SpoolError::Internal(_)
+        SpoolError::Store(_)
+            | SpoolError::Key(_)
+            | SpoolError::KekCheck(_)
+            | SpoolError::Internal(_)
     ) {
         warn!(error = %e, "spool failure while storing");
     }

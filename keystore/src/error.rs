@@ -63,6 +63,13 @@ pub enum KeystoreError {
         own_gid: u32,
     },
 
+    /// The KEK does not match the data directory: its check value differs from the one
+    /// stored when the directory was created.
+    #[error(
+        "the key-encryption key does not match the data directory (its check value differs): this node was started with another KEK than the one its data was written under; restore the right keystore.kek_file (from its backup) and start again. Nothing was changed"
+    )]
+    KekMismatch,
+
     /// A wrapped DEK failed authentication: wrong KEK, wrong context (study)
     /// or tampered bytes.
     #[error("wrapped data key failed authentication (wrong KEK, wrong study, or tampered)")]

@@ -28,6 +28,13 @@ const INDEX_INFO: &[u8] = b"index-key v1";
 /// Length of an index id.
 const INDEX_ID_LEN: usize = 16;
 
+/// HKDF info for the KEK check-value key (salt is [`INDEX_SALT`]).
+const CHECK_INFO: &[u8] = b"kek-check v1";
+/// The fixed label MACed under the check-value key.
+const CHECK_LABEL: &[u8] = b"dicom-gateway kek check value v1";
+/// Length of a KEK check value (a full HMAC-SHA-256 tag).
+pub const KEK_CHECK_LEN: usize = 32;
+
 /// A 256-bit secret held on the heap (so moving its owner does not copy it)
 /// and zeroized on drop. Never printed.
 pub(crate) struct SecretKey(Box<[u8; KEY_LEN]>);
@@ -293,6 +300,45 @@ impl Kek {
         IndexHasher {
             key: hmac::Key::from(okm),
         }
+    }
+
+    /// The KEK check value: `HMAC-SHA-256(K, "dicom-gateway kek check value v1")` with
+    /// `K = HKDF-SHA-256(salt = "dicom-gateway", ikm = KEK, info = "kek-check v1")`.
+    ///
+    /// Stored in a data directory when it is created, so that a node started with
+    /// another KEK refuses to start instead of failing every object. It reveals nothing
+    /// about the KEK (a PRF output under a derived key; never the KEK nor a plain hash
+    /// of it), and its derived key is separate from every other use of the KEK.
+    ///
+    /// # Panics
+    ///
+    /// Never: a 32-byte HKDF-SHA256 output is always within the RFC 5869 length limit.
+    #[must_use]
+    pub fn check_value(&self) -> [u8; KEK_CHECK_LEN] {
+        let tag = hmac::sign(&self.check_key(), CHECK_LABEL);
+        let mut out = [0u8; KEK_CHECK_LEN];
+        out.copy_from_slice(tag.as_ref());
+        out
+    }
+
+    /// Compares `stored` with this KEK's [`check_value`](Self::check_value) in constant
+    /// time.
+    ///
+    /// # Errors
+    ///
+    /// [`KeystoreError::KekMismatch`] if they differ (including a wrong length).
+    pub fn verify_check_value(&self, stored: &[u8]) -> Result<(), KeystoreError> {
+        hmac::verify(&self.check_key(), CHECK_LABEL, stored).map_err(|_| KeystoreError::KekMismatch)
+    }
+
+    fn check_key(&self) -> hmac::Key {
+        let salt = hkdf::Salt::new(hkdf::HKDF_SHA256, INDEX_SALT);
+        let prk = salt.extract(self.key.as_bytes());
+        let info = [CHECK_INFO];
+        let okm = prk
+            .expand(&info, hmac::HMAC_SHA256)
+            .expect("a 32-byte HKDF-SHA256 output is within the RFC 5869 length limit");
+        hmac::Key::from(okm)
     }
 
     fn wrap_header(&self) -> [u8; WRAP_HEADER_LEN] {

@@ -46,7 +46,7 @@ pub use aead::{
 };
 pub use error::KeystoreError;
 pub use hash::Sha256;
-pub use keys::{Dek, IndexHasher, Kek, kek_mode_allowed};
+pub use keys::{Dek, IndexHasher, KEK_CHECK_LEN, Kek, kek_mode_allowed};
 
 /// The single place that chooses the cryptographic backend.
 ///

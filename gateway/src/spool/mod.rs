@@ -17,6 +17,7 @@
 //! - The plaintext held in memory per object is at most one segment plus the identity
 //!   prefix ([`crate::dataset::MAX_IDENTITY_PREFIX`]).
 
+pub mod kek_check;
 mod rocks;
 
 use std::collections::HashMap;
@@ -115,6 +116,10 @@ pub enum SpoolError {
     /// full, or storage failed); nothing accepted is affected.
     #[error("not accepting objects now: {0}")]
     Busy(String),
+    /// The KEK does not match the data directory (or its check value is unreadable);
+    /// a configuration error (exit code 78). Nothing was changed.
+    #[error(transparent)]
+    KekCheck(#[from] kek_check::KekCheckError),
     /// No destination takes the object: no `[[route]]` matches it and its listener has no
     /// `route_to`. Refused before anything is stored.
     #[error(
@@ -584,9 +589,23 @@ pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
 
 impl Spool {
     /// Open the spool in `dir` with the given KEK, removing what interrupted ingests left.
+    ///
+    /// The KEK is checked against the directory's check value first
+    /// ([`kek_check`]): another KEK is refused before RocksDB is opened. A directory
+    /// without one (new, or from a version before check values) gets the KEK's value
+    /// once the store opened.
     pub fn open(dir: &Path, kek: Kek, opts: SpoolOptions) -> Result<Spool, SpoolError> {
         std::fs::create_dir_all(dir).map_err(|e| SpoolError::Store(StoreError::from_io(dir, e)))?;
+        if dir.join(kek_check::FILE_NAME).exists() {
+            kek_check::verify_or_store_blocking(dir, &kek)?;
+        }
         let store = Store::open(dir)?;
+        if kek_check::verify_or_store_blocking(dir, &kek)? == kek_check::Outcome::Written {
+            info!(
+                "stored the KEK check value in the data directory ({})",
+                kek_check::FILE_NAME
+            );
+        }
         let index = kek.index_hasher();
         let inner = Inner {
             store,
@@ -1876,6 +1895,48 @@ mod tests {
             ..SpoolOptions::default()
         };
         Spool::open(dir, Kek::from_bytes([3; 32]), opts).unwrap()
+    }
+
+    /// Issue 11, part 1.1: a spool written under one KEK refuses another KEK at open,
+    /// before RocksDB is touched; a directory from before check values gets one.
+    #[test]
+    fn another_kek_is_refused_at_open_and_old_dirs_get_a_check_value() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(open(dir.path()));
+        let check = dir.path().join(kek_check::FILE_NAME);
+        assert!(check.exists());
+        let err = Spool::open(
+            dir.path(),
+            Kek::from_bytes([4; 32]),
+            SpoolOptions::default(),
+        )
+        .err()
+        .expect("another KEK must be refused");
+        assert!(
+            matches!(
+                err,
+                SpoolError::KekCheck(kek_check::KekCheckError::Mismatch { .. })
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .contains("does not match the data directory")
+        );
+        // The right KEK still opens it.
+        drop(open(dir.path()));
+        // A directory of an older version (no check value) gets one at its first open.
+        std::fs::remove_file(&check).unwrap();
+        drop(open(dir.path()));
+        assert!(check.exists());
+        assert!(
+            Spool::open(
+                dir.path(),
+                Kek::from_bytes([4; 32]),
+                SpoolOptions::default()
+            )
+            .is_err()
+        );
     }
 
     fn ingest(o: &DemoObject, routes: &[&str], dedup: Option<DedupKey>) -> Ingest {
