@@ -806,6 +806,17 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if real_path(&self.keystore.kek_file).starts_with(real_path(&self.node.data_dir)) {
+            return Err(self.invalid(
+                "keystore.kek_file",
+                format!(
+                    "{} lies inside node.data_dir ({}): a backup or a stolen copy of the data \
+                     volume would carry the key with the data; keep the KEK on another volume",
+                    self.keystore.kek_file.display(),
+                    self.node.data_dir.display()
+                ),
+            ));
+        }
         if !is_dns_name(&self.node.name) {
             return Err(self.invalid(
                 "node.name",
@@ -1179,6 +1190,29 @@ pub fn check_ae(ae: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// `p` with symbolic links resolved as far as it exists (the rest appended as written), so
+/// that a link into the data directory is seen for what it is.
+fn real_path(p: &Path) -> PathBuf {
+    let mut existing = p;
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(r) = existing.canonicalize() {
+            let mut out = r;
+            for c in rest.iter().rev() {
+                out.push(c);
+            }
+            return out;
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                existing = parent;
+            }
+            _ => return p.to_path_buf(),
+        }
+    }
+}
+
 fn check_pdu(n: u32) -> Result<(), String> {
     if (4096..=16 * 1024 * 1024).contains(&n) {
         Ok(())
@@ -1233,6 +1267,27 @@ path = "received"
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("/etc/gw/site-a.toml"), Path::new("/etc/gw"))
+    }
+
+    #[test]
+    fn a_kek_inside_the_data_directory_is_refused_even_through_a_link() {
+        let e = err(&GOOD.replace("kek_file = \"kek.key\"", "kek_file = \"data/kek.key\""));
+        assert!(
+            e.contains("keystore.kek_file") && e.contains("inside node.data_dir"),
+            "{e}"
+        );
+        // A symbolic link elsewhere that points into the data directory.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("data")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("data"), dir.path().join("keys")).unwrap();
+        let text = GOOD.replace("kek_file = \"kek.key\"", "kek_file = \"keys/kek.key\"");
+        let e = Config::parse(&text, &dir.path().join("site-a.toml"), dir.path())
+            .expect_err("a KEK reached through a link into the data directory")
+            .to_string();
+        assert!(e.contains("inside node.data_dir"), "{e}");
+        // Beside it is fine.
+        let text = GOOD.replace("kek_file = \"kek.key\"", "kek_file = \"kek/kek.key\"");
+        assert!(Config::parse(&text, &dir.path().join("site-a.toml"), dir.path()).is_ok());
     }
 
     #[test]
