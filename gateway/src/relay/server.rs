@@ -391,7 +391,7 @@ impl LinkServer {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(e) => {
-                    results.push(PartResult::BadRequest(format!("multipart: {e}")));
+                    results.push(multipart_failure(&e, "multipart"));
                     break;
                 }
             };
@@ -523,7 +523,7 @@ impl LinkServer {
                 Ok(None) => {
                     return PartResult::BadRequest("part ends inside the Part-10 header".into());
                 }
-                Err(e) => return PartResult::BadRequest(format!("multipart: {e}")),
+                Err(e) => return multipart_failure(&e, "multipart"),
             }
         };
         if crate::sop::encoding(&meta.transfer_syntax).is_none() {
@@ -563,7 +563,7 @@ impl LinkServer {
                     }
                 }
                 Ok(None) => break,
-                Err(e) => return PartResult::BadRequest(format!("part interrupted: {e}")),
+                Err(e) => return multipart_failure(&e, "part interrupted"),
             }
         }
         if writer.digest_so_far() != digest {
@@ -682,6 +682,18 @@ fn boundary_of(content_type: &str) -> Option<String> {
         (!v.is_empty() && v.len() <= 70 && v.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
             .then(|| v.to_owned())
     })
+}
+
+/// A multipart error: a body that ended before its closing boundary is the transfer's
+/// failure, not the object's (503: the sender retries); anything else, our own bounds on
+/// what a peer may send included, is malformed input (400: the sender dead-letters it).
+fn multipart_failure(e: &multer::Error, what: &str) -> PartResult {
+    match e {
+        multer::Error::IncompleteStream => {
+            PartResult::Unavailable(format!("{what}: the transfer ended early ({e}); retry"))
+        }
+        _ => PartResult::BadRequest(format!("{what}: {e}")),
+    }
 }
 
 fn spool_failure(e: SpoolError) -> PartResult {
