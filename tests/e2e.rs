@@ -41,8 +41,11 @@ async fn relays_byte_for_byte_and_leaves_no_plaintext_at_rest() {
         pacs.count(),
         objects.len()
     );
-    // Nothing extra arrives a moment later either.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Nothing extra arrives later either: neither site holds anything more to send.
+    assert!(
+        sites.settled(Duration::from_secs(30)).await,
+        "the sites still hold objects"
+    );
     assert_eq!(
         pacs.received(),
         want,
@@ -125,7 +128,13 @@ async fn relays_byte_for_byte_and_leaves_no_plaintext_at_rest() {
     }
 }
 
-/// Site B stops in the middle of a transfer and comes back: everything arrives, once.
+/// Site B stops in the middle of a transfer, holding an object whose answer site A never
+/// got, and comes back: A re-sends it, B recognises it, and the PACS gets everything once.
+///
+/// B runs with fault injection, so the premises hold by construction, not by timing: B
+/// freezes right after the synced commit of its 11th object (A then holds the other 20 at
+/// least: mid-transfer), and that object's answer is a failure (503), as when B dies
+/// between its sync and its answer. So A must re-send an object B already has.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restart_of_site_b_mid_transfer_delivers_everything_exactly_once() {
     let Fixture {
@@ -133,34 +142,77 @@ async fn restart_of_site_b_mid_transfer_delivers_everything_exactly_once() {
         pacs,
         mut sites,
     } = Fixture::start("", "").await;
+    let _scenario = fail::FailScenario::setup();
+    sites.stop_b().await;
+    sites.b_failpoints = true;
+    sites.start_b().await;
+    let (reached, release) = hold_at("spool::commit::synced", 11);
+    fail::cfg("spool::commit::answer", "10*off->1*return->off").unwrap();
     let first = study(30, "RESTART^ONE", 128 * 1024);
     let second = study(30, "RESTART^TWO", 128 * 1024);
+    // Every failed send of A to B, whatever the reason (B's 503, or the link closing).
+    let failures = |text: &str| -> f64 {
+        text.lines()
+            .filter(|l| {
+                l.starts_with(r#"dicom_gateway_forward_failures_total{destination="site-b""#)
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let dup = r#"dicom_gateway_link_parts_total{listener="wan",result="duplicate"}"#;
+    let a_metrics = sites.a.as_ref().unwrap().metrics.clone();
 
     assert_eq!(send(sites.a_dicom(), "GW_A", &first).await, first.len());
-    // Stop B once deliveries have started, while A is still relaying the first batch.
-    assert!(eventually(Duration::from_secs(30), || pacs.count() >= 2).await);
-    sites.stop_b().await;
-    let delivered_at_stop = pacs.count();
-    assert!(delivered_at_stop < first.len() + second.len());
+    // Premise: B froze after storing its 11th object; A holds every object not confirmed.
+    let frozen = tokio::task::spawn_blocking(move || reached.recv_timeout(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    assert!(
+        frozen.is_ok(),
+        "premise: site B never stored an 11th object"
+    );
+    let held = sites.a_spool().queue_len("site-b").unwrap();
+    assert!(
+        held >= first.len() - 10,
+        "premise: B must stop while A holds the rest of the batch; A holds {held}"
+    );
+    // B stops: it takes no new request, while the 11th object's answer is still held...
+    let b = sites.b.take().unwrap();
+    let (b_readiness, b_metrics) = (b.readiness.clone(), b.metrics.clone());
+    let stopping = tokio::spawn(b.stop());
+    assert!(eventually(Duration::from_secs(10), || b_readiness.is_draining()).await);
+    // ...then answers it as failed, and is gone.
+    drop(release);
+    stopping.await.unwrap();
+    fail::remove("spool::commit::synced");
+    assert!(
+        eventually(Duration::from_secs(10), || failures(&a_metrics.render())
+            >= 1.0)
+        .await,
+        "premise: site A never saw B's failure answer"
+    );
+    let dup_before = metric(&b_metrics.render(), dup);
+    let held = sites.a_spool().queue_len("site-b").unwrap();
 
     // A keeps accepting while B is away and holds everything not confirmed.
     assert_eq!(send(sites.a_dicom(), "GW_A", &second).await, second.len());
-    let a = sites.a_spool();
+    // (A send B answered just before it stopped may still be recorded meanwhile.)
+    let holding = sites.a_spool().queue_len("site-b").unwrap();
     assert!(
-        a.queue_len("site-b").unwrap() >= second.len(),
-        "site A must hold what B has not confirmed"
+        holding > second.len() && holding <= held + second.len(),
+        "site A must hold what B has not confirmed: {holding} queued, {held} before the second batch"
     );
-    drop(a);
 
     sites.start_b().await;
-    let total = first.len() + second.len();
-    let arrived = eventually(Duration::from_secs(120), || pacs.count() >= total).await;
     assert!(
-        arrived,
-        "only {} of {total} arrived after restart",
+        sites.settled(Duration::from_secs(120)).await,
+        "not delivered after B came back: A holds {:?}, the PACS has {}",
+        sites.a_spool().queue_len("site-b"),
         pacs.count()
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // A re-sent at least one object B already had, and B said so.
+    let dups = dup_before + metric(&sites.b.as_ref().unwrap().metrics.render(), dup);
+    assert!(dups >= 1.0, "no re-send of a stored object was recognised");
     let mut all = first.clone();
     all.extend(second);
     assert_eq!(
@@ -168,8 +220,27 @@ async fn restart_of_site_b_mid_transfer_delivers_everything_exactly_once() {
         expected(&all),
         "lost or duplicated objects"
     );
-    assert_eq!(pacs.count(), total, "duplicates delivered");
+    assert_eq!(pacs.count(), all.len(), "duplicates delivered");
     sites.stop().await;
+}
+
+/// Hold the `n`-th thread (counting from 1) that reaches fault point `name` until the
+/// returned sender is dropped; the receiver hears when it is reached.
+fn hold_at(name: &str, n: usize) -> (std::sync::mpsc::Receiver<()>, std::sync::mpsc::Sender<()>) {
+    let (reached_tx, reached) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel::<()>();
+    let state = std::sync::Mutex::new((0usize, reached_tx, release_rx));
+    fail::cfg_callback(name, move || {
+        let mut s = state.lock().unwrap();
+        s.0 += 1;
+        if s.0 == n {
+            let _ = s.1.send(());
+            // Returns when the test drops `release`.
+            let _ = s.2.recv();
+        }
+    })
+    .unwrap();
+    (reached, release)
 }
 
 /// A restart of site A itself resumes its queue.
@@ -188,8 +259,7 @@ async fn restart_of_site_a_resumes_its_queue() {
     // Restart A from its config and data folder, then bring B back.
     sites.restart_a().await;
     sites.start_b().await;
-    assert!(eventually(Duration::from_secs(60), || pacs.count() >= objects.len()).await);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(sites.settled(Duration::from_secs(60)).await);
     assert_eq!(pacs.received(), expected(&objects));
     sites.stop().await;
 }
@@ -210,4 +280,96 @@ fn label_values(text: &str) -> Vec<String> {
         }
     }
     out
+}
+
+/// A delivered study is kept for `[spool] retention`, and `queue resend --study` sends it
+/// again: the far PACS gets it a second time (a new transfer for site B, not deduplicated
+/// against the first), other studies stay put, and the copies are retained again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retained_study_is_resent_on_request() {
+    let Fixture {
+        tmp: _tmp,
+        pacs,
+        mut sites,
+    } = Fixture::start("", r#"retention = "1h""#).await;
+    let wanted = study(5, "RESEND^ONE", 16 * 1024);
+    let other = study(2, "RESEND^OTHER", 16 * 1024);
+    assert_eq!(send(sites.a_dicom(), "GW_A", &wanted).await, wanted.len());
+    assert_eq!(send(sites.a_dicom(), "GW_A", &other).await, other.len());
+    let a = sites.a_spool();
+    let b = sites.b_spool();
+    let delivered = |n: usize| {
+        let (a, b, pacs) = (a.clone(), b.clone(), &pacs);
+        move || {
+            pacs.count() >= n
+                && a.queue_len("site-b").is_ok_and(|q| q == 0)
+                && b.object_count().is_ok_and(|c| c == 0)
+        }
+    };
+    assert!(eventually(Duration::from_secs(60), delivered(7)).await);
+    // Delivered, and kept at A (encrypted) only: B keeps nothing by default.
+    assert_eq!(a.retained_count().unwrap(), 7);
+    assert_eq!(a.object_count().unwrap(), 7);
+    // The study UID, from the sealed metadata of what A kept.
+    let mut study_uid = None;
+    for r in a.retained_blocking().unwrap() {
+        let (meta, _) = a.meta(r.object).await.unwrap();
+        if wanted
+            .iter()
+            .any(|o| o.sop_instance == meta.sop_instance_uid)
+        {
+            study_uid = Some(meta.study_uid);
+        }
+    }
+    let study_uid = study_uid.expect("the study is retained");
+
+    let resend = |study: &str, socket: &std::path::Path| {
+        let body = serde_json::to_vec(&dicom_gateway::admin::ResendRequest {
+            study: study.to_owned(),
+            destination: None,
+        })
+        .unwrap();
+        let socket = socket.to_owned();
+        async move {
+            dicom_gateway::admin::request(
+                &socket,
+                http::Method::POST,
+                "/v1/queue/resend",
+                Some(body),
+            )
+            .await
+        }
+    };
+    let a_socket = sites.a.as_ref().unwrap().admin_socket.clone();
+    let b_socket = sites.b.as_ref().unwrap().admin_socket.clone();
+    let r: dicom_gateway::admin::Resended =
+        serde_json::from_value(resend(&study_uid, &a_socket).await.unwrap()).unwrap();
+    assert_eq!(
+        (r.objects, r.entries, r.destinations),
+        (5, 5, vec!["site-b".to_owned()])
+    );
+    assert!(eventually(Duration::from_secs(60), delivered(12)).await);
+    let mut all = wanted.clone();
+    all.extend(wanted.iter().cloned());
+    all.extend(other.iter().cloned());
+    assert_eq!(
+        pacs.received(),
+        expected(&all),
+        "the resent study arrives once more, and nothing else does"
+    );
+    assert_eq!(
+        a.retained_count().unwrap(),
+        7,
+        "retained again after delivery"
+    );
+    // An unknown study resends nothing; a node without retention says what to do.
+    let none: dicom_gateway::admin::Resended =
+        serde_json::from_value(resend("1.2.3.4", &a_socket).await.unwrap()).unwrap();
+    assert_eq!(none.objects, 0);
+    let err = resend(&study_uid, &b_socket).await.unwrap_err();
+    assert!(format!("{err:#}").contains("retention"), "{err:#}");
+    let status = admin_status(sites.a.as_ref().unwrap()).await;
+    assert_eq!(status.retained, 7);
+    drop((a, b));
+    sites.stop().await;
 }

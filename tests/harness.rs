@@ -184,6 +184,9 @@ pub struct TwoSites {
     pub b: Option<Node>,
     /// Site B's link port (stable across restarts).
     pub link_port: u16,
+    /// Start site B with its spool's fault-injection points live (`fail::cfg` drives them;
+    /// no other node of the test process is affected).
+    pub b_failpoints: bool,
 }
 
 /// Options for [`TwoSites::start`].
@@ -288,6 +291,7 @@ retry_max_ms = 1000
             a: None,
             b: None,
             link_port,
+            b_failpoints: false,
         };
         sites.start_b().await;
         sites.a = Some(
@@ -302,7 +306,11 @@ retry_max_ms = 1000
     pub async fn start_b(&mut self) {
         assert!(self.b.is_none());
         let cfg = Config::load(&self.dir.path().join("site-b.toml")).expect("config b");
-        self.b = Some(Node::start(cfg).await.expect("start b"));
+        let opts = dicom_gateway::spool::SpoolOptions {
+            failpoints: self.b_failpoints,
+            ..Node::spool_options(&cfg)
+        };
+        self.b = Some(Node::start_with(cfg, opts).await.expect("start b"));
     }
 
     /// Stop site A and start it again from its config and data folder.
@@ -385,6 +393,31 @@ impl TwoSites {
             .expect("site b running")
             .clone()
     }
+}
+
+impl TwoSites {
+    /// Wait until neither site holds an object (each one confirmed by its next hop; both
+    /// sites running). After that nothing more can reach the PACS, and every file the PACS
+    /// wrote is whole: storescp answers after closing its file, and B forgets an object only
+    /// after that answer. This replaces "wait a moment for late duplicates".
+    pub async fn settled(&self, timeout: Duration) -> bool {
+        let (a, b) = (self.a_spool(), self.b_spool());
+        eventually(timeout, || {
+            a.object_count().is_ok_and(|n| n == 0) && b.object_count().is_ok_and(|n| n == 0)
+        })
+        .await
+    }
+}
+
+/// The value of one series in a Prometheus text exposition (`name{labels}` exactly as
+/// rendered), 0 when absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(series))
+        .filter_map(|rest| rest.strip_prefix(' '))
+        .filter_map(|v| v.trim().parse().ok())
+        .next()
+        .unwrap_or(0.0)
 }
 
 /// Generate `n` objects of one study with a distinctive patient name.

@@ -7,7 +7,10 @@
 //!   UIDs read from their sealed metadata;
 //! - `POST /v1/queue/retry` and `POST /v1/queue/purge` with a JSON [`Selector`]: replay
 //!   dead letters (a fresh retry budget) or delete entries for good (the object, and its
-//!   study key when nothing of the study is left, once no destination waits for it).
+//!   study key when nothing of the study is left, once no destination waits for it);
+//! - `POST /v1/queue/resend` with a JSON [`ResendRequest`]: queue a study's retained
+//!   objects (`[spool] retention`) again, for the destinations they were delivered to or
+//!   the one named.
 //!
 //! Invariants:
 //! - the socket is `admin.sock` in the data directory, mode 0600: only the operator who can
@@ -63,6 +66,9 @@ pub struct Status {
     pub readiness: String,
     /// Per destination.
     pub destinations: Vec<DestinationView>,
+    /// Delivered objects kept for `queue resend` (`[spool] retention`).
+    #[serde(default)]
+    pub retained: usize,
 }
 
 /// One destination in [`Status`].
@@ -163,6 +169,26 @@ pub struct Changed {
     pub skipped_not_dead: usize,
 }
 
+/// `POST /v1/queue/resend`: which retained objects to queue again.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ResendRequest {
+    /// The Study Instance UID.
+    pub study: String,
+    /// Only this destination (by default: every destination each object was delivered to).
+    pub destination: Option<String>,
+}
+
+/// The answer to a resend.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Resended {
+    /// Objects queued again.
+    pub objects: usize,
+    /// Queue entries made (an object delivered to two destinations makes two).
+    pub entries: usize,
+    /// The destinations they were queued for.
+    pub destinations: Vec<String>,
+}
+
 /// What the admin server needs.
 #[derive(Clone)]
 pub struct AdminState {
@@ -176,6 +202,8 @@ pub struct AdminState {
     pub destinations: Vec<String>,
     /// Readiness.
     pub readiness: Arc<Readiness>,
+    /// `[spool] retention`: zero keeps nothing after delivery.
+    pub retention: Duration,
 }
 
 /// Bind the socket (replacing a stale one) with mode 0600.
@@ -262,7 +290,7 @@ async fn route(req: Request<Incoming>, st: &AdminState) -> Response<Full<Bytes>>
                 Err(e) => error(StatusCode::BAD_REQUEST, &format!("{e:#}")),
             }
         }
-        (Method::POST, "/v1/queue/retry" | "/v1/queue/purge") => {
+        (Method::POST, "/v1/queue/retry" | "/v1/queue/purge" | "/v1/queue/resend") => {
             let body = match tokio::time::timeout(
                 Duration::from_secs(10),
                 Limited::new(req.into_body(), MAX_BODY).collect(),
@@ -277,6 +305,18 @@ async fn route(req: Request<Incoming>, st: &AdminState) -> Response<Full<Bytes>>
                     );
                 }
             };
+            if path.ends_with("resend") {
+                let r: ResendRequest = match serde_json::from_slice(&body) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return error(StatusCode::BAD_REQUEST, &format!("bad resend request: {e}"));
+                    }
+                };
+                return match resend(st, r).await {
+                    Ok(c) => json(StatusCode::OK, &c),
+                    Err(e) => error(StatusCode::BAD_REQUEST, &format!("{e:#}")),
+                };
+            }
             let sel: Selector = match serde_json::from_slice(&body) {
                 Ok(s) => s,
                 Err(e) => return error(StatusCode::BAD_REQUEST, &format!("bad selector: {e}")),
@@ -314,7 +354,44 @@ pub fn status(st: &AdminState) -> Status {
         ready,
         readiness,
         destinations,
+        retained: st.spool.retained_count().unwrap_or(0),
     }
+}
+
+async fn resend(st: &AdminState, r: ResendRequest) -> anyhow::Result<Resended> {
+    if st.retention.is_zero() {
+        bail!(
+            "this node keeps nothing after delivery: set `retention` in [spool] (e.g. \"7d\") for later studies; for this one, send it again from its source"
+        );
+    }
+    if let Some(d) = &r.destination
+        && !st.destinations.contains(d)
+    {
+        bail!("no destination named {d:?}");
+    }
+    let study = r.study.trim().to_owned();
+    if study.is_empty() || study.len() > 64 {
+        bail!("--study takes a Study Instance UID (at most 64 characters)");
+    }
+    let configured = st.destinations.clone();
+    let only = r.destination.clone();
+    let resent = st
+        .spool
+        .resend_study(study, move |d| {
+            configured.iter().any(|c| c == d) && only.as_deref().is_none_or(|o| o == d)
+        })
+        .await?;
+    let mut destinations: Vec<String> = resent
+        .iter()
+        .flat_map(|r| r.destinations.iter().cloned())
+        .collect();
+    destinations.sort();
+    destinations.dedup();
+    Ok(Resended {
+        objects: resent.len(),
+        entries: resent.iter().map(|r| r.destinations.len()).sum(),
+        destinations,
+    })
 }
 
 /// The entries a selector names, with their object's UIDs.

@@ -44,6 +44,11 @@ impl Readiness {
         self.draining.store(true, Ordering::SeqCst);
     }
 
+    /// Has shutdown begun?
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
     /// (ready, why): the one place readiness is decided.
     pub fn check(&self, spool: &Spool) -> (bool, String) {
         if !self.started.load(Ordering::SeqCst) {

@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::Context;
 use http::Method;
 
-use crate::admin::{self, Changed, EntryView, Selector, Status};
+use crate::admin::{self, Changed, EntryView, ResendRequest, Resended, Selector, Status};
 use crate::config::Config;
 
 fn socket_of(config: &Path) -> anyhow::Result<std::path::PathBuf> {
@@ -64,6 +64,45 @@ pub async fn status(config: &Path, json: bool) -> anyhow::Result<()> {
         ]);
     }
     print_table(&rows);
+    if st.retained > 0 {
+        println!(
+            "{} delivered objects retained for `queue resend` ([spool] retention)",
+            st.retained
+        );
+    }
+    Ok(())
+}
+
+/// `dicom-gateway queue resend`.
+pub async fn queue_resend(
+    config: &Path,
+    study: String,
+    destination: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let sock = socket_of(config)?;
+    let body = serde_json::to_vec(&ResendRequest {
+        study: study.clone(),
+        destination,
+    })?;
+    let v = admin::request(&sock, Method::POST, "/v1/queue/resend", Some(body)).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let r: Resended = serde_json::from_value(v).context("unexpected answer")?;
+    if r.objects == 0 {
+        println!(
+            "nothing to resend: no retained object of study {study} (never received here, already resent and not yet delivered, or past [spool] retention)"
+        );
+    } else {
+        println!(
+            "{} objects queued again ({} entries) for {}; `dicom-gateway status --config ...` shows them drain",
+            r.objects,
+            r.entries,
+            r.destinations.join(", ")
+        );
+    }
     Ok(())
 }
 

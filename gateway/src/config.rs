@@ -152,6 +152,11 @@ pub struct SpoolSection {
     /// `/readyz` is 503; service resumes by itself once space returns.
     #[serde(default = "default_min_free")]
     pub min_free: bytesize::ByteSize,
+    /// How long a delivered object stays (encrypted) for `queue resend --study`. `"0s"`, the
+    /// default, deletes each object once its last destination confirmed it; past the
+    /// retention, a sweep (every minute) deletes it, and its study key with the study's
+    /// last object.
+    pub retention: std::time::Duration,
     /// Deprecated keys this section was written with, as `(old, new)`.
     pub deprecated_keys: Vec<(&'static str, &'static str)>,
 }
@@ -163,6 +168,7 @@ impl Default for SpoolSection {
             max_object_bytes: default_max_object_bytes(),
             dedup_window_secs: default_dedup_window_secs(),
             min_free: default_min_free(),
+            retention: std::time::Duration::ZERO,
             deprecated_keys: Vec::new(),
         }
     }
@@ -180,6 +186,8 @@ struct RawSpoolSection {
     max_object_bytes: Option<u64>,
     dedup_window_secs: Option<u64>,
     min_free: Option<bytesize::ByteSize>,
+    #[serde(default, with = "humantime_serde")]
+    retention: Option<std::time::Duration>,
 }
 
 /// Pick the new key's value, or the deprecated key's (recording it), never both.
@@ -234,6 +242,7 @@ impl TryFrom<RawSpoolSection> for SpoolSection {
             max_object_bytes: max_object.unwrap_or_else(default_max_object_bytes),
             dedup_window_secs: dedup.unwrap_or_else(default_dedup_window_secs),
             min_free: r.min_free.unwrap_or_else(default_min_free),
+            retention: r.retention.unwrap_or_default(),
             deprecated_keys: deprecated,
         })
     }

@@ -7,8 +7,9 @@
 //! Invariants:
 //! - an entry leaves the queue only through [`Spool::complete`] (after the destination
 //!   confirmed the object) or an operator's purge;
-//! - entries are attempted in queue order; a retried entry keeps its place (it is not moved
-//!   behind newer ones), and a failing entry never holds back the entries behind it;
+//! - first attempts go in queue order; a retry goes when no first attempt is due (or once
+//!   it has waited [`starvation_bound`] past its due time), before any later retry, so a
+//!   failing entry never holds back the entries behind it (see [`pick`]);
 //! - the failure taxonomy of [`DeliveryError`] decides everything:
 //!   - *unavailable* (the destination is down or busy) opens the destination's circuit: no
 //!     new attempts until its backoff (or the peer's `Retry-After`) has passed, then one
@@ -271,28 +272,30 @@ pub async fn run(
         bytes_gauge.set(status.queued_bytes as i64);
         oldest_gauge.set(status.oldest_age_seconds.unwrap_or(0.0));
         circuit_gauge.set(i64::from(status.circuit != Circuit::Closed));
-        // Launch what is due, oldest first, as far as the circuit and concurrency allow.
+        // Launch what is due, as far as the circuit and concurrency allow: first attempts in
+        // queue order, then retries (see `pick`).
         let now = Instant::now();
         if !shutdown.is_cancelled() {
-            for slot in slots.values_mut() {
-                if tasks.len() >= concurrency {
-                    break;
-                }
-                if slot.in_flight || slot.entry.state == EntryState::Dead || slot.due > now {
-                    continue;
-                }
+            let free = concurrency.saturating_sub(tasks.len());
+            for seq in pick(&slots, now, starvation_bound(&policy), free) {
                 if !breaker.admit(now, tasks.len()) {
                     break;
                 }
+                let Some(slot) = slots.get_mut(&seq) else {
+                    continue;
+                };
                 slot.in_flight = true;
                 let sender = sender.clone();
                 let spool = spool.clone();
-                let seq = slot.entry.seq;
                 let object = slot.entry.object;
+                let resend = slot.entry.resend.then_some(seq);
                 tasks.spawn(async move {
                     let started = Instant::now();
                     let result = match spool.open_object(object).await {
-                        Ok(reader) => sender.send(reader).await,
+                        Ok(mut reader) => {
+                            reader.resend_seq = resend;
+                            sender.send(reader).await
+                        }
                         Err(e) => Err(DeliveryError::from_spool(e)),
                     };
                     (seq, started.elapsed(), result)
@@ -401,6 +404,46 @@ pub async fn run(
     publish(&board, &mut status, &slots, breaker.state, local_failing);
     sender.close().await;
     info!(destination = %name, "dispatcher stopped");
+}
+
+/// How long past its due time a retry may wait behind first attempts before it goes first.
+/// It bounds the wait of a retry on a destination that never runs dry (a retry spends no
+/// attempt while it waits, but its `max_age` runs on).
+fn starvation_bound(policy: &RetryPolicy) -> Duration {
+    policy.max_delay.max(Duration::from_secs(60))
+}
+
+/// The entries to launch now, at most `n`, in launch order:
+/// 1. due entries on their first attempt (no transient failure counted yet), in queue order,
+///    and retries overdue by more than `bound`;
+/// 2. then due retries, in queue order.
+///
+/// A retry keeps its place among the retries, but it never holds back an object that has
+/// not been tried yet: on a single association, two objects a PACS keeps aborting would
+/// otherwise take turns ahead of everything behind them until both were dead letters.
+fn pick(slots: &BTreeMap<u64, Slot>, now: Instant, bound: Duration, n: usize) -> Vec<u64> {
+    let due = |s: &&Slot| !s.in_flight && s.entry.state == EntryState::Queued && s.due <= now;
+    let starved = now.checked_sub(bound);
+    let first = |s: &&Slot| s.failures.attempts == 0 || starved.is_some_and(|t| s.due <= t);
+    let mut out: Vec<u64> = slots
+        .values()
+        .filter(due)
+        .filter(first)
+        .take(n)
+        .map(|s| s.entry.seq)
+        .collect();
+    if out.len() < n {
+        let more = n - out.len();
+        out.extend(
+            slots
+                .values()
+                .filter(due)
+                .filter(|s| !first(s))
+                .take(more)
+                .map(|s| s.entry.seq),
+        );
+    }
+    out
 }
 
 fn slot(q: Queued, failures: FailureRecord, now: Instant) -> Slot {
@@ -550,6 +593,57 @@ async fn sleep_until(t: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn test_slot(seq: u64, attempts: u32, due: Instant) -> Slot {
+        Slot {
+            entry: QueueEntry {
+                seq,
+                object: crate::spool::ObjectId([seq as u8; 16]),
+                state: EntryState::Queued,
+                resend: false,
+            },
+            length: 1,
+            received_at_ms: 0,
+            failures: FailureRecord {
+                attempts,
+                history: Vec::new(),
+            },
+            due,
+            in_flight: false,
+        }
+    }
+
+    #[test]
+    fn retries_go_after_first_attempts_and_keep_their_order() {
+        let now = Instant::now();
+        let bound = Duration::from_secs(60);
+        let mut slots = BTreeMap::new();
+        // Two retries at the head of the queue (due now), then three untried entries, one
+        // of them in flight and one not due yet, then a dead letter.
+        slots.insert(1, test_slot(1, 2, now));
+        slots.insert(2, test_slot(2, 1, now - Duration::from_secs(5)));
+        for seq in 3..=5 {
+            slots.insert(seq, test_slot(seq, 0, now));
+        }
+        slots.insert(6, test_slot(6, 0, now + Duration::from_secs(1)));
+        if let Some(s) = slots.get_mut(&4) {
+            s.in_flight = true;
+        }
+        let mut dead = test_slot(7, 0, now);
+        dead.entry.state = EntryState::Dead;
+        slots.insert(7, dead);
+        // Untried first, in queue order; then the retries, in queue order.
+        assert_eq!(pick(&slots, now, bound, 1), vec![3]);
+        assert_eq!(pick(&slots, now, bound, 10), vec![3, 5, 1, 2]);
+        // A retry that waited past the bound goes first again.
+        slots.insert(2, test_slot(2, 1, now - Duration::from_secs(61)));
+        assert_eq!(pick(&slots, now, bound, 2), vec![2, 3]);
+        assert_eq!(pick(&slots, now, bound, 0), Vec::<u64>::new());
+        assert_eq!(
+            starvation_bound(&RetryPolicy::default()),
+            Duration::from_secs(300)
+        );
+    }
 
     #[test]
     fn backoff_grows_is_capped_and_jittered() {

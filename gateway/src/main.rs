@@ -147,6 +147,21 @@ enum QueueCommand {
     /// Delete entries for good (the object, once no destination waits for it, and its study
     /// key when nothing of the study is left).
     Purge(Selection),
+    /// Send a delivered study again from its retained copy (needs `[spool] retention`).
+    Resend {
+        /// The node's TOML config.
+        #[arg(long)]
+        config: PathBuf,
+        /// The Study Instance UID.
+        #[arg(long)]
+        study: String,
+        /// Only to this destination (default: wherever each object was delivered).
+        #[arg(long)]
+        destination: Option<String>,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -335,6 +350,20 @@ fn main() -> ExitCode {
             selector(&s),
             false,
             s.json,
+        ))),
+        Command::Queue {
+            command:
+                QueueCommand::Resend {
+                    config,
+                    study,
+                    destination,
+                    json,
+                },
+        } => report(runtime.block_on(dicom_gateway::cli::queue_resend(
+            &config,
+            study,
+            destination,
+            json,
         ))),
         Command::Queue {
             command: QueueCommand::Purge(s),

@@ -87,8 +87,8 @@ pub struct Metrics {
     /// `certificate_expiry_timestamp_seconds{certificate}`: notAfter of the node's certificate
     /// (`node`) and of each CA certificate it trusts (`ca`, the earliest).
     pub certificate_expiry: GaugeVec,
-    /// `crl_next_update_timestamp_seconds{crl}`: nextUpdate of each configured CRL. Not wired
-    /// yet (no CRL support).
+    /// `crl_next_update_timestamp_seconds{crl}`: the earliest nextUpdate of each configured
+    /// CRL file (`crl` = its file name).
     pub crl_next_update: GaugeVec,
     /// `integrity_failures_total{stage}`: a digest or authentication tag that did not match
     /// (`link_digest`: a STOW part whose Content-Digest differs; `spool`: a segment that failed

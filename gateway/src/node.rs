@@ -74,14 +74,20 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
 impl Node {
     /// Start a node from a validated config.
     pub async fn start(cfg: Config) -> Result<Node> {
-        let opts = SpoolOptions {
+        let opts = Self::spool_options(&cfg);
+        Self::start_with(cfg, opts).await
+    }
+
+    /// The spool options `cfg` asks for.
+    pub fn spool_options(cfg: &Config) -> SpoolOptions {
+        SpoolOptions {
             segment_bytes: cfg.spool.segment_bytes,
             max_object_bytes: cfg.spool.max_object_bytes,
             dedup_window: Duration::from_secs(cfg.spool.dedup_window_secs),
             min_free: cfg.spool.min_free.as_u64(),
+            retention: cfg.spool.retention,
             ..SpoolOptions::default()
-        };
-        Self::start_with(cfg, opts).await
+        }
     }
 
     /// Start a node with explicit spool options (tests use this for fault injection).
@@ -129,6 +135,9 @@ impl Node {
         }
         let readiness = Arc::new(Readiness::default());
         worker_tasks.spawn(watch_disk(spool.clone(), workers_stop.clone()));
+        if !cfg.spool.retention.is_zero() {
+            worker_tasks.spawn(expire_retained(spool.clone(), workers_stop.clone()));
+        }
 
         let router = crate::routing::Router::from_config(&cfg);
         let mut dicom_addrs = HashMap::new();
@@ -185,6 +194,7 @@ impl Node {
                 board: board.clone(),
                 destinations: cfg.destination.iter().map(|d| d.name.clone()).collect(),
                 readiness: readiness.clone(),
+                retention: cfg.spool.retention,
             },
             listener_tasks.clone(),
             listeners_stop.clone(),
@@ -256,6 +266,28 @@ async fn watch_disk(spool: Spool, stop: CancellationToken) {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Delete retained objects past `[spool] retention`, at start and then every minute. The
+/// deletions are the spool's synced batches, each complete by itself, so stopping between
+/// them loses nothing.
+async fn expire_retained(spool: Spool, stop: CancellationToken) {
+    const ROUND: usize = 4096;
+    loop {
+        let pause = match spool.expire_retained(ROUND).await {
+            // More may be due: go on at once (but let a stop in first).
+            Ok(n) if n == ROUND => Duration::ZERO,
+            Ok(_) => Duration::from_secs(60),
+            Err(e) => {
+                warn!(error = %e, "retention sweep failed; it is tried again in a minute");
+                Duration::from_secs(60)
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
         }
     }
 }

@@ -6,7 +6,10 @@
 //!   RocksDB's counters (`db_background_error`, `db_size_bytes`,
 //!   `db_pending_compaction_bytes`) through a probe that never keeps the spool open;
 //! - `certificate_expiry_timestamp_seconds` for the node's certificate and its CA bundle,
-//!   read once at start from the files the TLS configs are built from;
+//!   and `crl_next_update_timestamp_seconds` for each CRL file, read at start (where a bad
+//!   file is a config error) and again at each scrape, so that a certificate or CRL
+//!   replaced on disk (cert-manager, a CRL refresh job) shows its new dates; an unreadable
+//!   file at scrape time keeps the last value;
 //! - creating every per-listener and per-destination series at zero, so that `rate()` and
 //!   `increase()` see the first event and dashboards show a line before any traffic.
 //!
@@ -63,7 +66,8 @@ pub fn install(metrics: &Metrics, cfg: &Config, spool: &Spool) -> Result<()> {
         metrics.queue_oldest_age.with_label_values(&[n]);
         metrics.circuit_open.with_label_values(&[n]);
     }
-    if let Some(tls) = &cfg.tls {
+    let tls = cfg.tls.clone();
+    if let Some(tls) = &tls {
         let node =
             not_after(&tls.cert).with_context(|| format!("[tls] cert {}", tls.cert.display()))?;
         metrics
@@ -75,10 +79,36 @@ pub fn install(metrics: &Metrics, cfg: &Config, spool: &Spool) -> Result<()> {
             .certificate_expiry
             .with_label_values(&["ca"])
             .set(ca as f64);
+        for path in &tls.crls {
+            let t = next_update(path).with_context(|| format!("[tls] crls: {}", path.display()))?;
+            metrics
+                .crl_next_update
+                .with_label_values(&[&crl_label(path)])
+                .set(t as f64);
+        }
     }
     let data_dir: PathBuf = cfg.node.data_dir.clone();
     let probe = spool.stats_probe();
     metrics.on_scrape(move |m| {
+        if let Some(tls) = &tls {
+            if let Ok(t) = not_after(&tls.cert) {
+                m.certificate_expiry
+                    .with_label_values(&["node"])
+                    .set(t as f64);
+            }
+            if let Ok(t) = not_after(&tls.ca) {
+                m.certificate_expiry
+                    .with_label_values(&["ca"])
+                    .set(t as f64);
+            }
+            for path in &tls.crls {
+                if let Ok(t) = next_update(path) {
+                    m.crl_next_update
+                        .with_label_values(&[&crl_label(path)])
+                        .set(t as f64);
+                }
+            }
+        }
         if let Some(free) = free_bytes(&data_dir) {
             m.disk_free_bytes.set(clamp(free));
         }
@@ -108,6 +138,29 @@ pub fn not_after(pem: &Path) -> Result<i64> {
         earliest = Some(earliest.map_or(t, |e| e.min(t)));
     }
     earliest.context("no certificate")
+}
+
+/// The earliest nextUpdate (Unix seconds) of the CRLs in a PEM file. A CRL without one
+/// never expires by itself, so it does not count; a file with none of them is an error.
+pub fn next_update(pem: &Path) -> Result<i64> {
+    let crls = crate::tls::load_crls(std::slice::from_ref(&pem.to_path_buf()))?;
+    let mut earliest: Option<i64> = None;
+    for der in &crls {
+        let (_, crl) = x509_parser::parse_x509_crl(der.as_ref())
+            .map_err(|e| anyhow::anyhow!("cannot parse a CRL: {e}"))?;
+        if let Some(t) = crl.next_update() {
+            let t = t.timestamp();
+            earliest = Some(earliest.map_or(t, |e| e.min(t)));
+        }
+    }
+    earliest.context("no CRL with a nextUpdate")
+}
+
+/// The `crl` label of a CRL file: its file name (a configuration value, never peer data).
+fn crl_label(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "crl".into())
 }
 
 /// Bytes available to an unprivileged writer on the volume holding `dir`.

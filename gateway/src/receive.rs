@@ -109,7 +109,7 @@ impl DicomServer {
                 options = options.with_abstract_syntax(uid.clone());
             }
         }
-        for (uid, _) in crate::sop::TRANSFER_SYNTAXES {
+        for (uid, _) in crate::sop::accepted_transfer_syntaxes() {
             options = options.with_transfer_syntax(*uid);
         }
         DicomServer {

@@ -748,10 +748,87 @@ pub const STORAGE_SOP_CLASSES: &[(&str, &str)] = &[
     ("1.2.840.10008.5.1.4.45.1", "Implant Template Group Storage"),
 ];
 
-/// Transfer syntaxes accepted for pass-through: (UID, name). The retired JPEG processes other
-/// than 14 (.52–.56, .58–.66) are absent: dicom-ul's registry does not know them, so it would
-/// refuse them in negotiation anyway. The acceptor takes the first of
-/// the requestor's proposals that appears here and that dicom-ul's registry knows.
+/// Defines [`RETIRED_JPEG`] and registers each of its transfer syntaxes in dicom-rs's
+/// registry (through `inventory`), from one list.
+macro_rules! retired_jpeg {
+    ($(($uid:literal, $name:literal)),* $(,)?) => {
+        /// The retired JPEG processes, which dicom-rs's transfer syntax registry has no entry
+        /// for. Old modalities and archives still hold such objects. Each is registered as
+        /// explicit VR little endian with encapsulated pixel data and no pixel codec: enough
+        /// for dicom-ul to negotiate it and for the gateway to pass it through untouched.
+        pub const RETIRED_JPEG: &[(&str, &str)] = &[$(($uid, $name)),*];
+        $(
+            dicom_encoding::submit_ele_transfer_syntax!(
+                $uid,
+                $name,
+                dicom_encoding::Codec::encapsulated_pixel_data_stub()
+            );
+        )*
+    };
+}
+
+retired_jpeg!(
+    (
+        "1.2.840.10008.1.2.4.52",
+        "JPEG Extended (Process 3 & 5) (Retired)"
+    ),
+    (
+        "1.2.840.10008.1.2.4.53",
+        "JPEG Spectral Selection, Non-Hierarchical (Process 6 & 8) (Retired)"
+    ),
+    (
+        "1.2.840.10008.1.2.4.54",
+        "JPEG Spectral Selection, Non-Hierarchical (Process 7 & 9) (Retired)"
+    ),
+    (
+        "1.2.840.10008.1.2.4.55",
+        "JPEG Full Progression, Non-Hierarchical (Process 10 & 12) (Retired)"
+    ),
+    (
+        "1.2.840.10008.1.2.4.56",
+        "JPEG Full Progression, Non-Hierarchical (Process 11 & 13) (Retired)"
+    ),
+    (
+        "1.2.840.10008.1.2.4.58",
+        "JPEG Lossless, Non-Hierarchical (Process 15) (Retired)"
+    ),
+    (
+        "1.2.840.10008.1.2.4.59",
+        "JPEG Extended, Hierarchical (Process 16 & 18) (Retired)"
+    ),
+    (
+        "1.2.840.10008.1.2.4.60",
+        "JPEG Extended, Hierarchical (Process 17 & 19) (Retired)"
+    ),
+    (
+        "1.2.840.10008.1.2.4.61",
+        "JPEG Spectral Selection, Hierarchical (Process 20 & 22) (Retired)"
+    ),
+    (
+        "1.2.840.10008.1.2.4.62",
+        "JPEG Spectral Selection, Hierarchical (Process 21 & 23) (Retired)"
+    ),
+    (
+        "1.2.840.10008.1.2.4.63",
+        "JPEG Full Progression, Hierarchical (Process 24 & 26) (Retired)"
+    ),
+    (
+        "1.2.840.10008.1.2.4.64",
+        "JPEG Full Progression, Hierarchical (Process 25 & 27) (Retired)"
+    ),
+    (
+        "1.2.840.10008.1.2.4.65",
+        "JPEG Lossless, Hierarchical (Process 28) (Retired)"
+    ),
+    (
+        "1.2.840.10008.1.2.4.66",
+        "JPEG Lossless, Hierarchical (Process 29) (Retired)"
+    ),
+);
+
+/// Transfer syntaxes accepted for pass-through: (UID, name), with [`RETIRED_JPEG`]. The
+/// acceptor takes the first of the requestor's proposals that appears here and that
+/// dicom-ul's registry knows.
 pub const TRANSFER_SYNTAXES: &[(&str, &str)] = &[
     ("1.2.840.10008.1.2", "Implicit VR Little Endian"),
     ("1.2.840.10008.1.2.1", "Explicit VR Little Endian"),
@@ -874,9 +951,14 @@ pub enum Encoding {
     DeflatedExplicitLe,
 }
 
+/// Every transfer syntax accepted: [`TRANSFER_SYNTAXES`] and [`RETIRED_JPEG`].
+pub fn accepted_transfer_syntaxes() -> impl Iterator<Item = &'static (&'static str, &'static str)> {
+    TRANSFER_SYNTAXES.iter().chain(RETIRED_JPEG)
+}
+
 /// The encoding of a transfer syntax, or `None` if the gateway does not accept it.
 pub fn encoding(ts: &str) -> Option<Encoding> {
-    if !TRANSFER_SYNTAXES.iter().any(|(uid, _)| *uid == ts) {
+    if !accepted_transfer_syntaxes().any(|(uid, _)| *uid == ts) {
         return None;
     }
     Some(match ts {
@@ -906,12 +988,16 @@ pub fn may_be_stored(uid: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dicom_encoding::transfer_syntax::TransferSyntaxIndex;
     use std::collections::HashSet;
 
     #[test]
     fn lists_are_unique_and_valid() {
         let mut seen = HashSet::new();
-        for (uid, _) in STORAGE_SOP_CLASSES.iter().chain(TRANSFER_SYNTAXES) {
+        for (uid, _) in STORAGE_SOP_CLASSES
+            .iter()
+            .chain(accepted_transfer_syntaxes())
+        {
             assert!(crate::dimse::is_valid_uid(uid), "{uid}");
             assert!(seen.insert(*uid), "duplicate {uid}");
         }
@@ -931,14 +1017,26 @@ mod tests {
 
     #[test]
     fn every_listed_syntax_is_known_to_the_registry_dicom_ul_uses() {
-        let unknown: Vec<_> = TRANSFER_SYNTAXES
-            .iter()
+        let unknown: Vec<_> = accepted_transfer_syntaxes()
             .filter(|(uid, _)| !dicom_ul::association::server::is_supported(uid))
             .collect();
         assert!(
             unknown.is_empty(),
             "unknown to the transfer syntax registry: {unknown:?}"
         );
+    }
+
+    #[test]
+    fn retired_jpeg_processes_are_accepted_and_registered() {
+        assert_eq!(RETIRED_JPEG.len(), 14);
+        for (uid, _) in RETIRED_JPEG {
+            assert_eq!(encoding(uid), Some(Encoding::ExplicitLe), "{uid}");
+            let ts = dicom_transfer_syntax_registry::TransferSyntaxRegistry.get(uid);
+            assert!(
+                ts.is_some_and(|t| t.is_encapsulated_pixel_data()),
+                "{uid} is not registered as encapsulated"
+            );
+        }
     }
 
     #[test]

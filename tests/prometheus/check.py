@@ -46,9 +46,8 @@ RULES = os.path.join(ROOT, "deploy/prometheus/alerts.yaml")
 STORESCU = os.path.join(os.environ.get("DCMTK_BIN_DIR", "/usr/bin"), "storescu")
 
 # Defined in gateway/src/metrics.rs but set by code that does not set them yet (the
-# dispatcher, CRL support, the keystore). Remove a name once it is exported.
+# keystore). Remove a name once it is exported.
 PENDING = {
-    "dicom_gateway_crl_next_update_timestamp_seconds": "transport security: CRL support",
     "dicom_gateway_kek_operations_total": "keystore: wrap/unwrap/rotate/shred",
 }
 

@@ -66,6 +66,22 @@ log "site A certificate: $(openssl x509 -in "$WORK/pki/site-a.crt" -noout -endda
 read -r P_SCP P_A_DICOM P_A_HTTP P_B_HTTP P_B_LINK < <(free_ports 5)
 start_storescp "$P_SCP" "$WORK/pacs" "$WORK/logs/storescp.log"
 write_configs "$WORK"
+# Site B checks site A's certificate against a CRL of the test CA (nothing revoked, valid
+# for 2 days), so that crl_next_update_timestamp_seconds is exported and the "stale CRL"
+# alert's expression has data.
+(
+	cd "$WORK/pki"
+	printf '[ca]\ndefault_ca = d\n[d]\ndatabase = index.txt\ncrlnumber = crlnumber\ndefault_md = sha256\ndefault_crl_days = 2\ncertificate = ca.crt\nprivate_key = ca.key\n' >ca.cnf
+	: >index.txt
+	echo 01 >crlnumber
+	openssl ca -config ca.cnf -gencrl -out ca.crl 2>>"$WORK/logs/openssl.log"
+)
+sed -i 's|^ca = "pki/ca.crt"$|&\ncrls = ["pki/ca.crl"]|' "$WORK/site-b.toml"
+grep -q '^crls = ' "$WORK/site-b.toml" || {
+	log "FAIL: could not add the CRL to site B's config"
+	exit 1
+}
+log "site B's CRL: $(openssl crl -in "$WORK/pki/ca.crl" -noout -nextupdate)"
 start_sites "$WORK" "$WORK/logs/"
 if ! wait_sites_ready 60 0.2; then
 	show_tail "$WORK/logs/site-a.log"

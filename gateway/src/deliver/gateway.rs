@@ -145,9 +145,14 @@ impl GatewaySender {
         })?;
         let boundary = format!("dicomgw-{}", hex::encode(rnd));
         let meta = &reader.meta;
+        // The transfer id: the object id, and for an operator's resend also the queue
+        // entry's sequence (a new transfer, stable across its own retries).
+        let transfer = match reader.resend_seq {
+            Some(seq) => format!("{}.r{seq}", meta.id.hex()),
+            None => meta.id.hex(),
+        };
         let preamble = format!(
-            "--{boundary}\r\nContent-Type: application/dicom\r\nContent-ID: <{}@{}>\r\nContent-Digest: {}\r\n\r\n",
-            meta.id.hex(),
+            "--{boundary}\r\nContent-Type: application/dicom\r\nContent-ID: <{transfer}@{}>\r\nContent-Digest: {}\r\n\r\n",
             self.node,
             crate::relay::content_digest(&meta.digest),
         );

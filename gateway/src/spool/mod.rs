@@ -41,6 +41,12 @@ const META_VERSION: u8 = 1;
 /// Queue entry flag: a dead letter (refused permanently or out of retry budget; kept for an
 /// operator). The same bit marked "parked" entries in earlier versions.
 const FLAG_DEAD: u8 = 1;
+/// Queue entry flag: an operator's resend of a retained object (`queue resend`). Its
+/// transfer id carries the entry's sequence, so that the next hop stores it anew rather
+/// than deduplicate it against the first delivery.
+const FLAG_RESEND: u8 = 2;
+/// Objects the retention sweep deletes per synced batch.
+const EXPIRE_BATCH: usize = 256;
 /// Version byte of a failure record.
 const FAIL_VERSION: u8 = 1;
 /// Failure reasons kept per entry (the attempt history).
@@ -50,10 +56,16 @@ const MAX_REASON: usize = 240;
 
 /// Evaluate a fault-injection point (tests only: it does nothing unless the build has the
 /// `failpoints` feature *and* the spool was opened with [`SpoolOptions::failpoints`]).
+/// With a third argument, a `return` action makes the enclosing function return it.
 macro_rules! fault {
     ($inner:expr, $name:literal) => {
         if $inner.failpoints {
             fail::fail_point!($name);
+        }
+    };
+    ($inner:expr, $name:literal, $ret:expr) => {
+        if $inner.failpoints {
+            fail::fail_point!($name, |_| $ret);
         }
     };
 }
@@ -281,6 +293,20 @@ pub struct QueueEntry {
     pub object: ObjectId,
     /// Waiting for delivery, or a dead letter.
     pub state: EntryState,
+    /// An operator's resend of a retained object (see [`Spool::resend_study`]).
+    pub resend: bool,
+}
+
+impl QueueEntry {
+    /// The stored flag byte.
+    fn flags(&self) -> u8 {
+        let dead = if self.state == EntryState::Dead {
+            FLAG_DEAD
+        } else {
+            0
+        };
+        dead | if self.resend { FLAG_RESEND } else { 0 }
+    }
 }
 
 /// The stored state of a queue entry. (Being in flight is the dispatcher's business.)
@@ -313,6 +339,26 @@ pub struct Queued {
     pub length: u64,
     /// When the object was committed here (ms since the epoch).
     pub received_at_ms: u64,
+}
+
+/// A delivered object kept for `[spool] retention`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retained {
+    /// The object.
+    pub object: ObjectId,
+    /// When the retention sweep deletes it (ms since the epoch).
+    pub expires_at_ms: u64,
+    /// The destinations it was delivered to.
+    pub destinations: Vec<String>,
+}
+
+/// A retained object queued again by [`Spool::resend_study`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resent {
+    /// The object.
+    pub object: ObjectId,
+    /// The destinations it was queued for.
+    pub destinations: Vec<String>,
 }
 
 /// What a destination's dispatcher hears from the spool.
@@ -495,6 +541,8 @@ struct Inner {
     dir: std::path::PathBuf,
     /// See [`SpoolOptions::min_free`].
     min_free: u64,
+    /// See [`SpoolOptions::retention`].
+    retention: Duration,
 }
 
 /// Backpressure state, set by the disk monitor and the dispatchers.
@@ -528,6 +576,9 @@ pub struct SpoolOptions {
     /// Free bytes the data directory's filesystem must keep; under it new objects are
     /// refused. 0 disables the check.
     pub min_free: u64,
+    /// How long a delivered object is kept (encrypted) for `queue resend`; zero deletes it
+    /// as soon as its last destination confirmed it.
+    pub retention: Duration,
 }
 
 impl Default for SpoolOptions {
@@ -539,6 +590,7 @@ impl Default for SpoolOptions {
             failpoints: false,
             unsynced_commits: false,
             min_free: 0,
+            retention: Duration::ZERO,
         }
     }
 }
@@ -563,6 +615,22 @@ fn queue_key(dest: &str, seq: u64) -> Vec<u8> {
     k.extend_from_slice(dest.as_bytes());
     k.push(0);
     k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// Key of the retention index: expiry first, so that the sweep reads only what is due.
+fn expiry_key(expiry_ms: u64, id: &ObjectId) -> [u8; 24] {
+    let mut k = [0u8; 24];
+    k[..8].copy_from_slice(&expiry_ms.to_be_bytes());
+    k[8..].copy_from_slice(&id.0);
+    k
+}
+
+/// The first key after every key that starts with `id` (an exclusive range end).
+fn id_upper(id: &ObjectId) -> Vec<u8> {
+    let mut k = id.0.to_vec();
+    k.push(0xff);
+    k.extend_from_slice(&[0xff; 8]);
     k
 }
 
@@ -625,6 +693,7 @@ impl Spool {
             admission: Mutex::new(Admission::default()),
             dir: dir.to_owned(),
             min_free: opts.min_free,
+            retention: opts.retention,
         };
         let mut inner = inner;
         inner.recovery = Self::recover(&inner)?;
@@ -754,10 +823,18 @@ impl Spool {
     }
 
     /// Delete an uncommitted object's segments and ingest marker (unsynced: the marker
-    /// makes a lost cleanup happen again at the next open).
+    /// makes a lost cleanup happen again at the next open). An object with metadata is
+    /// committed and is left alone, whatever its writer was told.
     fn discard_blocking(&self, id: ObjectId) -> Result<(), SpoolError> {
         fault!(self.inner, "spool::discard");
         let s = &self.inner.store;
+        let _g = self.commit_lock()?;
+        if s.get(Cf::Meta, &id.0)?.is_some() {
+            // Committed after all: what failed was the report of the commit, not its write.
+            // The object is queued and may be acknowledged by a re-send: never delete it.
+            warn!(object = %id, "an object whose commit reported a failure is stored after all; it is kept and delivered");
+            return Ok(());
+        }
         let mut b = s.batch();
         b.delete_range(Cf::Seg, &seg_key(&id, 0), &seg_key(&id, u64::MAX));
         b.delete(Cf::Ingest, &id.0);
@@ -928,14 +1005,16 @@ impl Spool {
                 .map(u64::from_be_bytes);
             let obj = v.get(..16).and_then(|b| <[u8; 16]>::try_from(b).ok());
             if let (Some(seq), Some(obj)) = (seq, obj) {
+                let flags = v.get(16).copied().unwrap_or(0);
                 out.push(QueueEntry {
                     seq,
                     object: ObjectId(obj),
-                    state: if v.get(16).is_some_and(|f| f & FLAG_DEAD != 0) {
+                    state: if flags & FLAG_DEAD != 0 {
                         EntryState::Dead
                     } else {
                         EntryState::Queued
                     },
+                    resend: flags & FLAG_RESEND != 0,
                 });
             }
         }
@@ -1030,6 +1109,7 @@ impl Spool {
             meta,
             next: 0,
             done: false,
+            resend_seq: None,
         })
     }
 
@@ -1091,17 +1171,20 @@ impl Spool {
     pub async fn complete(&self, dest: &str, entry: QueueEntry) -> Result<bool, SpoolError> {
         let spool = self.clone();
         let dest = dest.to_owned();
-        blocking(move || spool.remove_entry_blocking(&dest, entry, false)).await
+        blocking(move || spool.remove_entry_blocking(&dest, entry, false, true)).await
     }
 
-    /// Remove `dest`'s queue entry (its failure record too); delete the object when no
-    /// other destination waits for it, and with `shred_study`, the study key when no object
-    /// of the study is left. Returns whether the object was deleted.
+    /// Remove `dest`'s queue entry (its failure record too); when no other destination
+    /// waits for the object, delete it, or, when it was `delivered` and the spool retains
+    /// delivered objects, put it in the retention index. With `shred_study`, a deleted
+    /// object's study key goes too when no object of the study is left. Returns whether the
+    /// object was deleted.
     fn remove_entry_blocking(
         &self,
         dest: &str,
         entry: QueueEntry,
         shred_study: bool,
+        delivered: bool,
     ) -> Result<bool, SpoolError> {
         let s = &self.inner.store;
         let _g = self.commit_lock()?;
@@ -1116,8 +1199,17 @@ impl Spool {
             .into_iter()
             .filter(|(k, _)| k[16..] != *dest.as_bytes())
             .count();
-        let deleted = others == 0;
+        let retain = delivered && !self.inner.retention.is_zero();
+        if retain {
+            b.put(Cf::Done, &ref_key(&id, dest), &now_ms().to_be_bytes());
+        }
+        let deleted = others == 0 && !retain;
+        if others == 0 && retain {
+            let expiry = now_ms().saturating_add(self.inner.retention.as_millis() as u64);
+            b.put(Cf::Expiry, &expiry_key(expiry, &id), &[]);
+        }
         if deleted {
+            b.delete_range(Cf::Done, &id.0, &id_upper(&id));
             let kid = s
                 .get(Cf::Meta, &id.0)?
                 .and_then(|v| v.get(1..17).and_then(|k| <[u8; 16]>::try_from(k).ok()));
@@ -1173,7 +1265,13 @@ impl Spool {
         blocking(move || {
             let s = &spool.inner.store;
             let mut v = entry.object.0.to_vec();
-            v.push(FLAG_DEAD);
+            v.push(
+                QueueEntry {
+                    state: EntryState::Dead,
+                    ..entry
+                }
+                .flags(),
+            );
             let mut b = s.batch();
             b.put(Cf::Queue, &key, &v);
             b.put(Cf::Fail, &key, &value);
@@ -1191,7 +1289,13 @@ impl Spool {
         blocking(move || {
             let s = &spool.inner.store;
             let mut v = entry.object.0.to_vec();
-            v.push(0);
+            v.push(
+                QueueEntry {
+                    state: EntryState::Queued,
+                    ..entry
+                }
+                .flags(),
+            );
             let mut b = s.batch();
             b.put(Cf::Queue, &key, &v);
             b.delete(Cf::Fail, &key);
@@ -1212,11 +1316,210 @@ impl Spool {
         let spool = self.clone();
         let dest = dest.to_owned();
         blocking(move || {
-            let deleted = spool.remove_entry_blocking(&dest, entry, true)?;
+            let deleted = spool.remove_entry_blocking(&dest, entry, true, false)?;
             spool.notify(&dest, QueueEvent::Removed(entry.seq));
             Ok(deleted)
         })
         .await
+    }
+
+    /// The retained (delivered, kept for `[spool] retention`) objects: each one's id, expiry
+    /// (ms since the epoch) and the destinations it was delivered to.
+    pub fn retained_blocking(&self) -> Result<Vec<Retained>, SpoolError> {
+        let s = &self.inner.store;
+        let mut out = Vec::new();
+        for k in s.scan_keys(Cf::Expiry)? {
+            let (Some(expiry), Some(id)) = (
+                k.get(..8)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_be_bytes),
+                k.get(8..24).and_then(|b| <[u8; 16]>::try_from(b).ok()),
+            ) else {
+                continue;
+            };
+            let id = ObjectId(id);
+            let destinations = s
+                .scan_prefix(Cf::Done, &id.0, usize::MAX)?
+                .iter()
+                .filter_map(|(k, _)| std::str::from_utf8(k.get(16..)?).ok().map(str::to_owned))
+                .collect();
+            out.push(Retained {
+                object: id,
+                expires_at_ms: expiry,
+                destinations,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Number of retained objects.
+    pub fn retained_count(&self) -> Result<usize, SpoolError> {
+        Ok(self.inner.store.scan_keys(Cf::Expiry)?.len())
+    }
+
+    /// Queue the retained objects of study `study_uid` again, each for the destinations it
+    /// was delivered to that `wanted` accepts (the caller passes the configured ones, or
+    /// the one an operator named). Each becomes a fresh queue entry marked as a resend (a
+    /// new transfer for the next hop) and leaves the retention index until it is delivered
+    /// again. Synced; the dispatchers hear of it at once. Returns what was queued.
+    pub async fn resend_study(
+        &self,
+        study_uid: String,
+        wanted: impl Fn(&str) -> bool + Send + 'static,
+    ) -> Result<Vec<Resent>, SpoolError> {
+        let spool = self.clone();
+        blocking(move || {
+            // Find the study's objects by their sealed metadata, without the lock.
+            let mut found = Vec::new();
+            for r in spool.retained_blocking()? {
+                let Ok((meta, _)) = spool.meta_blocking(r.object) else {
+                    continue;
+                };
+                if meta.study_uid == study_uid {
+                    let dests: Vec<String> =
+                        r.destinations.into_iter().filter(|d| wanted(d)).collect();
+                    if !dests.is_empty() {
+                        found.push((
+                            r.object,
+                            r.expires_at_ms,
+                            dests,
+                            meta.length,
+                            meta.received_at_ms,
+                        ));
+                    }
+                }
+            }
+            let s = &spool.inner.store;
+            let _g = spool.commit_lock()?;
+            let mut b = s.batch();
+            let mut out = Vec::new();
+            let mut events = Vec::new();
+            for (id, expiry, dests, length, received_at_ms) in found {
+                let ek = expiry_key(expiry, &id);
+                // Expired or resent meanwhile.
+                if s.get(Cf::Expiry, &ek)?.is_none() {
+                    continue;
+                }
+                b.delete(Cf::Expiry, &ek);
+                for dest in &dests {
+                    let seq = spool.inner.next_seq.fetch_add(1, Ordering::SeqCst);
+                    let entry = QueueEntry {
+                        seq,
+                        object: id,
+                        state: EntryState::Queued,
+                        resend: true,
+                    };
+                    let mut qv = id.0.to_vec();
+                    qv.push(entry.flags());
+                    b.put(Cf::Queue, &queue_key(dest, seq), &qv);
+                    b.put(Cf::Refs, &ref_key(&id, dest), &seq.to_be_bytes());
+                    events.push((
+                        dest.clone(),
+                        Queued {
+                            entry,
+                            length,
+                            received_at_ms,
+                        },
+                    ));
+                }
+                out.push(Resent {
+                    object: id,
+                    destinations: dests,
+                });
+            }
+            spool.commit_batch(b)?;
+            for (dest, q) in events {
+                spool.notify(&dest, QueueEvent::Added(q));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Delete the retained objects whose retention has run out (and each study key whose
+    /// study has nothing left), at most `limit`. Synced. Returns how many were deleted.
+    pub async fn expire_retained(&self, limit: usize) -> Result<usize, SpoolError> {
+        self.expire_retained_at(now_ms(), limit).await
+    }
+
+    /// [`Spool::expire_retained`] as if the time were `now` (ms since the epoch).
+    async fn expire_retained_at(&self, now: u64, limit: usize) -> Result<usize, SpoolError> {
+        let spool = self.clone();
+        blocking(move || {
+            let mut done = 0;
+            while done < limit {
+                let s = &spool.inner.store;
+                let _g = spool.commit_lock()?;
+                let due: Vec<Box<[u8]>> = s
+                    .scan_prefix(Cf::Expiry, &[], EXPIRE_BATCH.min(limit - done))?
+                    .into_iter()
+                    .map(|(k, _)| k)
+                    .take_while(|k| {
+                        k.get(..8)
+                            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                            .is_some_and(|e| u64::from_be_bytes(e) <= now)
+                    })
+                    .collect();
+                if due.is_empty() {
+                    break;
+                }
+                let ids: Vec<ObjectId> = due
+                    .iter()
+                    .filter_map(|k| k.get(8..24).and_then(|b| <[u8; 16]>::try_from(b).ok()))
+                    .map(ObjectId)
+                    .collect();
+                let mut b = s.batch();
+                for k in &due {
+                    b.delete(Cf::Expiry, k);
+                }
+                spool.forget_objects(&mut b, &ids)?;
+                spool.commit_batch(b)?;
+                done += due.len();
+            }
+            if done > 0 {
+                info!(
+                    objects = done,
+                    "retention: deleted delivered objects past `spool.retention`"
+                );
+            }
+            Ok(done)
+        })
+        .await
+    }
+
+    /// Add to `b` the deletion of `ids` (metadata, segments, delivery records), and of each
+    /// of their study keys that no other object uses. Call with the commit lock held.
+    fn forget_objects(&self, b: &mut rocks::Batch<'_>, ids: &[ObjectId]) -> Result<(), SpoolError> {
+        let s = &self.inner.store;
+        let gone: std::collections::HashSet<[u8; 16]> = ids.iter().map(|i| i.0).collect();
+        let mut kids = std::collections::HashSet::new();
+        for id in ids {
+            if let Some(kid) = s
+                .get(Cf::Meta, &id.0)?
+                .and_then(|v| v.get(1..17).and_then(|k| <[u8; 16]>::try_from(k).ok()))
+            {
+                kids.insert(kid);
+            }
+            b.delete(Cf::Meta, &id.0);
+            b.delete_range(Cf::Seg, &seg_key(id, 0), &seg_key(id, u64::MAX));
+            b.delete_range(Cf::Done, &id.0, &id_upper(id));
+        }
+        // One pass over the metadata: the study keys still in use by another object.
+        for (k, v) in s.scan_prefix(Cf::Meta, &[], usize::MAX)? {
+            let Some(key) = <[u8; 16]>::try_from(&k[..]).ok() else {
+                continue;
+            };
+            if gone.contains(&key) {
+                continue;
+            }
+            if let Some(kid) = v.get(1..17).and_then(|k| <[u8; 16]>::try_from(k).ok()) {
+                kids.remove(&kid);
+            }
+        }
+        for kid in kids {
+            b.delete(Cf::Keys, &kid);
+        }
+        Ok(())
     }
 
     fn notify(&self, dest: &str, event: QueueEvent) {
@@ -1756,6 +2059,7 @@ impl CommitJob {
                         seq,
                         object: id,
                         state: EntryState::Queued,
+                        resend: false,
                     },
                 ));
             }
@@ -1769,6 +2073,15 @@ impl CommitJob {
             b.delete(Cf::Ingest, &id.0);
             spool.commit_batch(b)?;
             fault!(spool.inner, "spool::commit::synced");
+            // `return` here answers a failure for an object that is durably stored: what a
+            // sender sees when the node dies between its sync and its answer.
+            fault!(
+                spool.inner,
+                "spool::commit::answer",
+                Err(SpoolError::Internal(
+                    "fault injected: the answer to a synced commit is lost".into()
+                ))
+            );
             Ok((Committed::Stored(id), entries))
         })
         .await?;
@@ -1831,6 +2144,9 @@ pub struct ObjectReader {
     pub meta: ObjectMeta,
     next: u64,
     done: bool,
+    /// For an operator's resend: the queue entry's sequence, which a link sender puts in
+    /// the transfer id so that the next hop stores the object anew (set by the dispatcher).
+    pub resend_seq: Option<u64>,
 }
 
 impl ObjectReader {
@@ -2320,6 +2636,111 @@ mod tests {
             "{r:?}"
         );
         assert_eq!(assert_whole(&spool).await, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn retention_keeps_delivered_objects_for_a_resend_then_expires_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = SpoolOptions {
+            segment_bytes: 64 * 1024,
+            retention: Duration::from_secs(3600),
+            ..SpoolOptions::default()
+        };
+        let spool = Spool::open(dir.path(), Kek::from_bytes([3; 32]), opts.clone()).unwrap();
+        let a = generate_object("1.2.7", "1.2.7.1", 1, "KEEP^A", 150_000).unwrap();
+        let b = generate_object("1.2.7", "1.2.7.1", 2, "KEEP^B", 10_000).unwrap();
+        let other = generate_object("1.2.8", "1.2.8.1", 1, "KEEP^C", 10_000).unwrap();
+        let ida = store(&spool, &a, &["x", "y"]).await;
+        let idb = store(&spool, &b, &["x"]).await;
+        let idc = store(&spool, &other, &["x"]).await;
+        let (qx, _rx) = spool.subscribe("x").await.unwrap();
+        let (qy, mut ry) = spool.subscribe("y").await.unwrap();
+        for (dest, q) in qx
+            .iter()
+            .map(|q| ("x", q))
+            .chain(qy.iter().map(|q| ("y", q)))
+        {
+            assert!(!q.entry.resend);
+            spool.complete(dest, q.entry).await.unwrap();
+        }
+        // Delivered everywhere, and kept.
+        assert_eq!(
+            spool.queue_len("x").unwrap() + spool.queue_len("y").unwrap(),
+            0
+        );
+        assert_eq!(spool.object_count().unwrap(), 3);
+        assert_eq!(spool.retained_count().unwrap(), 3);
+        let kept = spool.retained_blocking().unwrap();
+        let of_a = kept.iter().find(|r| r.object == ida).unwrap();
+        assert_eq!(of_a.destinations, vec!["x".to_owned(), "y".to_owned()]);
+        // A sweep now deletes nothing.
+        assert_eq!(spool.expire_retained(100).await.unwrap(), 0);
+
+        // Resend study 1.2.7 to y only: object a (b never went to y).
+        let resent = spool
+            .resend_study("1.2.7".into(), |d| d == "y")
+            .await
+            .unwrap();
+        assert_eq!(
+            resent,
+            vec![Resent {
+                object: ida,
+                destinations: vec!["y".into()]
+            }]
+        );
+        let Ok(QueueEvent::Added(q)) = ry.try_recv() else {
+            panic!("the dispatcher hears of a resend")
+        };
+        assert!(q.entry.resend && q.entry.object == ida);
+        // Stored as a resend (a restart remembers it), and no longer in the index.
+        drop(spool);
+        let spool = Spool::open(dir.path(), Kek::from_bytes([3; 32]), opts).unwrap();
+        let (qy, _ry) = spool.subscribe("y").await.unwrap();
+        assert_eq!(qy.len(), 1);
+        assert!(qy[0].entry.resend, "the resend flag survives a restart");
+        assert_eq!(spool.retained_count().unwrap(), 2);
+        // A dead letter and its replay keep the flag.
+        spool
+            .dead_letter("y", qy[0].entry, &FailureRecord::default())
+            .await
+            .unwrap();
+        let (qy, _ry) = spool.subscribe("y").await.unwrap();
+        assert!(qy[0].entry.resend && qy[0].entry.state == EntryState::Dead);
+        spool.replay("y", qy[0].entry).await.unwrap();
+        let (qy, _ry) = spool.subscribe("y").await.unwrap();
+        assert!(qy[0].entry.resend && qy[0].entry.state == EntryState::Queued);
+        // Resending again while it is queued finds nothing more of the study for y.
+        assert!(
+            spool
+                .resend_study("1.2.7".into(), |d| d == "y")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        spool.complete("y", qy[0].entry).await.unwrap();
+        assert_eq!(
+            spool.retained_count().unwrap(),
+            3,
+            "retained again after delivery"
+        );
+        let mut r = spool.open_object(ida).await.unwrap();
+        let all = r.read_all().await.unwrap();
+        assert_eq!(&all[r.meta.dataset_offset as usize..], &a.dataset[..]);
+
+        // Past the retention every object goes, and with them both study keys.
+        let later = now_ms() + 2 * 3600 * 1000;
+        assert_eq!(spool.expire_retained_at(later, 2).await.unwrap(), 2);
+        assert_eq!(spool.object_count().unwrap(), 1);
+        assert_eq!(spool.expire_retained_at(later, 100).await.unwrap(), 1);
+        assert_eq!(spool.object_count().unwrap(), 0);
+        assert_eq!(spool.segment_count().unwrap(), 0);
+        assert_eq!(spool.retained_count().unwrap(), 0);
+        assert!(spool.inner.store.scan_keys(Cf::Done).unwrap().is_empty());
+        assert!(
+            spool.inner.store.scan_keys(Cf::Keys).unwrap().is_empty(),
+            "study keys are shredded with their studies' last objects"
+        );
+        let _ = (idb, idc);
     }
 
     #[tokio::test(flavor = "multi_thread")]

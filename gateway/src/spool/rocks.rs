@@ -35,10 +35,15 @@ pub(crate) enum Cf {
     Ingest,
     Dedup,
     Fail,
+    /// Delivered objects kept for `[spool] retention`: object id + destination → delivery
+    /// time (ms).
+    Done,
+    /// The retention index: expiry (ms, big-endian) + object id → nothing.
+    Expiry,
 }
 
 impl Cf {
-    const ALL: [Cf; 8] = [
+    const ALL: [Cf; 10] = [
         Cf::Meta,
         Cf::Seg,
         Cf::Keys,
@@ -47,6 +52,8 @@ impl Cf {
         Cf::Ingest,
         Cf::Dedup,
         Cf::Fail,
+        Cf::Done,
+        Cf::Expiry,
     ];
     fn name(self) -> &'static str {
         match self {
@@ -58,6 +65,8 @@ impl Cf {
             Cf::Ingest => "ingest",
             Cf::Dedup => "dedup",
             Cf::Fail => "fail",
+            Cf::Done => "done",
+            Cf::Expiry => "expiry",
         }
     }
 }
