@@ -108,7 +108,7 @@ fn writer(c: &mut Criterion) {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(
-        dir.path(),
+        &dir.path().join("spool"),
         Kek::from_bytes([1; 32]),
         SpoolOptions::default(),
     )

@@ -23,7 +23,7 @@ fn spool_write(c: &mut Criterion) {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(
-        dir.path(),
+        &dir.path().join("spool"),
         Kek::from_bytes([1; 32]),
         SpoolOptions::default(),
     )

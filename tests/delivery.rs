@@ -78,9 +78,18 @@ async fn a_refused_object_becomes_a_dead_letter_and_replays_after_the_fix() {
     // The dead letter survives a restart of B, and is not retried.
     sites.stop_b().await;
     sites.start_b().await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let b = sites.b.as_ref().unwrap();
-    assert_eq!(admin_status(b).await.destinations[0].dead, 1);
+    // Once B's dispatcher has read its queue back (it publishes the dead letter), it never
+    // launches a dead entry: no window to wait out.
+    let mut dead_after_restart = 0;
+    for _ in 0..200 {
+        dead_after_restart = admin_status(b).await.destinations[0].dead;
+        if dead_after_restart == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(dead_after_restart, 1);
     assert_eq!(pacs.received(), good, "a dead letter must not be retried");
 
     // Fix the PACS, then replay.

@@ -77,8 +77,7 @@ async fn write_failure_answers_a700_and_keeps_what_was_acknowledged() {
     drop(spool);
 
     sites.start_b().await;
-    assert!(eventually(Duration::from_secs(60), || pacs.count() >= acked.len()).await);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(sites.settled(Duration::from_secs(60)).await);
     assert_eq!(pacs.received(), expected(&acked));
     sites.stop().await;
 }

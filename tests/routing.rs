@@ -118,8 +118,8 @@ calling_ae_title = "GW_A"
         })
     })
     .await;
+    // An empty queue means every delivery was confirmed, after storescp closed its file.
     assert!(settled, "{:?}", spool.entries_blocking("archive"));
-    tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(ct_pacs.received(), ct_set);
     assert_eq!(archive.received(), both);
     node.stop().await;

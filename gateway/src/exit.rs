@@ -7,7 +7,8 @@
 //! [`crate::tls::TlsError`]; a KEK file that is missing, of the wrong length or too
 //! accessible, [`keystore::KeystoreError`]; a KEK that does not match the data
 //! directory's check value, [`crate::spool::kek_check::KekCheckError`]: the config names
-//! the wrong `keystore.kek_file`, and a restart will not fix it). That code is 78, `EX_CONFIG` of BSD
+//! the wrong `keystore.kek_file`, and a restart will not fix it; a data directory others
+//! can read, [`SpoolError::DataDirPermissions`]). That code is 78, `EX_CONFIG` of BSD
 //! `sysexits.h` ("something was found in an unconfigured or misconfigured state"), so a
 //! supervisor can tell a broken config, which a restart will not fix, from a crash.
 //! Command-line mistakes are clap's usage errors (2). Everything else is 1.
@@ -30,9 +31,11 @@ pub fn is_config_error(e: &anyhow::Error) -> bool {
             || c.is::<TlsError>()
             || matches!(
                 c.downcast_ref::<SpoolError>(),
-                Some(SpoolError::KekCheck(
-                    KekCheckError::Mismatch { .. } | KekCheckError::Malformed { .. }
-                ))
+                Some(
+                    SpoolError::KekCheck(
+                        KekCheckError::Mismatch { .. } | KekCheckError::Malformed { .. }
+                    ) | SpoolError::DataDirPermissions { .. }
+                )
             )
             || matches!(
                 c.downcast_ref::<KeystoreError>(),

@@ -231,7 +231,27 @@ fn init_logging(default: &str, format: LogFormat) {
     }
 }
 
+/// Keys live in this process's memory (the KEK, unwrapped study keys): no core dump may
+/// carry them, and no other process of the same user may read its memory. Done first,
+/// for every command (the key commands handle KEKs too). `PR_SET_DUMPABLE=0` also stops a
+/// same-user `ptrace` and makes `/proc/<pid>` root-owned; the process itself keeps its
+/// own `/proc/self` (the folder destination links files through `/proc/self/fd`).
+fn disable_core_dumps() {
+    use rustix::process::{DumpableBehavior, Resource, Rlimit, set_dumpable_behavior, setrlimit};
+    let none = Rlimit {
+        current: Some(0),
+        maximum: Some(0),
+    };
+    if let Err(e) = setrlimit(Resource::Core, none) {
+        eprintln!("warning: cannot disable core dumps (RLIMIT_CORE): {e}");
+    }
+    if let Err(e) = set_dumpable_behavior(DumpableBehavior::NotDumpable) {
+        eprintln!("warning: cannot mark the process not dumpable (PR_SET_DUMPABLE): {e}");
+    }
+}
+
 fn main() -> ExitCode {
+    disable_core_dumps();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

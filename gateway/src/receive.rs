@@ -659,6 +659,10 @@ fn failure_status(e: &SpoolError) -> (u16, String) {
         SpoolError::Key(_) | SpoolError::KekCheck(_) => {
             (status::OUT_OF_RESOURCES, "key failure".to_owned())
         }
+        // Only at open, never while storing; the path stays in our log.
+        SpoolError::DataDirPermissions { .. } => {
+            (status::OUT_OF_RESOURCES, "storage failure".to_owned())
+        }
         SpoolError::Internal(_) => (status::OUT_OF_RESOURCES, "internal failure".to_owned()),
         // Busy names a configured destination or the watermark, never a path: the sender's
         // operator needs to know why to retry later.

@@ -162,6 +162,77 @@ fn kek_file_problems_exit_78() {
     assert_config_error(&s.serve(), "32 bytes");
 }
 
+/// A data directory that others can read is a configuration error that names the fix; a
+/// new one is created 0700.
+#[cfg(unix)]
+#[test]
+fn an_open_data_directory_exits_78() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let s = Site::new();
+    let data = s.dir.join("data");
+    std::fs::create_dir(&data).expect("mkdir");
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    assert_config_error(&s.serve(), "chmod 700");
+    // Control: nothing but the mode was wrong. A fresh one is made private and the node
+    // gets as far as its (unreachable) peer, which is not a configuration error.
+    std::fs::remove_dir(&data).expect("rmdir");
+    let node = Node::spawn(&s);
+    let mode = std::fs::metadata(&data)
+        .expect("created")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o700);
+    drop(node);
+}
+
+/// The serving process cannot dump core: RLIMIT_CORE is 0 (a dump would carry the KEK
+/// and study keys in plaintext).
+#[test]
+fn the_node_cannot_dump_core() {
+    let s = Site::new();
+    let node = Node::spawn(&s);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", node.0.id()))
+        .expect("the process's limits");
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .expect("a core limit line");
+    let fields: Vec<&str> = core.split_whitespace().collect();
+    assert_eq!(&fields[4..6], &["0", "0"], "{core}");
+}
+
+/// A `serve` process, killed on drop; spawned once its data directory exists.
+struct Node(std::process::Child);
+
+impl Node {
+    fn spawn(s: &Site) -> Node {
+        let child = Command::new(BIN)
+            .args(["serve", "--config", s.path().to_str().expect("utf-8")])
+            .env_remove("DICOM_GATEWAY_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn serve");
+        let node = Node(child);
+        let sock = s.dir.join("data").join("admin.sock");
+        for _ in 0..200 {
+            if sock.exists() {
+                return node;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("the node did not start (no {})", sock.display());
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `check`: 0 for a config that holds up (warnings allowed), 1 when a file it names does
 /// not, 78 when the config itself does not parse; every problem named, JSON on request.
 #[test]

@@ -132,6 +132,23 @@ pub enum SpoolError {
     /// a configuration error (exit code 78). Nothing was changed.
     #[error(transparent)]
     KekCheck(#[from] kek_check::KekCheckError),
+    /// The data directory is open to other users (or to a group that is not the
+    /// process's own); a configuration error (exit code 78). Nothing was opened.
+    #[error(
+        "the data directory {} has mode {mode:04o}, group {gid}: others may read the spool. Run `chmod 700 {}` (or `chmod 750` with the gateway's own group, {own_gid}, as Kubernetes' fsGroup sets it), then start again",
+        path.display(),
+        path.display()
+    )]
+    DataDirPermissions {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Its permission bits.
+        mode: u32,
+        /// Its group.
+        gid: u32,
+        /// The process's effective group.
+        own_gid: u32,
+    },
     /// No destination takes the object: no `[[route]]` matches it and its listener has no
     /// `route_to`. Refused before anything is stored.
     #[error(
@@ -649,6 +666,46 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| SpoolError::Internal(e.to_string()))?
 }
 
+/// May a data directory with these permission bits and group be used? Nothing for others,
+/// and group access only for the process's own group (Kubernetes' `fsGroup`).
+pub fn data_dir_mode_allowed(mode: u32, dir_gid: u32, own_gid: u32) -> bool {
+    mode & 0o007 == 0 && (mode & 0o070 == 0 || dir_gid == own_gid)
+}
+
+/// Create the data directory (and missing parents) with mode 0700, whatever the umask, or
+/// check an existing one with [`data_dir_mode_allowed`].
+fn prepare_data_dir(dir: &Path) -> Result<(), SpoolError> {
+    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _};
+    let io = |e| SpoolError::Store(StoreError::from_io(dir, e));
+    if dir.exists() && !dir.is_dir() {
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::NotADirectory,
+            "not a directory",
+        )));
+    }
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io)?;
+        // The umask may have taken bits away, never added them; make it exactly 0700.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+    }
+    let meta = std::fs::metadata(dir).map_err(io)?;
+    let mode = meta.permissions().mode() & 0o7777;
+    let own_gid = rustix::process::getegid().as_raw();
+    if !data_dir_mode_allowed(mode, meta.gid(), own_gid) {
+        return Err(SpoolError::DataDirPermissions {
+            path: dir.to_owned(),
+            mode,
+            gid: meta.gid(),
+            own_gid,
+        });
+    }
+    Ok(())
+}
+
 /// Bytes available to an unprivileged writer on the filesystem holding `dir` (a `statvfs`).
 pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
     let st = rustix::fs::statvfs(dir)?;
@@ -663,7 +720,7 @@ impl Spool {
     /// without one (new, or from a version before check values) gets the KEK's value
     /// once the store opened.
     pub fn open(dir: &Path, kek: Kek, opts: SpoolOptions) -> Result<Spool, SpoolError> {
-        std::fs::create_dir_all(dir).map_err(|e| SpoolError::Store(StoreError::from_io(dir, e)))?;
+        prepare_data_dir(dir)?;
         if dir.join(kek_check::FILE_NAME).exists() {
             kek_check::verify_or_store_blocking(dir, &kek)?;
         }
@@ -2205,6 +2262,15 @@ mod tests {
     use super::*;
     use crate::demo::{DemoObject, generate_object};
 
+    /// A temporary directory the spool accepts as its data directory (mode 0700; the
+    /// crate's default follows the umask).
+    fn private_tempdir() -> tempfile::TempDir {
+        use std::os::unix::fs::PermissionsExt as _;
+        let d = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        d
+    }
+
     fn open(dir: &Path) -> Spool {
         let opts = SpoolOptions {
             segment_bytes: 64 * 1024,
@@ -2217,7 +2283,7 @@ mod tests {
     /// before RocksDB is touched; a directory from before check values gets one.
     #[test]
     fn another_kek_is_refused_at_open_and_old_dirs_get_a_check_value() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = private_tempdir();
         drop(open(dir.path()));
         let check = dir.path().join(kek_check::FILE_NAME);
         assert!(check.exists());
@@ -2280,7 +2346,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn round_trip_queues_and_deletion_after_the_last_destination() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = private_tempdir();
         let spool = open(dir.path());
         let o = generate_object("1.2.3", "1.2.3.1", 1, "ROUND^TRIP", 300_000).unwrap();
         let id = store(&spool, &o, &["x", "y"]).await;
@@ -2304,7 +2370,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn a_segment_moved_to_another_object_fails_to_open() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = private_tempdir();
         let spool = open(dir.path());
         let a = generate_object("1.2.3", "1.2.3.1", 1, "SWAP^A", 100_000).unwrap();
         let b = generate_object("1.2.3", "1.2.3.1", 2, "SWAP^B", 100_000).unwrap();
@@ -2336,7 +2402,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn an_interrupted_ingest_is_removed_at_the_next_open() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = private_tempdir();
         {
             let spool = open(dir.path());
             let o = generate_object("1.2.3", "1.2.3.1", 1, "CRASH^MID", 400_000).unwrap();
@@ -2354,7 +2420,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn link_transfers_deduplicate_and_refuse_conflicts() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = private_tempdir();
         let spool = open(dir.path());
         let o = generate_object("1.2.3", "1.2.3.1", 1, "DEDUP^X", 10_000).unwrap();
         let key = spool.dedup_key("site-a", "<abc@site-a>");
@@ -2465,7 +2531,7 @@ mod tests {
             "spool::commit::batch",
             "spool::commit::synced",
         ] {
-            let dir = tempfile::tempdir().unwrap();
+            let dir = private_tempdir();
             let spool = open_with_faults(dir.path());
             let o = generate_object("1.2.3", "1.2.3.1", 7, "CANCEL^ME", 300_000).unwrap();
             let key = spool.dedup_key("site-a", "<cancel@site-a>");
@@ -2523,7 +2589,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn a_write_cancelled_mid_put_leaves_no_orphan() {
         let _scenario = fail::FailScenario::setup();
-        let dir = tempfile::tempdir().unwrap();
+        let dir = private_tempdir();
         let spool = open_with_faults(dir.path());
         let o = generate_object("1.2.3", "1.2.3.1", 8, "ORPHAN^X", 400_000).unwrap();
         let (reached, release) = pause_at("spool::write::put");
@@ -2576,7 +2642,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn orphan_segments_are_removed_and_counted_at_the_next_open() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = private_tempdir();
         let kept;
         {
             let spool = open(dir.path());
@@ -2604,7 +2670,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn a_uid_mismatch_is_stored_under_the_data_sets_uids_unless_strict() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = private_tempdir();
         let spool = open(dir.path());
         let o = generate_object("1.2.3", "1.2.3.1", 9, "MISMATCH^X", 10_000).unwrap();
         let mut ing = ingest(&o, &["x"], None);
@@ -2638,9 +2704,40 @@ mod tests {
         assert_eq!(assert_whole(&spool).await, 1);
     }
 
+    #[test]
+    fn the_data_directory_is_created_private_and_an_open_one_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let tmp = private_tempdir();
+        // Created 0700 (parents too), whatever the umask.
+        let dir = tmp.path().join("a/b/spool");
+        drop(open(&dir));
+        for d in [&dir, &tmp.path().join("a/b")] {
+            let mode = std::fs::metadata(d).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", d.display());
+        }
+        // Others may read: refused, naming the fix; nothing is opened.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let e = Spool::open(&dir, Kek::from_bytes([3; 32]), SpoolOptions::default())
+            .err()
+            .expect("an open data directory must be refused");
+        assert!(
+            matches!(e, SpoolError::DataDirPermissions { mode: 0o755, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("chmod 700"), "{e}");
+        // Group access for the process's own group (fsGroup) is allowed.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o770)).unwrap();
+        drop(open(&dir));
+        let own = rustix::process::getegid().as_raw();
+        assert!(data_dir_mode_allowed(0o2770, own, own));
+        assert!(!data_dir_mode_allowed(0o750, own.wrapping_add(1), own));
+        assert!(!data_dir_mode_allowed(0o701, own, own));
+        assert!(data_dir_mode_allowed(0o700, own.wrapping_add(1), own));
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn retention_keeps_delivered_objects_for_a_resend_then_expires_them() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = private_tempdir();
         let opts = SpoolOptions {
             segment_bytes: 64 * 1024,
             retention: Duration::from_secs(3600),
@@ -2745,7 +2842,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn dead_letters_keep_their_history_and_replay_or_purge() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = private_tempdir();
         let spool = open(dir.path());
         let a = generate_object("1.2.9", "1.2.9.1", 1, "DEAD^A", 10_000).unwrap();
         let b = generate_object("1.2.9", "1.2.9.1", 2, "DEAD^B", 10_000).unwrap();
