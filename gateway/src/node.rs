@@ -138,6 +138,7 @@ impl Node {
         if !cfg.spool.retention.is_zero() {
             worker_tasks.spawn(expire_retained(spool.clone(), workers_stop.clone()));
         }
+        worker_tasks.spawn(expire_dedup(spool.clone(), workers_stop.clone()));
 
         let router = crate::routing::Router::from_config(&cfg);
         let mut dicom_addrs = HashMap::new();
@@ -288,6 +289,29 @@ async fn expire_retained(spool: Spool, stop: CancellationToken) {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// Delete link dedup records older than `[spool] dedup_window`, at start and then hourly
+/// (each record says only that a transfer passed; none is kept longer than it can serve).
+async fn expire_dedup(spool: Spool, stop: CancellationToken) {
+    loop {
+        let s = spool.clone();
+        match tokio::task::spawn_blocking(move || s.expire_dedup_blocking(crate::spool::now_ms()))
+            .await
+        {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => info!(
+                records = n,
+                "expired link deduplication records past spool.dedup_window"
+            ),
+            Ok(Err(e)) => warn!(error = %e, "dedup expiry failed; it is tried again in an hour"),
+            Err(e) => warn!(error = %e, "dedup expiry task failed"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
         }
     }
 }

@@ -45,6 +45,10 @@ const FLAG_DEAD: u8 = 1;
 /// transfer id carries the entry's sequence, so that the next hop stores it anew rather
 /// than deduplicate it against the first delivery.
 const FLAG_RESEND: u8 = 2;
+/// Version byte of a dedup record: 2 = keyed digest (16) ‖ stored-at ms (8). Records of
+/// version 1 had no version byte: the plaintext SHA-256 (32) ‖ stored-at (8); they are still
+/// read until they expire.
+const DEDUP_VERSION: u8 = 2;
 /// Objects the retention sweep deletes per synced batch.
 const EXPIRE_BATCH: usize = 256;
 /// Version byte of a failure record.
@@ -635,6 +639,34 @@ fn queue_key(dest: &str, seq: u64) -> Vec<u8> {
     k
 }
 
+/// Compare without an early exit (the time taken does not tell where two MACs differ).
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len()
+        && std::hint::black_box(a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y))) == 0
+}
+
+/// The digest part of a dedup record.
+enum DedupDigest {
+    Keyed([u8; 16]),
+    Legacy([u8; 32]),
+}
+
+/// A dedup record: (digest, stored-at ms), either version.
+fn parse_dedup(v: &[u8]) -> Option<(DedupDigest, u64)> {
+    let at = |b: &[u8]| <[u8; 8]>::try_from(b).ok().map(u64::from_be_bytes);
+    match v.len() {
+        25 if v[0] == DEDUP_VERSION => Some((
+            DedupDigest::Keyed(<[u8; 16]>::try_from(&v[1..17]).ok()?),
+            at(&v[17..25])?,
+        )),
+        40 => Some((
+            DedupDigest::Legacy(<[u8; 32]>::try_from(&v[..32]).ok()?),
+            at(&v[32..40])?,
+        )),
+        _ => None,
+    }
+}
+
 /// Key of the retention index: expiry first, so that the sweep reads only what is due.
 fn expiry_key(expiry_ms: u64, id: &ObjectId) -> [u8; 24] {
     let mut k = [0u8; 24];
@@ -1207,20 +1239,54 @@ impl Spool {
         match self.inner.store.get(Cf::Dedup, &key.0)? {
             None => Ok(DedupState::New),
             Some(v) => {
-                let stored_at = v
-                    .get(32..40)
-                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                    .map(u64::from_be_bytes)
-                    .unwrap_or(0);
+                let Some((stored, stored_at)) = parse_dedup(&v) else {
+                    // Unreadable: treat as unknown rather than refuse the transfer.
+                    return Ok(DedupState::New);
+                };
                 if now_ms().saturating_sub(stored_at) > self.inner.dedup_window.as_millis() as u64 {
-                    Ok(DedupState::New)
-                } else if v.get(..32) == Some(&digest[..]) {
-                    Ok(DedupState::Identical)
-                } else {
-                    Ok(DedupState::Conflict)
+                    return Ok(DedupState::New);
                 }
+                let same = match stored {
+                    DedupDigest::Keyed(mac) => ct_eq(&mac, &self.dedup_mac(key, digest)),
+                    DedupDigest::Legacy(d) => ct_eq(&d, digest),
+                };
+                Ok(if same {
+                    DedupState::Identical
+                } else {
+                    DedupState::Conflict
+                })
             }
         }
+    }
+
+    /// What a dedup record keeps of a transfer's digest: a MAC under the index key, bound
+    /// to the transfer, so that the disk never holds the SHA-256 of an object (which would
+    /// confirm that a known image passed through).
+    fn dedup_mac(&self, key: DedupKey, digest: &[u8; 32]) -> [u8; 16] {
+        let mut v = key.0.to_vec();
+        v.extend_from_slice(digest);
+        self.inner.index.id("dedup-digest", &v)
+    }
+
+    /// Delete the dedup records older than the dedup window (as if the time were `now`, ms
+    /// since the epoch). Unsynced: a deletion lost in a crash is done again at the next
+    /// sweep. Returns how many were deleted.
+    pub fn expire_dedup_blocking(&self, now: u64) -> Result<usize, SpoolError> {
+        let s = &self.inner.store;
+        let window = self.inner.dedup_window.as_millis() as u64;
+        let mut b = s.batch();
+        let mut n = 0;
+        for (k, v) in s.scan_prefix(Cf::Dedup, &[], usize::MAX)? {
+            let expired = parse_dedup(&v).is_none_or(|(_, at)| now.saturating_sub(at) > window);
+            if expired {
+                b.delete(Cf::Dedup, &k);
+                n += 1;
+            }
+        }
+        if n > 0 {
+            s.commit(b, false)?;
+        }
+        Ok(n)
     }
 
     /// Mark an object delivered to `dest`. Deletes the object once no destination waits for
@@ -2123,7 +2189,8 @@ impl CommitJob {
             if let Some(key) = dedup {
                 // Written in the same synced batch as the metadata, after every segment:
                 // "already have it" is only ever answered for a whole, durable object.
-                let mut v = digest.to_vec();
+                let mut v = vec![DEDUP_VERSION];
+                v.extend_from_slice(&spool.dedup_mac(key, &digest));
                 v.extend_from_slice(&now_ms().to_be_bytes());
                 b.put(Cf::Dedup, &key.0, &v);
             }
@@ -2456,6 +2523,52 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(spool.segment_count().unwrap() as u64, stored.meta.segments);
+        // The disk never holds the object's SHA-256 (it would confirm a known image).
+        let digest = stored.meta.digest;
+        drop(stored);
+        spool.flush_blocking().unwrap();
+        let mut hits = Vec::new();
+        for e in std::fs::read_dir(dir.path()).unwrap().flatten() {
+            let raw = std::fs::read(e.path()).unwrap_or_default();
+            if raw.windows(32).any(|w| w == &digest[..]) {
+                hits.push(e.path());
+            }
+        }
+        assert!(
+            hits.is_empty(),
+            "the plaintext digest is on disk in {hits:?}"
+        );
+        // Records expire after the dedup window, and a re-send is then stored anew.
+        assert_eq!(spool.expire_dedup_blocking(now_ms()).unwrap(), 0);
+        let later = now_ms() + 8 * 24 * 3600 * 1000;
+        assert_eq!(spool.expire_dedup_blocking(later).unwrap(), 1);
+        assert!(matches!(
+            spool.dedup_state(key, &digest).unwrap(),
+            DedupState::New
+        ));
+    }
+
+    #[test]
+    fn dedup_records_of_the_old_format_are_still_read() {
+        let dir = private_tempdir();
+        let spool = open(dir.path());
+        let key = spool.dedup_key("site-a", "<old@site-a>");
+        let digest = [7u8; 32];
+        let mut v = digest.to_vec();
+        v.extend_from_slice(&now_ms().to_be_bytes());
+        spool
+            .inner
+            .store
+            .put_unsynced(Cf::Dedup, &key.0, &v)
+            .unwrap();
+        assert!(matches!(
+            spool.dedup_state(key, &digest).unwrap(),
+            DedupState::Identical
+        ));
+        assert!(matches!(
+            spool.dedup_state(key, &[8; 32]).unwrap(),
+            DedupState::Conflict
+        ));
     }
 
     /// Every segment of every stored object, and nothing else: the spool is whole.
