@@ -83,7 +83,12 @@ async fn a_refused_object_becomes_a_dead_letter_and_replays_after_the_fix() {
     // launches a dead entry: no window to wait out.
     let mut dead_after_restart = 0;
     for _ in 0..200 {
-        dead_after_restart = admin_status(b).await.destinations[0].dead;
+        // (Empty until the dispatcher has published its first state.)
+        dead_after_restart = admin_status(b)
+            .await
+            .destinations
+            .first()
+            .map_or(0, |d| d.dead);
         if dead_after_restart == 1 {
             break;
         }

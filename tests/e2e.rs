@@ -370,6 +370,20 @@ async fn a_retained_study_is_resent_on_request() {
     assert!(format!("{err:#}").contains("retention"), "{err:#}");
     let status = admin_status(sites.a.as_ref().unwrap()).await;
     assert_eq!(status.retained, 7);
+    // Purging the study deletes its retained copies now; the other study stays.
+    let body = serde_json::to_vec(&dicom_gateway::admin::Selector {
+        study: Some(study_uid.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    let purged: dicom_gateway::admin::Changed = serde_json::from_value(
+        dicom_gateway::admin::request(&a_socket, http::Method::POST, "/v1/queue/purge", Some(body))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!((purged.matched, purged.retained_purged), (0, 5));
+    assert_eq!(a.retained_count().unwrap(), 2);
     drop((a, b));
     sites.stop().await;
 }

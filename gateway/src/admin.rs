@@ -167,6 +167,9 @@ pub struct Changed {
     pub skipped_in_flight: usize,
     /// Entries left alone because they were not dead letters (retry only).
     pub skipped_not_dead: usize,
+    /// Retained (delivered) copies deleted with the study (purge `--study` only).
+    #[serde(default)]
+    pub retained_purged: usize,
 }
 
 /// `POST /v1/queue/resend`: which retained objects to queue again.
@@ -187,6 +190,9 @@ pub struct Resended {
     pub entries: usize,
     /// The destinations they were queued for.
     pub destinations: Vec<String>,
+    /// Each queue entry made: (object id, destination), to follow their delivery.
+    #[serde(default)]
+    pub queued: Vec<(String, String)>,
 }
 
 /// What the admin server needs.
@@ -391,6 +397,10 @@ async fn resend(st: &AdminState, r: ResendRequest) -> anyhow::Result<Resended> {
         objects: resent.len(),
         entries: resent.iter().map(|r| r.destinations.len()).sum(),
         destinations,
+        queued: resent
+            .iter()
+            .flat_map(|r| r.destinations.iter().map(|d| (r.object.hex(), d.clone())))
+            .collect(),
     })
 }
 
@@ -505,6 +515,13 @@ async fn change(st: &AdminState, sel: &Selector, purge: bool) -> anyhow::Result<
             st.spool.replay(&dest, entry).await?;
         }
         out.changed += 1;
+    }
+    // A purge of a study takes its retained copies too: the operator wants it gone.
+    if purge
+        && sel.destination.is_none()
+        && let Some(study) = &sel.study
+    {
+        out.retained_purged = st.spool.purge_retained_study(study.clone()).await?;
     }
     Ok(out)
 }

@@ -73,11 +73,15 @@ pub async fn status(config: &Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `dicom-gateway queue resend`.
+/// `dicom-gateway queue resend`: queue a retained study again, then (unless `no_wait`, or
+/// with `json`) follow its delivery until every entry is delivered or a dead letter, with
+/// a progress bar on a terminal, and print a summary. Interrupting the wait changes
+/// nothing: the entries stay queued and are delivered all the same.
 pub async fn queue_resend(
     config: &Path,
     study: String,
     destination: Option<String>,
+    no_wait: bool,
     json: bool,
 ) -> anyhow::Result<()> {
     let sock = socket_of(config)?;
@@ -95,14 +99,69 @@ pub async fn queue_resend(
         println!(
             "nothing to resend: no retained object of study {study} (never received here, already resent and not yet delivered, or past [spool] retention)"
         );
-    } else {
-        println!(
-            "{} objects queued again ({} entries) for {}; `dicom-gateway status --config ...` shows them drain",
-            r.objects,
-            r.entries,
-            r.destinations.join(", ")
-        );
+        return Ok(());
     }
+    println!(
+        "{} objects queued again ({} entries) for {}",
+        r.objects,
+        r.entries,
+        r.destinations.join(", ")
+    );
+    if no_wait {
+        println!("`dicom-gateway status --config ...` shows them drain");
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let total = r.queued.len() as u64;
+    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        indicatif::ProgressBar::new(total)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} delivering {pos}/{len} [{bar:30}] {elapsed} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let wanted: std::collections::HashSet<(String, String)> = r.queued.into_iter().collect();
+    let (delivered, dead) = loop {
+        let v = admin::request(&sock, Method::GET, "/v1/queue", None).await?;
+        let entries: Vec<EntryView> =
+            serde_json::from_value(v).context("unexpected queue listing")?;
+        let mut waiting = 0u64;
+        let mut dead = 0u64;
+        for e in entries {
+            if wanted.contains(&(e.id.clone(), e.destination.clone())) {
+                if e.state == "dead" {
+                    dead += 1;
+                } else {
+                    waiting += 1;
+                }
+            }
+        }
+        let delivered = total - waiting.min(total) - dead.min(total);
+        bar.set_position(delivered);
+        if dead > 0 {
+            bar.set_message(format!("{dead} dead letters"));
+        }
+        if waiting == 0 {
+            break (delivered, dead);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    };
+    bar.finish_and_clear();
+    println!(
+        "{delivered} of {total} entries delivered in {:.1} s{}",
+        started.elapsed().as_secs_f64(),
+        if dead > 0 {
+            format!(
+                "; {dead} became dead letters: `dicom-gateway queue list --config ... --dead` shows why"
+            )
+        } else {
+            String::new()
+        }
+    );
     Ok(())
 }
 
@@ -189,7 +248,13 @@ pub async fn queue_change(
         "{} matched, {} {verb}, {} skipped (being sent), {} skipped (not dead letters)",
         c.matched, c.changed, c.skipped_in_flight, c.skipped_not_dead
     );
-    if c.matched == 0 {
+    if c.retained_purged > 0 {
+        println!(
+            "{} retained (delivered) copies of the study deleted",
+            c.retained_purged
+        );
+    }
+    if c.matched == 0 && c.retained_purged == 0 {
         println!("nothing matched: `dicom-gateway queue list --config ...` shows what is queued");
     }
     Ok(())

@@ -158,7 +158,10 @@ enum QueueCommand {
         /// Only to this destination (default: wherever each object was delivered).
         #[arg(long)]
         destination: Option<String>,
-        /// Print JSON for scripts.
+        /// Return once queued, without following the delivery.
+        #[arg(long)]
+        no_wait: bool,
+        /// Print the node's answer as JSON at once (for scripts; implies --no-wait).
         #[arg(long)]
         json: bool,
     },
@@ -377,12 +380,14 @@ fn main() -> ExitCode {
                     config,
                     study,
                     destination,
+                    no_wait,
                     json,
                 },
         } => report(runtime.block_on(dicom_gateway::cli::queue_resend(
             &config,
             study,
             destination,
+            no_wait,
             json,
         ))),
         Command::Queue {

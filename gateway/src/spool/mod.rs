@@ -1559,6 +1559,41 @@ impl Spool {
         .await
     }
 
+    /// Delete the retained copies of study `study_uid` now (an operator's purge), and the
+    /// study key when nothing of the study is left. Synced. Returns how many were deleted.
+    pub async fn purge_retained_study(&self, study_uid: String) -> Result<usize, SpoolError> {
+        let spool = self.clone();
+        blocking(move || {
+            let mut found = Vec::new();
+            for r in spool.retained_blocking()? {
+                if let Ok((meta, _)) = spool.meta_blocking(r.object)
+                    && meta.study_uid == study_uid
+                {
+                    found.push((r.object, r.expires_at_ms));
+                }
+            }
+            let s = &spool.inner.store;
+            let _g = spool.commit_lock()?;
+            let mut b = s.batch();
+            let mut ids = Vec::new();
+            for (id, expiry) in found {
+                let ek = expiry_key(expiry, &id);
+                // Resent (queued again) or expired meanwhile: not a retained copy any more.
+                if s.get(Cf::Expiry, &ek)?.is_some() {
+                    b.delete(Cf::Expiry, &ek);
+                    ids.push(id);
+                }
+            }
+            if ids.is_empty() {
+                return Ok(0);
+            }
+            spool.forget_objects(&mut b, &ids)?;
+            spool.commit_batch(b)?;
+            Ok(ids.len())
+        })
+        .await
+    }
+
     /// Delete the retained objects whose retention has run out (and each study key whose
     /// study has nothing left), at most `limit`. Synced. Returns how many were deleted.
     pub async fn expire_retained(&self, limit: usize) -> Result<usize, SpoolError> {
@@ -2936,6 +2971,27 @@ mod tests {
         let mut r = spool.open_object(ida).await.unwrap();
         let all = r.read_all().await.unwrap();
         assert_eq!(&all[r.meta.dataset_offset as usize..], &a.dataset[..]);
+
+        // An operator's purge of a study deletes its retained copies (and its key) now.
+        let other_only = generate_object("1.2.6", "1.2.6.1", 1, "KEEP^D", 10_000).unwrap();
+        let idd = store(&spool, &other_only, &["x"]).await;
+        let (qx, _rx) = spool.subscribe("x").await.unwrap();
+        let qd = qx.iter().find(|q| q.entry.object == idd).unwrap();
+        spool.complete("x", qd.entry).await.unwrap();
+        assert_eq!(spool.retained_count().unwrap(), 4);
+        let keys_before = spool.inner.store.scan_keys(Cf::Keys).unwrap().len();
+        assert_eq!(spool.purge_retained_study("1.2.6".into()).await.unwrap(), 1);
+        assert_eq!(spool.retained_count().unwrap(), 3);
+        assert!(matches!(
+            spool.meta(idd).await,
+            Err(SpoolError::NotFound(_))
+        ));
+        assert_eq!(
+            spool.inner.store.scan_keys(Cf::Keys).unwrap().len(),
+            keys_before - 1,
+            "the purged study's key is shredded"
+        );
+        assert_eq!(spool.purge_retained_study("1.2.6".into()).await.unwrap(), 0);
 
         // Past the retention every object goes, and with them both study keys.
         let later = now_ms() + 2 * 3600 * 1000;
