@@ -141,7 +141,9 @@ fn writer(c: &mut Criterion) {
                         for p in &ps {
                             w.write(p).await.unwrap();
                         }
-                        // Identity found: the writer has started sealing.
+                        // Identity found (the end of the data set scans what is left,
+                        // as the receive path does): the writer has started sealing.
+                        w.finish_identity().await.unwrap();
                         assert!(w.id().is_some());
                         // Dropped uncommitted: the writer removes what it stored.
                     })

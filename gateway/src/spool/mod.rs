@@ -49,6 +49,8 @@ const FLAG_RESEND: u8 = 2;
 /// version 1 had no version byte: the plaintext SHA-256 (32) ‖ stored-at (8); they are still
 /// read until they expire.
 const DEDUP_VERSION: u8 = 2;
+/// New bytes the identity scanner waits for before it runs again (see `ObjectWriter::write`).
+const SCAN_BATCH: usize = 4096;
 /// Objects the retention sweep deletes per synced batch.
 const EXPIRE_BATCH: usize = 256;
 /// Version byte of a failure record.
@@ -1834,6 +1836,13 @@ impl ObjectWriter {
         self.digest.update(data);
         self.buf.extend_from_slice(data);
         if self.sealing.is_none() {
+            // Scan in batches of at least SCAN_BATCH new bytes: a trickle of tiny writes
+            // (1-byte or empty PDVs) then costs about what one large write does. The commit
+            // and `finish_identity` scan whatever is left.
+            let scanned = self.scanned_to.max(self.dataset_offset);
+            if self.buf.len().saturating_sub(scanned) < SCAN_BATCH {
+                return Ok(());
+            }
             self.try_resolve(false).await?;
             if self.sealing.is_none() {
                 return Ok(());
