@@ -52,6 +52,45 @@ fail() {
 	log "FAIL: $*"
 }
 indent() { sed 's/^/    | /'; }
+
+# checked_script NAME: the pass/fail bookkeeping of a check script. Defines `pass` (and
+# uses `fail` above) counting PASSED/FAILED, `summary` printing "NAME: N passed, M failed",
+# and an EXIT trap that stops every background process, counts an abort as a failure,
+# removes $WORK unless something failed or KEEP=1, and exits 1 on any failure.
+checked_script() {
+	CHECKED_NAME=$1
+	PASSED=${PASSED:-0}
+	FAILED=${FAILED:-0}
+	SUMMARY_PRINTED=0
+	trap checked_cleanup EXIT
+	trap 'exit 130' INT
+	trap 'exit 143' TERM
+}
+pass() {
+	PASSED=$((PASSED + 1))
+	log "PASS: $*"
+}
+summary() {
+	SUMMARY_PRINTED=1
+	echo "$CHECKED_NAME: $PASSED passed, $FAILED failed"
+}
+checked_cleanup() {
+	local rc=$?
+	set +e
+	stop_all_bg
+	if ((SUMMARY_PRINTED == 0)); then
+		log "aborted (exit status $rc)"
+		FAILED=$((FAILED + 1))
+		summary
+	fi
+	if ((FAILED == 0)) && [[ ${KEEP:-0} != 1 ]]; then
+		rm -rf "$WORK"
+	else
+		log "work directory kept: $WORK"
+	fi
+	((FAILED == 0)) || exit 1
+	exit "$rc"
+}
 show_tail() { # file [lines]
 	if [[ -s $1 ]]; then
 		log "last lines of $1:"

@@ -48,37 +48,9 @@ TOOL=("$PY" "$HERE/orthanc_tool.py")
 # aborting the association; its default is 30 s).
 MAX_ATTEMPTS=4
 SCP_TIMEOUT=5
-SUMMARY_PRINTED=0
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/dicomgw-orthanc.XXXXXX")
 
-pass() {
-	PASSED=$((PASSED + 1))
-	log "PASS: $*"
-}
-summary() {
-	SUMMARY_PRINTED=1
-	echo "orthanc: $PASSED passed, $FAILED failed"
-}
-cleanup() {
-	local rc=$?
-	set +e
-	stop_all_bg
-	if ((SUMMARY_PRINTED == 0)); then
-		log "aborted (exit status $rc)"
-		FAILED=$((FAILED + 1))
-		summary
-	fi
-	if ((FAILED == 0)) && [[ $KEEP != 1 ]]; then
-		rm -rf "$WORK"
-	else
-		log "work directory kept: $WORK"
-	fi
-	((FAILED == 0)) || exit 1
-	exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+checked_script "orthanc"
 
 [[ -x $ORTHANC ]] || { fail "$ORTHANC not found (apt-get install orthanc)"; exit 1; }
 [[ -x $BIN ]] || { fail "gateway binary $BIN not found"; exit 1; }

@@ -54,37 +54,9 @@ DEADLINE=${SYNTAXES_DEADLINE:-60}
 # Not in the list: a made-up UID under DICOM's root, and a private one.
 NEGATIVE=(1.2.840.10008.1.2.4.999 1.3.6.1.4.1.99999.1)
 TOOL=("$PY" "$HERE/syntaxes_tool.py")
-SUMMARY_PRINTED=0
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/dicomgw-syntaxes.XXXXXX")
 
-pass() {
-	PASSED=$((PASSED + 1))
-	log "PASS: $*"
-}
-summary() {
-	SUMMARY_PRINTED=1
-	echo "syntaxes: $PASSED passed, $FAILED failed"
-}
-cleanup() {
-	local rc=$?
-	set +e
-	stop_all_bg
-	if ((SUMMARY_PRINTED == 0)); then
-		log "aborted (exit status $rc)"
-		FAILED=$((FAILED + 1))
-		summary
-	fi
-	if ((FAILED == 0)) && [[ $KEEP != 1 ]]; then
-		rm -rf "$WORK"
-	else
-		log "work directory kept: $WORK"
-	fi
-	((FAILED == 0)) || exit 1
-	exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+checked_script "syntaxes"
 
 need_dcmtk || exit 1
 "$PY" -c 'import pydicom, pynetdicom' 2>/dev/null || {
