@@ -136,6 +136,10 @@ def main() -> int:
     for const, heading in (("STORAGE_SOP_CLASSES", "### A.1"), ("TRANSFER_SYNTAXES", "### A.2")):
         i = sop.index(f"pub const {const}")
         code = set(re.findall(r'\(\s*"([0-9.]+)"', sop[i : sop.index("];", i)]))
+        if const == "TRANSFER_SYNTAXES":
+            # The retired JPEG processes: RETIRED_JPEG, made by the `retired_jpeg!` invocation.
+            j = sop.index("retired_jpeg!(\n")
+            code |= set(re.findall(r'\(\s*"([0-9.]+)"', sop[j : sop.index("\n);", j)]))
         start = conf.find(heading)
         if start < 0:
             errors.append(f"{conf_path.name}: no {heading} section")
