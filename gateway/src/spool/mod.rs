@@ -566,6 +566,8 @@ struct Inner {
     min_free: u64,
     /// See [`SpoolOptions::retention`].
     retention: Duration,
+    /// Unwrapped study keys, bounded and short-lived (see [`DekCache`]).
+    dek_cache: Mutex<DekCache>,
 }
 
 /// Backpressure state, set by the disk monitor and the dispatchers.
@@ -645,6 +647,54 @@ fn queue_key(dest: &str, seq: u64) -> Vec<u8> {
 fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len()
         && std::hint::black_box(a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y))) == 0
+}
+
+/// Unwrapped study keys: at most [`DekCache::MAX`] of them, each for at most
+/// [`DekCache::TTL`] since it was unwrapped, so that reading an object does not unwrap its
+/// key again while the key does not stay in memory for long. An entry leaves when its study
+/// key is deleted. Evicted keys are zeroized when their last user drops them.
+#[derive(Default)]
+struct DekCache {
+    map: HashMap<[u8; 16], (Arc<Dek>, std::time::Instant)>,
+}
+
+impl DekCache {
+    const MAX: usize = 1024;
+    const TTL: Duration = Duration::from_secs(300);
+
+    fn get(&mut self, kid: &[u8; 16]) -> Option<Arc<Dek>> {
+        match self.map.get(kid) {
+            Some((d, at)) if at.elapsed() < Self::TTL => Some(d.clone()),
+            Some(_) => {
+                self.map.remove(kid);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn put(&mut self, kid: [u8; 16], dek: Arc<Dek>) {
+        self.map.retain(|_, (_, at)| at.elapsed() < Self::TTL);
+        if self.map.len() >= Self::MAX
+            && let Some(oldest) = self
+                .map
+                .iter()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(k, _)| *k)
+        {
+            self.map.remove(&oldest);
+        }
+        self.map.insert(kid, (dek, std::time::Instant::now()));
+    }
+
+    fn remove(&mut self, kid: &[u8; 16]) {
+        self.map.remove(kid);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.map.len()
+    }
 }
 
 /// The digest part of a dedup record.
@@ -785,6 +835,7 @@ impl Spool {
             dir: dir.to_owned(),
             min_free: opts.min_free,
             retention: opts.retention,
+            dek_cache: Mutex::new(DekCache::default()),
         };
         let mut inner = inner;
         inner.recovery = Self::recover(&inner)?;
@@ -1186,7 +1237,7 @@ impl Spool {
             .map_err(|e| SpoolError::Corrupt(id, e.to_string()))?;
         let meta = ObjectMeta::decode(id, &plain)
             .ok_or_else(|| SpoolError::Corrupt(id, "metadata does not decode".into()))?;
-        Ok((meta, Arc::new(dek)))
+        Ok((meta, dek))
     }
 
     /// Open an object for reading.
@@ -1204,8 +1255,33 @@ impl Spool {
         })
     }
 
-    /// Get (creating if `create`) the DEK of a study, by its key id.
-    fn study_key(&self, kid: [u8; 16], create: bool) -> Result<Dek, SpoolError> {
+    /// Get (creating if `create`) the DEK of a study, by its key id: from the cache, or
+    /// unwrapped from its stored form (and cached).
+    fn study_key(&self, kid: [u8; 16], create: bool) -> Result<Arc<Dek>, SpoolError> {
+        if let Some(d) = self
+            .inner
+            .dek_cache
+            .lock()
+            .ok()
+            .and_then(|mut c| c.get(&kid))
+        {
+            return Ok(d);
+        }
+        let dek = Arc::new(self.load_study_key(kid, create)?);
+        if let Ok(mut c) = self.inner.dek_cache.lock() {
+            c.put(kid, dek.clone());
+        }
+        Ok(dek)
+    }
+
+    /// Forget a study key from the cache (it is being deleted).
+    fn uncache_key(&self, kid: &[u8; 16]) {
+        if let Ok(mut c) = self.inner.dek_cache.lock() {
+            c.remove(kid);
+        }
+    }
+
+    fn load_study_key(&self, kid: [u8; 16], create: bool) -> Result<Dek, SpoolError> {
         let s = &self.inner.store;
         if let Some(w) = s.get(Cf::Keys, &kid)? {
             return self.inner.kek.unwrap(&w, &kid).map_err(SpoolError::Key);
@@ -1347,6 +1423,7 @@ impl Spool {
                     .any(|(k, v)| k[..] != id.0[..] && v.get(1..17) == Some(&kid[..]));
                 if !study_left {
                     b.delete(Cf::Keys, &kid);
+                    self.uncache_key(&kid);
                 }
             }
         }
@@ -1678,6 +1755,7 @@ impl Spool {
         }
         for kid in kids {
             b.delete(Cf::Keys, &kid);
+            self.uncache_key(&kid);
         }
         Ok(())
     }
@@ -1964,7 +2042,7 @@ impl ObjectWriter {
         }));
         self.settle().await?;
         let aad = ObjectMeta::identity_aad(&id, &resolved);
-        self.sealing = Some((Arc::new(dek), aad, kid, resolved));
+        self.sealing = Some((dek, aad, kid, resolved));
         Ok(())
     }
 
@@ -2207,6 +2285,16 @@ impl CommitJob {
                         return Err(SpoolError::IdentityMismatch("content of this transfer"));
                     }
                 }
+            }
+            // A purge may have shredded the study's key since this writer resolved it: an
+            // object sealed under a deleted key could never be read. Refuse; the sender
+            // retries, and the retry gets a new key.
+            if s.get(Cf::Keys, &kid)?.is_none() {
+                spool.uncache_key(&kid);
+                return Err(SpoolError::Internal(
+                    "the study's key was deleted while this object was received; send it again"
+                        .into(),
+                ));
             }
             let mut b = s.batch();
             let mut value = vec![META_VERSION];
@@ -2590,6 +2678,24 @@ mod tests {
             spool.dedup_state(key, &digest).unwrap(),
             DedupState::New
         ));
+    }
+
+    #[test]
+    fn the_key_cache_is_bounded() {
+        let mut c = DekCache::default();
+        for i in 0..(DekCache::MAX + 10) {
+            let mut kid = [0u8; 16];
+            kid[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            c.put(kid, Arc::new(Dek::generate().unwrap()));
+        }
+        assert_eq!(c.len(), DekCache::MAX);
+        // The oldest went first.
+        assert!(c.get(&[0u8; 16]).is_none());
+        let mut last = [0u8; 16];
+        last[..8].copy_from_slice(&((DekCache::MAX + 9) as u64).to_be_bytes());
+        assert!(c.get(&last).is_some());
+        c.remove(&last);
+        assert!(c.get(&last).is_none());
     }
 
     #[test]
@@ -3001,6 +3107,26 @@ mod tests {
             "the purged study's key is shredded"
         );
         assert_eq!(spool.purge_retained_study("1.2.6".into()).await.unwrap(), 0);
+        let kid_d = spool.inner.index.id("study", b"1.2.6");
+        assert!(
+            spool.inner.dek_cache.lock().unwrap().get(&kid_d).is_none(),
+            "a shredded study key stays in no cache"
+        );
+        // A writer that resolved the key before the shred cannot commit under it.
+        let late = generate_object("1.2.6", "1.2.6.1", 2, "KEEP^E", 10_000).unwrap();
+        let mut w = spool.writer(ingest(&late, &["x"], None)).unwrap();
+        w.write(&late.dataset).await.unwrap();
+        w.finish_identity().await.unwrap();
+        let kid_now = spool.inner.store.get(Cf::Keys, &kid_d).unwrap();
+        assert!(kid_now.is_some(), "the writer made the study a new key");
+        let mut b = spool.inner.store.batch();
+        b.delete(Cf::Keys, &kid_d);
+        spool.inner.store.commit(b, true).unwrap();
+        spool.uncache_key(&kid_d);
+        assert!(
+            matches!(w.commit().await, Err(SpoolError::Internal(_))),
+            "a commit under a deleted study key must be refused"
+        );
 
         // Past the retention every object goes, and with them both study keys.
         let later = now_ms() + 2 * 3600 * 1000;
