@@ -21,11 +21,13 @@
 #      node's received_objects_total{listener="lan"}), both B replicas stored some
 #      (received_objects_total{listener="wan"}, summing to the study: stored once at site B),
 #      the balancer gave each backend connections.
-#   2. A replica goes away: another study (600 objects); while it flows, once B1 has stored
-#      some of it and site A has a queue, B1 is SIGKILLed. B2 stays up: A's retries land
-#      on B2 through the balancer (premise: B2 got a new connection and stored more after
-#      the kill). Once site A is empty, B1 is restarted from its data directory and delivers
-#      what it had acknowledged. Checks: 0 lost (every acknowledged object arrives), 0
+#   2. A replica goes away: storescp is stopped and another study (600 objects) flows in,
+#      so that B1 holds objects it acknowledged and cannot deliver yet, and site B's
+#      max_queue (100) makes it answer 503 so that site A keeps a queue. Once B1 holds 50
+#      and site A 20, B1 is SIGKILLed and storescp started again. B2 stays up: A's retries
+#      land on B2 through the balancer (premise: B2 got a new connection and stored more
+#      after the kill). Once site A is empty, B1 is restarted from its data directory and
+#      must deliver what it held (forwarded_objects_total after the restart). Checks: 0 lost (every acknowledged object arrives), 0
 #      corrupted, duplicates only as identical re-sends and at most what can have been in
 #      flight at the kill (site A's requests on the link, max_in_flight = 32, plus B1's one
 #      association), each listed; nothing queued, in flight or dead at any of the four nodes.
@@ -255,13 +257,13 @@ wait_ready a1 a2 || exit 1
 log "A1 :$P_A1, A2 :$P_A2 -> link Service :$P_LB -> B1 :$P_B1, B2 :$P_B2 -> storescp :$P_SCP; all four ready"
 
 # ------------------------------------------------------------ 1. steady
-"$PY" "$HERE/gen_study.py" "$WORK/gen-steady" --count "$N_STEADY" >"$WORK/logs/gen-steady.log" 2>&1 &&
-	"$PY" "$HERE/gen_study.py" "$WORK/gen-kill" --count "$N_KILL" >"$WORK/logs/gen-kill.log" 2>&1 || {
+if ! "$PY" "$HERE/gen_study.py" "$WORK/gen-steady" --count "$N_STEADY" >"$WORK/logs/gen-steady.log" 2>&1 ||
+	! "$PY" "$HERE/gen_study.py" "$WORK/gen-kill" --count "$N_KILL" >"$WORK/logs/gen-kill.log" 2>&1; then
 	show_tail "$WORK/logs/gen-steady.log"
 	show_tail "$WORK/logs/gen-kill.log"
 	fail "generating the studies failed"
 	exit 1
-}
+fi
 mkdir -p "$WORK/steady" "$WORK/kill"
 log "steady: sending $N_STEADY objects over A1 and A2"
 t0=$SECONDS
