@@ -2,7 +2,9 @@
 //!
 //! Start-up order: check the certificate against the node name, load the KEK, open the
 //! spool (recovering interrupted ingests and orphan segments), start one dispatcher per
-//! destination, bind every listener and the admin socket, and only then report ready.
+//! destination, bind every listener and the admin socket, and only then report ready. A
+//! start that fails after the spool is open (a port taken, say) stops what it started and
+//! closes the spool before it returns its error.
 //!
 //! Shutdown ([`Node::stop`]) runs the other way, in phases:
 //! 1. readiness goes false (`/readyz` answers 503 "draining");
@@ -119,87 +121,106 @@ impl Node {
         let workers_stop = CancellationToken::new();
         let listener_tasks = TaskTracker::new();
         let worker_tasks = TaskTracker::new();
-
         let board = Board::default();
-        for dest in &cfg.destination {
-            let sender = Sender::from_config(dest, &cfg.node.name, client_tls.as_ref())
-                .with_context(|| format!("{file}: destination[{}]", dest.name))?;
-            worker_tasks.spawn(crate::dispatch::run(
-                dest.clone(),
-                Arc::new(sender),
-                spool.clone(),
-                metrics.clone(),
-                board.clone(),
-                workers_stop.clone(),
-            ));
-        }
         let readiness = Arc::new(Readiness::default());
-        worker_tasks.spawn(watch_disk(spool.clone(), workers_stop.clone()));
-        if !cfg.spool.retention.is_zero() {
-            worker_tasks.spawn(expire_retained(spool.clone(), workers_stop.clone()));
-        }
-        worker_tasks.spawn(expire_dedup(spool.clone(), workers_stop.clone()));
+        let wired: Result<_> = async {
+            for dest in &cfg.destination {
+                let sender = Sender::from_config(dest, &cfg.node.name, client_tls.as_ref())
+                    .with_context(|| format!("{file}: destination[{}]", dest.name))?;
+                worker_tasks.spawn(crate::dispatch::run(
+                    dest.clone(),
+                    Arc::new(sender),
+                    spool.clone(),
+                    metrics.clone(),
+                    board.clone(),
+                    workers_stop.clone(),
+                ));
+            }
+            worker_tasks.spawn(watch_disk(spool.clone(), workers_stop.clone()));
+            if !cfg.spool.retention.is_zero() {
+                worker_tasks.spawn(expire_retained(spool.clone(), workers_stop.clone()));
+            }
+            worker_tasks.spawn(expire_dedup(spool.clone(), workers_stop.clone()));
 
-        let router = crate::routing::Router::from_config(&cfg);
-        let mut dicom_addrs = HashMap::new();
-        for l in &cfg.dicom_listener {
-            let listener = bind(l.listen, &format!("dicom_listener[{}]", l.name)).await?;
-            let addr = listener.local_addr()?;
-            info!(listener = %l.name, %addr, ae_title = %l.ae_title, "DICOM listener up");
-            dicom_addrs.insert(l.name.clone(), addr);
-            let server = DicomServer::new(l.clone(), spool.clone(), metrics.clone())
+            let router = crate::routing::Router::from_config(&cfg);
+            let mut dicom_addrs = HashMap::new();
+            for l in &cfg.dicom_listener {
+                let listener = bind(l.listen, &format!("dicom_listener[{}]", l.name)).await?;
+                let addr = listener.local_addr()?;
+                info!(listener = %l.name, %addr, ae_title = %l.ae_title, "DICOM listener up");
+                dicom_addrs.insert(l.name.clone(), addr);
+                let server = DicomServer::new(l.clone(), spool.clone(), metrics.clone())
+                    .with_router(router.clone());
+                listener_tasks.spawn(server.run(listener, listeners_stop.clone()));
+            }
+            let mut link_addrs = HashMap::new();
+            for l in &cfg.link_listener {
+                let tls = cfg.tls.as_ref().context("a link listener needs [tls]")?;
+                let server_tls = Arc::new(crate::tls::server_config(tls, &l.allowed_peers)?);
+                let listener = bind(l.listen, &format!("link_listener[{}]", l.name)).await?;
+                let addr = listener.local_addr()?;
+                info!(listener = %l.name, %addr, peers = ?l.allowed_peers, "link listener up");
+                link_addrs.insert(l.name.clone(), addr);
+                let server = LinkServer::new(
+                    l.clone(),
+                    server_tls,
+                    spool.clone(),
+                    metrics.clone(),
+                    cfg.spool.max_object_bytes,
+                )
+                .reload_from(tls)?
                 .with_router(router.clone());
-            listener_tasks.spawn(server.run(listener, listeners_stop.clone()));
-        }
-        let mut link_addrs = HashMap::new();
-        for l in &cfg.link_listener {
-            let tls = cfg.tls.as_ref().context("a link listener needs [tls]")?;
-            let server_tls = Arc::new(crate::tls::server_config(tls, &l.allowed_peers)?);
-            let listener = bind(l.listen, &format!("link_listener[{}]", l.name)).await?;
-            let addr = listener.local_addr()?;
-            info!(listener = %l.name, %addr, peers = ?l.allowed_peers, "link listener up");
-            link_addrs.insert(l.name.clone(), addr);
-            let server = LinkServer::new(
-                l.clone(),
-                server_tls,
-                spool.clone(),
-                metrics.clone(),
-                cfg.spool.max_object_bytes,
-            )
-            .reload_from(tls)?
-            .with_router(router.clone());
-            listener_tasks.spawn(server.run(listener, listeners_stop.clone()));
-        }
-        let mut http_addr = None;
-        if let Some(h) = &cfg.http {
-            let listener = bind(h.listen, "http").await?;
-            let addr = listener.local_addr()?;
-            info!(%addr, "admin HTTP up (/healthz, /readyz, /metrics)");
-            http_addr = Some(addr);
-            listener_tasks.spawn(crate::admin_http::run(
-                listener,
-                metrics.clone(),
-                readiness.clone(),
-                spool.clone(),
+                listener_tasks.spawn(server.run(listener, listeners_stop.clone()));
+            }
+            let mut http_addr = None;
+            if let Some(h) = &cfg.http {
+                let listener = bind(h.listen, "http").await?;
+                let addr = listener.local_addr()?;
+                info!(%addr, "admin HTTP up (/healthz, /readyz, /metrics)");
+                http_addr = Some(addr);
+                listener_tasks.spawn(crate::admin_http::run(
+                    listener,
+                    metrics.clone(),
+                    readiness.clone(),
+                    spool.clone(),
+                    listener_tasks.clone(),
+                    listeners_stop.clone(),
+                ));
+            }
+            let admin_socket = crate::admin::socket_path(&cfg.node.data_dir);
+            let admin = crate::admin::bind(&admin_socket)?;
+            listener_tasks.spawn(crate::admin::run(
+                admin,
+                crate::admin::AdminState {
+                    node: cfg.node.name.clone(),
+                    spool: spool.clone(),
+                    board: board.clone(),
+                    destinations: cfg.destination.iter().map(|d| d.name.clone()).collect(),
+                    readiness: readiness.clone(),
+                    retention: cfg.spool.retention,
+                },
                 listener_tasks.clone(),
                 listeners_stop.clone(),
             ));
+            Ok((dicom_addrs, link_addrs, http_addr, admin_socket))
         }
-        let admin_socket = crate::admin::socket_path(&cfg.node.data_dir);
-        let admin = crate::admin::bind(&admin_socket)?;
-        listener_tasks.spawn(crate::admin::run(
-            admin,
-            crate::admin::AdminState {
-                node: cfg.node.name.clone(),
-                spool: spool.clone(),
-                board: board.clone(),
-                destinations: cfg.destination.iter().map(|d| d.name.clone()).collect(),
-                readiness: readiness.clone(),
-                retention: cfg.spool.retention,
-            },
-            listener_tasks.clone(),
-            listeners_stop.clone(),
-        ));
+        .await;
+        let (dicom_addrs, link_addrs, http_addr, admin_socket) = match wired {
+            Ok(w) => w,
+            Err(e) => {
+                // A start that fails half-way (a port taken, a bad destination) stops what
+                // it started and closes the spool before it returns, so that the same
+                // config can be started again in this process (RocksDB allows one opener).
+                listeners_stop.cancel();
+                workers_stop.cancel();
+                listener_tasks.close();
+                worker_tasks.close();
+                listener_tasks.wait().await;
+                worker_tasks.wait().await;
+                spool.quiesce().await;
+                return Err(e);
+            }
+        };
         readiness.set_started();
         info!(node = %cfg.node.name, socket = %admin_socket.display(), "node ready");
         Ok(Node {
