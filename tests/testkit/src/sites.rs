@@ -13,7 +13,7 @@
 //! that same port explicitly. Between B's stop and its restart another process could take
 //! the port (the kernel may hand it to any `bind(0)` or outgoing connection meanwhile); a
 //! restart that finds it in use tries again a few times, and then fails the test with that
-//! reason. A node that fails to start stops what it started and closes its spool, so the
+//! reason. A node that fails to start has started no task and closed its spool, so the
 //! next try can open it again.
 
 use std::net::SocketAddr;
@@ -239,5 +239,38 @@ impl Fixture {
         })
         .await;
         Fixture { tmp, pacs, sites }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A restart of site B binds the link port it got first, and waits out another process
+    /// holding it for a moment (the failed tries leave its spool closed for the next one).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn site_b_restarts_on_its_link_port_after_it_was_taken_for_a_moment() {
+        let mut sites = TwoSites::start(SiteOptions {
+            pacs_port: 9,
+            a_listener_extra: String::new(),
+            a_spool: String::new(),
+            b_retry: SiteOptions::B_RETRY.to_owned(),
+        })
+        .await;
+        let port = sites.link_port;
+        assert_ne!(port, 0);
+        let a_cfg = std::fs::read_to_string(sites.config_path("a")).unwrap();
+        assert!(a_cfg.contains(&format!("url = \"https://127.0.0.1:{port}\"")));
+        sites.stop_b().await;
+        let holder = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(700));
+            drop(holder);
+        });
+        sites.start_b().await;
+        release.join().unwrap();
+        let b = sites.b.as_ref().unwrap();
+        assert_eq!(b.link_addrs[twosite::B_LISTENER].port(), port);
+        sites.stop().await;
     }
 }

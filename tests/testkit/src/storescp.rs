@@ -161,3 +161,23 @@ fn listens_on(pid: u32, port: u16) -> bool {
         .filter_map(|e| std::fs::read_link(e.path()).ok())
         .any(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On a port another process holds, storescp exits, and that is seen as a failure even
+    /// though the port answers connections; a start on a port of its own then succeeds.
+    #[test]
+    fn a_taken_port_is_a_failed_start_and_another_port_is_tried() {
+        let tmp = tempfile::tempdir().unwrap();
+        let holder = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        let taken = holder.local_addr().unwrap().port();
+        let r = Storescp::spawn(&tmp.path().join("pacs"), taken, &["+xa"]);
+        assert!(r.is_err(), "storescp cannot listen on a taken port");
+        assert!(std::net::TcpStream::connect(("127.0.0.1", taken)).is_ok());
+        let pacs = Storescp::start(&tmp.path().join("pacs"));
+        assert_ne!(pacs.port, taken);
+        assert!(listens_on(pacs.child.id(), pacs.port));
+    }
+}
