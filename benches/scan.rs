@@ -13,8 +13,7 @@
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use dicom_gateway::dataset::{IdentityScanner, Scan};
 use dicom_gateway::sop::Encoding;
-use dicom_gateway::spool::{Ingest, Spool, SpoolOptions};
-use keystore::Kek;
+use dicom_gateway::spool::Ingest;
 
 const SOP_CLASS: &str = "1.2.840.10008.5.1.4.1.1.7";
 const SOP_INSTANCE: &str = "1.2.3.4";
@@ -107,12 +106,7 @@ fn writer(c: &mut Criterion) {
         .build()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(
-        &dir.path().join("spool"),
-        Kek::from_bytes([1; 32]),
-        SpoolOptions::default(),
-    )
-    .unwrap();
+    let spool = dicom_gateway_testkit::scratch_spool(&dir.path().join("spool"), 1);
     let plain = dataset();
     let deflated = deflate(&plain);
     let mut g = c.benchmark_group("writer_identity_prefix");

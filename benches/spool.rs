@@ -2,8 +2,8 @@
 //! commit per object, as the C-STORE path does. Run with `cargo bench -p dicom-gateway-benches`.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use dicom_gateway::spool::{Ingest, Spool, SpoolOptions};
-use keystore::{Dek, Kek};
+use dicom_gateway::spool::Ingest;
+use keystore::Dek;
 
 fn seal(c: &mut Criterion) {
     let dek = Dek::generate().unwrap();
@@ -22,12 +22,7 @@ fn spool_write(c: &mut Criterion) {
         .build()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(
-        &dir.path().join("spool"),
-        Kek::from_bytes([1; 32]),
-        SpoolOptions::default(),
-    )
-    .unwrap();
+    let spool = dicom_gateway_testkit::scratch_spool(&dir.path().join("spool"), 1);
     let obj =
         dicom_gateway::demo::generate_object("1.2.3", "1.2.3.4", 1, "BENCH^X", 4 << 20).unwrap();
     let mut g = c.benchmark_group("spool");

@@ -6,8 +6,8 @@ use std::time::Duration;
 use dicom_gateway::config::TlsSection;
 use dicom_gateway::deliver::DeliveryError;
 use dicom_gateway::deliver::gateway::GatewaySender;
-use dicom_gateway::spool::{Ingest, Spool, SpoolOptions};
-use dicom_gateway_e2e::*;
+use dicom_gateway::spool::{Ingest, Spool};
+use dicom_gateway_testkit::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn wrong_called_ae_title_is_rejected_and_nothing_is_stored() {
@@ -100,12 +100,7 @@ async fn object_that_cannot_be_persisted_gets_a700_and_leaves_nothing() {
 
 /// Build a one-object spool to send from, as a peer gateway would.
 async fn one_object_spool(dir: &std::path::Path) -> (Spool, dicom_gateway::spool::ObjectId) {
-    let spool = Spool::open(
-        dir,
-        keystore::Kek::from_bytes([9; 32]),
-        SpoolOptions::default(),
-    )
-    .unwrap();
+    let spool = scratch_spool(dir, 9);
     let o = &study(1, "LINK^PROBE", 8192)[0];
     let mut w = spool
         .writer(Ingest {
@@ -444,12 +439,7 @@ async fn malformed_stow_requests_are_refused_and_store_nothing() {
     // Large objects, streamed by the gateway's own sender in 1 MiB segments, are stored
     // (the first chunk of a part can be larger than its Part-10 header: this once failed
     // with "Part-10 header too large").
-    let sender_spool = Spool::open(
-        &_tmp.path().join("big-sender"),
-        keystore::Kek::from_bytes([5; 32]),
-        SpoolOptions::default(),
-    )
-    .unwrap();
+    let sender_spool = scratch_spool(&_tmp.path().join("big-sender"), 5);
     let gw = GatewaySender::new(
         &format!("https://127.0.0.1:{port}"),
         "site-b",

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use dicom_gateway_e2e::*;
+use dicom_gateway_testkit::*;
 
 /// A PACS that refuses a transfer syntax (DCMTK `storescp +xi`: Implicit VR Little Endian
 /// only) gets an Explicit VR object it cannot take. That object becomes a dead letter with
@@ -14,9 +14,10 @@ use dicom_gateway_e2e::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_refused_object_becomes_a_dead_letter_and_replays_after_the_fix() {
     let tmp = tempfile::tempdir().unwrap();
-    let port = free_port();
     let pacs_out = tmp.path().join("pacs");
-    let pacs = Storescp::start_with(&pacs_out, port, &["+xi"]);
+    let pacs = Storescp::start_args(&pacs_out, &["+xi"]);
+    // The PACS comes back on this port: site B's config names it.
+    let port = pacs.port;
     let mut sites = TwoSites::start(SiteOptions {
         pacs_port: port,
         a_listener_extra: String::new(),
@@ -268,11 +269,10 @@ async fn a_full_volume_refuses_new_objects_and_resumes_without_a_restart() {
 async fn a_vendor_private_storage_class_passes_through() {
     const CSA_NON_IMAGE: &str = "1.3.12.2.1107.5.9.1";
     let tmp = tempfile::tempdir().unwrap();
-    let port = free_port();
     // storescp accepts unknown SOP classes only with --promiscuous.
-    let pacs = Storescp::start_with(&tmp.path().join("pacs"), port, &["+xa", "-pm"]);
+    let pacs = Storescp::start_args(&tmp.path().join("pacs"), &["+xa", "-pm"]);
     let mut sites = TwoSites::start(SiteOptions {
-        pacs_port: port,
+        pacs_port: pacs.port,
         a_listener_extra: String::new(),
         a_spool: String::new(),
         b_retry: SiteOptions::B_RETRY.to_owned(),

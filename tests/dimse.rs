@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use dicom_gateway::demo::{self, DemoObject};
 use dicom_gateway::dimse::{Command, field, status};
-use dicom_gateway_e2e::*;
+use dicom_gateway_testkit::*;
 use dicom_ul::association::client::AsyncClientAssociation;
 use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
 use dicom_ul::{ClientAssociationOptions, Pdu};

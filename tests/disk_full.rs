@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use dicom_gateway::demo;
-use dicom_gateway_e2e::*;
+use dicom_gateway_testkit::*;
 
 /// Limit the size of files this process writes. SIGXFSZ gets a (tokio) handler, so an
 /// over-limit write fails with EFBIG instead of killing the test process.

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use dicom_gateway_e2e::*;
+use dicom_gateway_testkit::*;
 
 /// The bytes that arrive at the PACS are the bytes that were sent, and neither data folder
 /// holds anything readable from them afterwards.

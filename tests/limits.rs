@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use dicom_gateway::dimse::Command;
-use dicom_gateway_e2e::*;
+use dicom_gateway_testkit::*;
 use dicom_ul::ClientAssociationOptions;
 use dicom_ul::Pdu;
 use dicom_ul::association::client::AsyncClientAssociation;
@@ -289,12 +289,7 @@ async fn the_link_listener_caps_connections_and_requests() {
     // A second connection from the listed peer is over the cap: closed after its
     // handshake, and the send fails (the sender retries later).
     let (spool, id) = {
-        let spool = dicom_gateway::spool::Spool::open(
-            &tmp.path().join("sender"),
-            keystore::Kek::from_bytes([9; 32]),
-            Default::default(),
-        )
-        .unwrap();
+        let spool = scratch_spool(&tmp.path().join("sender"), 9);
         let o = study(1, "LINK^LIMITS", 8192).remove(0);
         let mut w = spool
             .writer(dicom_gateway::spool::Ingest {

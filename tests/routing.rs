@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use dicom_gateway::config::Config;
 use dicom_gateway::node::Node;
-use dicom_gateway_e2e::*;
+use dicom_gateway_testkit::*;
 
 /// A file of pydicom's test data (files nobody here wrote).
 fn pydicom_file(name: &str) -> PathBuf {

@@ -6,8 +6,10 @@
 //! has written every object to its hand-off folder, and checks each data set against what
 //! was sent. The generated data is synthetic; the hand-off folder is plaintext by design.
 //!
-//! The helpers here (object generation, a C-STORE sender) are public because the end-to-end
-//! tests drive nodes the same way.
+//! The two sites and their configs are the layout of [`crate::twosite`], which the
+//! end-to-end tests' kit (`dicom-gateway-testkit`) starts too. The helpers here (object
+//! generation, a C-STORE sender) are public because the tests and benches generate and send
+//! objects the same way; the test fixtures themselves live in the test kit, not here.
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -23,6 +25,7 @@ use crate::config::Config;
 use crate::deliver::DeliveryError;
 use crate::deliver::dicom::{Bytes, Scu};
 use crate::node::Node;
+use crate::twosite;
 
 /// CT Image Storage.
 pub const CT_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.2";
@@ -217,68 +220,6 @@ pub struct DemoOptions {
     pub keep: bool,
 }
 
-fn write_file(path: &Path, text: &str) -> Result<()> {
-    let mut f =
-        std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(text.as_bytes())?;
-    Ok(())
-}
-
-/// Config text for site B: link listener → folder.
-pub fn site_b_config(received: &str) -> String {
-    format!(
-        r#"[node]
-name = "site-b"
-data_dir = "data-b"
-[keystore]
-kek_file = "kek-b.key"
-[tls]
-cert = "pki/site-b.crt"
-key = "pki/site-b.key"
-ca = "pki/ca.crt"
-[http]
-listen = "127.0.0.1:0"
-[[link_listener]]
-name = "wan"
-listen = "127.0.0.1:0"
-allowed_peers = ["site-a"]
-route_to = ["handoff"]
-[[destination]]
-name = "handoff"
-kind = "folder"
-path = "{received}"
-"#
-    )
-}
-
-/// Config text for site A: DICOM listener → gateway B at `link`.
-pub fn site_a_config(link: std::net::SocketAddr) -> String {
-    format!(
-        r#"[node]
-name = "site-a"
-data_dir = "data-a"
-[keystore]
-kek_file = "kek-a.key"
-[tls]
-cert = "pki/site-a.crt"
-key = "pki/site-a.key"
-ca = "pki/ca.crt"
-[http]
-listen = "127.0.0.1:0"
-[[dicom_listener]]
-name = "lan"
-listen = "127.0.0.1:0"
-ae_title = "GW_A"
-route_to = ["site-b"]
-[[destination]]
-name = "site-b"
-kind = "gateway"
-url = "https://{link}"
-peer_name = "site-b"
-"#
-    )
-}
-
 /// Run the demo. The work folder is removed at the end, whatever the outcome, including
 /// Ctrl-C (SIGINT) and SIGTERM, unless `opts.keep`; the nodes are stopped first, so
 /// nothing writes into it while it is removed.
@@ -432,8 +373,8 @@ impl Nodes {
         self.starting.spawn(async move {
             let result = Node::start(cfg).await.map(|node| {
                 let addrs = NodeAddrs {
-                    dicom: node.dicom_addrs.get("lan").copied(),
-                    link: node.link_addrs.get("wan").copied(),
+                    dicom: node.dicom_addrs.get(twosite::A_LISTENER).copied(),
+                    link: node.link_addrs.get(twosite::B_LISTENER).copied(),
                     http: node.http_addr,
                 };
                 lock(&started).push(node);
@@ -449,20 +390,18 @@ impl Nodes {
 
 /// The demo inside its work folder; `verified` is set once every object has been checked.
 async fn run_in(opts: &DemoOptions, dir: &Path, nodes: &Nodes, verified: &mut bool) -> Result<()> {
-    crate::pki::init(
-        &dir.join("pki"),
-        &["site-a".to_owned(), "site-b".to_owned()],
-    )?;
-    keystore::Kek::generate_file(&dir.join("kek-a.key"))?;
-    keystore::Kek::generate_file(&dir.join("kek-b.key"))?;
+    twosite::init(dir)?;
     let received = dir.join("received");
 
-    let b_path = dir.join("site-b.toml");
-    write_file(&b_path, &site_b_config("received"))?;
+    let b_path = dir.join(twosite::B_CONFIG);
+    let site_b = twosite::SiteB::new(twosite::Delivery::Folder {
+        path: "received".to_owned(),
+    });
+    twosite::write(&b_path, &site_b.toml())?;
     let b = nodes.start(&b_path, "site B").await?;
     let link = b.link.context("site B has no link listener")?;
-    let a_path = dir.join("site-a.toml");
-    write_file(&a_path, &site_a_config(link))?;
+    let a_path = dir.join(twosite::A_CONFIG);
+    twosite::write(&a_path, &twosite::SiteA::new(link).toml())?;
     let a = nodes.start(&a_path, "site A").await?;
     let dicom = a.dicom.context("site A has no DICOM listener")?;
     println!("site A: DICOM GW_A@{dicom}   site B: link https://{link} (mutual TLS 1.3)");

@@ -33,7 +33,8 @@
 //! name), [`observe`] (scrape-time gauges and zero series), [`admin_http`] (`/healthz`,
 //! `/readyz`, `/metrics`), [`admin`] (the operator's Unix socket: status, queues, dead
 //! letters), [`cli`] (the `status` and `queue` commands), [`node`] (wiring one node),
-//! [`pki`] (development PKI), [`demo`] (the two-site demo), [`exit`] (exit codes),
+//! [`pki`] (development PKI), [`demo`] (the two-site demo), [`twosite`] (the two-site
+//! layout and configs the demo and the end-to-end tests share), [`exit`] (exit codes),
 //! [`healthcheck`] (the container's probe of `/healthz`).
 //!
 //! ## Invariants
@@ -71,6 +72,7 @@ pub mod routing;
 pub mod sop;
 pub mod spool;
 pub mod tls;
+pub mod twosite;
 
 /// Our implementation class UID (a UUID-derived UID under 2.25) and version name,
 /// written into the Part-10 file meta of every object the gateway frames.

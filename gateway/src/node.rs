@@ -1,8 +1,11 @@
 //! One running node: wiring config to spool, listeners, dispatchers and the admin endpoints.
 //!
 //! Start-up order: check the certificate against the node name, load the KEK, open the
-//! spool (recovering interrupted ingests and orphan segments), start one dispatcher per
-//! destination, bind every listener and the admin socket, and only then report ready.
+//! spool (recovering interrupted ingests and orphan segments), make every destination's
+//! sender, bind every listener and the admin socket, then start one dispatcher per
+//! destination and the servers, and only then report ready. Nothing is started before the
+//! last step that can fail, so a start that fails (a port taken, say) leaves no task
+//! behind and closes the spool before it returns its error.
 //!
 //! Shutdown ([`Node::stop`]) runs the other way, in phases:
 //! 1. readiness goes false (`/readyz` answers 503 "draining");
@@ -115,18 +118,64 @@ impl Node {
             None => None,
         };
 
+        // Everything that can fail comes first and starts nothing: the senders, every
+        // listener bound, the admin socket. A start that fails leaves no task behind, so the
+        // spool closes when it returns (and the same config can be started again).
+        let mut senders = Vec::new();
+        for dest in &cfg.destination {
+            let sender = Sender::from_config(dest, &cfg.node.name, client_tls.as_ref())
+                .with_context(|| format!("{file}: destination[{}]", dest.name))?;
+            senders.push((dest.clone(), Arc::new(sender)));
+        }
+        let router = crate::routing::Router::from_config(&cfg);
+        let mut dicom_addrs = HashMap::new();
+        let mut dicom_servers = Vec::new();
+        for l in &cfg.dicom_listener {
+            let listener = bind(l.listen, &format!("dicom_listener[{}]", l.name)).await?;
+            let addr = listener.local_addr()?;
+            dicom_addrs.insert(l.name.clone(), addr);
+            let server = DicomServer::new(l.clone(), spool.clone(), metrics.clone())
+                .with_router(router.clone());
+            dicom_servers.push((l, addr, listener, server));
+        }
+        let mut link_addrs = HashMap::new();
+        let mut link_servers = Vec::new();
+        for l in &cfg.link_listener {
+            let tls = cfg.tls.as_ref().context("a link listener needs [tls]")?;
+            let server_tls = Arc::new(crate::tls::server_config(tls, &l.allowed_peers)?);
+            let listener = bind(l.listen, &format!("link_listener[{}]", l.name)).await?;
+            let addr = listener.local_addr()?;
+            link_addrs.insert(l.name.clone(), addr);
+            let server = LinkServer::new(
+                l.clone(),
+                server_tls,
+                spool.clone(),
+                metrics.clone(),
+                cfg.spool.max_object_bytes,
+            )
+            .reload_from(tls)?
+            .with_router(router.clone());
+            link_servers.push((l, addr, listener, server));
+        }
+        let mut http = None;
+        if let Some(h) = &cfg.http {
+            let listener = bind(h.listen, "http").await?;
+            http = Some((listener.local_addr()?, listener));
+        }
+        let http_addr = http.as_ref().map(|(addr, _)| *addr);
+        let admin_socket = crate::admin::socket_path(&cfg.node.data_dir);
+        let admin = crate::admin::bind(&admin_socket)?;
+
+        // Then the tasks: dispatchers, the spool's housekeeping, and the servers.
         let listeners_stop = CancellationToken::new();
         let workers_stop = CancellationToken::new();
         let listener_tasks = TaskTracker::new();
         let worker_tasks = TaskTracker::new();
-
         let board = Board::default();
-        for dest in &cfg.destination {
-            let sender = Sender::from_config(dest, &cfg.node.name, client_tls.as_ref())
-                .with_context(|| format!("{file}: destination[{}]", dest.name))?;
+        for (dest, sender) in senders {
             worker_tasks.spawn(crate::dispatch::run(
-                dest.clone(),
-                Arc::new(sender),
+                dest,
+                sender,
                 spool.clone(),
                 metrics.clone(),
                 board.clone(),
@@ -140,42 +189,16 @@ impl Node {
         }
         worker_tasks.spawn(expire_dedup(spool.clone(), workers_stop.clone()));
 
-        let router = crate::routing::Router::from_config(&cfg);
-        let mut dicom_addrs = HashMap::new();
-        for l in &cfg.dicom_listener {
-            let listener = bind(l.listen, &format!("dicom_listener[{}]", l.name)).await?;
-            let addr = listener.local_addr()?;
+        for (l, addr, listener, server) in dicom_servers {
             info!(listener = %l.name, %addr, ae_title = %l.ae_title, "DICOM listener up");
-            dicom_addrs.insert(l.name.clone(), addr);
-            let server = DicomServer::new(l.clone(), spool.clone(), metrics.clone())
-                .with_router(router.clone());
             listener_tasks.spawn(server.run(listener, listeners_stop.clone()));
         }
-        let mut link_addrs = HashMap::new();
-        for l in &cfg.link_listener {
-            let tls = cfg.tls.as_ref().context("a link listener needs [tls]")?;
-            let server_tls = Arc::new(crate::tls::server_config(tls, &l.allowed_peers)?);
-            let listener = bind(l.listen, &format!("link_listener[{}]", l.name)).await?;
-            let addr = listener.local_addr()?;
+        for (l, addr, listener, server) in link_servers {
             info!(listener = %l.name, %addr, peers = ?l.allowed_peers, "link listener up");
-            link_addrs.insert(l.name.clone(), addr);
-            let server = LinkServer::new(
-                l.clone(),
-                server_tls,
-                spool.clone(),
-                metrics.clone(),
-                cfg.spool.max_object_bytes,
-            )
-            .reload_from(tls)?
-            .with_router(router.clone());
             listener_tasks.spawn(server.run(listener, listeners_stop.clone()));
         }
-        let mut http_addr = None;
-        if let Some(h) = &cfg.http {
-            let listener = bind(h.listen, "http").await?;
-            let addr = listener.local_addr()?;
+        if let Some((addr, listener)) = http {
             info!(%addr, "admin HTTP up (/healthz, /readyz, /metrics)");
-            http_addr = Some(addr);
             listener_tasks.spawn(crate::admin_http::run(
                 listener,
                 metrics.clone(),
@@ -185,8 +208,6 @@ impl Node {
                 listeners_stop.clone(),
             ));
         }
-        let admin_socket = crate::admin::socket_path(&cfg.node.data_dir);
-        let admin = crate::admin::bind(&admin_socket)?;
         listener_tasks.spawn(crate::admin::run(
             admin,
             crate::admin::AdminState {

@@ -1,0 +1,90 @@
+//! Objects and what happens to them: generated studies, sending them by C-STORE, the
+//! expected multiset of data set hashes, waiting for a condition, reading metrics and a
+//! node's status, and a scratch spool to send from (as a peer gateway would) or to measure.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use dicom_gateway::demo::{self, DemoObject};
+use dicom_gateway::node::Node;
+use dicom_gateway::spool::{Spool, SpoolOptions};
+
+/// Expected multiset of data set hashes.
+pub fn expected(objects: &[DemoObject]) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for o in objects {
+        *m.entry(demo::sha256_hex(&o.dataset)).or_default() += 1;
+    }
+    m
+}
+
+/// Poll `f` until it is true or `timeout` passes; returns the last value.
+pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The value of one series in a Prometheus text exposition (`name{labels}` exactly as
+/// rendered), 0 when absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(series))
+        .filter_map(|rest| rest.strip_prefix(' '))
+        .filter_map(|v| v.trim().parse().ok())
+        .next()
+        .unwrap_or(0.0)
+}
+
+/// Generate `n` objects of one study with a distinctive patient name.
+pub fn study(n: u32, patient: &str, pixel_bytes: usize) -> Vec<DemoObject> {
+    let study = demo::new_uid();
+    let series = demo::new_uid();
+    (0..n)
+        .map(|i| {
+            demo::generate_object(&study, &series, i + 1, patient, pixel_bytes).expect("generate")
+        })
+        .collect()
+}
+
+/// C-STORE `objects` into `addr`, calling AE `called`; panics on failure.
+pub async fn send(addr: SocketAddr, called: &str, objects: &[DemoObject]) -> usize {
+    demo::send_objects(
+        &addr.to_string(),
+        "TEST_SCU",
+        called,
+        objects.to_vec(),
+        |_| {},
+    )
+    .await
+    .expect("C-STORE")
+}
+
+/// Ask a node's admin socket for its status.
+pub async fn admin_status(node: &Node) -> dicom_gateway::admin::Status {
+    let v =
+        dicom_gateway::admin::request(&node.admin_socket, http::Method::GET, "/v1/status", None)
+            .await
+            .expect("admin status");
+    serde_json::from_value(v).expect("status document")
+}
+
+/// A spool of its own in `dir` (no node around it), with default options under the test
+/// KEK of 32 bytes `kek`: to send from, as a peer gateway would, or to measure.
+pub fn scratch_spool(dir: &Path, kek: u8) -> Spool {
+    Spool::open(
+        dir,
+        keystore::Kek::from_bytes([kek; 32]),
+        SpoolOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("cannot open a spool in {}: {e:#}", dir.display()))
+}
