@@ -305,6 +305,14 @@ pub async fn run(
                 }
             }
         }
+        // Shutdown asked for (perhaps before the first turn): nothing in flight means done,
+        // and the grace deadline must be armed before waiting, or nothing would wake us.
+        if shutdown.is_cancelled() {
+            stop_deadline.get_or_insert_with(|| Instant::now() + SHUTDOWN_GRACE);
+            if tasks.is_empty() {
+                break;
+            }
+        }
         let next_due = if breaker.state == Circuit::Open {
             Some(breaker.until)
         } else {
@@ -643,6 +651,44 @@ mod tests {
             starvation_bound(&RetryPolicy::default()),
             Duration::from_secs(300)
         );
+    }
+
+    /// A dispatcher whose stop came before its first turn (a node that failed to start, or
+    /// stopped at once) returns, and so lets go of the spool.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dispatcher_cancelled_before_it_starts_returns() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let spool = Spool::open(
+            &tmp.path().join("spool"),
+            keystore::Kek::from_bytes([2; 32]),
+            crate::spool::SpoolOptions::default(),
+        )
+        .unwrap();
+        let dest = Destination {
+            name: "out".into(),
+            kind: crate::config::DestinationKind::Folder {
+                path: tmp.path().join("out"),
+            },
+            retry: RetryPolicy::default(),
+            send_timeout: Duration::from_secs(60),
+            max_queue: 100,
+        };
+        let sender = Arc::new(Sender::from_config(&dest, "node", None).unwrap());
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let run = run(
+            dest,
+            sender,
+            spool,
+            Arc::new(Metrics::new()),
+            Board::default(),
+            stop,
+        );
+        tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .expect("a cancelled dispatcher must return");
     }
 
     #[test]

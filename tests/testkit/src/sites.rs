@@ -11,9 +11,11 @@
 //! The one port named again is B's link port, because A's config names it: after B's first
 //! start, `site-b.toml` is rewritten with the port B got, so that every restart of B binds
 //! that same port explicitly. Between B's stop and its restart another process could take
-//! the port (the kernel may hand it to any `bind(0)` or outgoing connection meanwhile); a
-//! restart that finds it in use tries again a few times, and then fails the test with that
-//! reason. A node that fails to start has started no task and closed its spool, so the
+//! the port (the kernel may hand it to any `bind(0)` or outgoing connection meanwhile), so
+//! while B is stopped by [`TwoSites::stop_b`] the fixture holds the port with a socket that
+//! is bound but not listening (A's connections are refused, as by a stopped node) and
+//! lets go of it just before B binds again. A restart that still finds it in use tries
+//! again a few times, and then fails the test with that reason. A node that fails to start has started no task and closed its spool, so the
 //! next try can open it again.
 
 use std::net::SocketAddr;
@@ -26,6 +28,14 @@ use dicom_gateway::twosite::{self, Delivery, SiteA, SiteB};
 
 use crate::objects::eventually;
 use crate::storescp::Storescp;
+
+/// Bind `port` on loopback without listening, so that no `bind(0)` or outgoing connection
+/// gets it; `None` if something already has it (the restart's retries deal with that).
+fn hold_port(port: u16) -> Option<tokio::net::TcpSocket> {
+    let s = tokio::net::TcpSocket::new_v4().ok()?;
+    s.bind(SocketAddr::from(([127, 0, 0, 1], port))).ok()?;
+    Some(s)
+}
 
 /// Tries of a restart of site B whose link port is in use, 200 ms apart.
 const RESTART_ATTEMPTS: usize = 10;
@@ -43,6 +53,8 @@ pub struct TwoSites {
     /// Start site B with its spool's fault-injection points live (`fail::cfg` drives them;
     /// no other node of the test process is affected).
     pub b_failpoints: bool,
+    /// B's link port while B is stopped: bound, not listening.
+    b_port_hold: Option<tokio::net::TcpSocket>,
 }
 
 /// Options for [`TwoSites::start`].
@@ -85,6 +97,7 @@ impl TwoSites {
             b: None,
             link_port: 0,
             b_failpoints: false,
+            b_port_hold: None,
         };
         twosite::write(&sites.config_path("b"), &site_b.toml()).expect("write config b");
         sites.start_b().await;
@@ -124,6 +137,8 @@ impl TwoSites {
                 failpoints: self.b_failpoints,
                 ..Node::spool_options(&cfg)
             };
+            // Let go of the port just before B binds it.
+            drop(self.b_port_hold.take());
             match Node::start_with(cfg, opts).await {
                 Ok(node) => {
                     self.b = Some(node);
@@ -155,6 +170,7 @@ impl TwoSites {
     pub async fn stop_b(&mut self) {
         if let Some(b) = self.b.take() {
             b.stop().await;
+            self.b_port_hold = hold_port(self.link_port);
         }
     }
 
@@ -262,6 +278,12 @@ mod tests {
         let a_cfg = std::fs::read_to_string(sites.config_path("a")).unwrap();
         assert!(a_cfg.contains(&format!("url = \"https://127.0.0.1:{port}\"")));
         sites.stop_b().await;
+        // While B is down the fixture holds its port: nothing else can bind it...
+        assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_err());
+        // ...and A's connections are refused, as by a stopped node.
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+        // Another process holding it anyway (taken before the fixture could) for a moment.
+        drop(sites.b_port_hold.take());
         let holder = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
         let release = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(700));
