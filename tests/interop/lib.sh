@@ -74,6 +74,21 @@ summary() {
 	SUMMARY_PRINTED=1
 	echo "$CHECKED_NAME: $PASSED passed, $FAILED failed"
 }
+# need_peers_and_gateway: DCMTK, pydicom and pynetdicom, and an executable $BIN; logs the
+# binary's version and $WORK. Fails (and returns 1) naming what is missing.
+need_peers_and_gateway() {
+	need_dcmtk || return 1
+	"$PY" -c 'import pydicom, pynetdicom' 2>/dev/null || {
+		fail "$PY cannot import pydicom and pynetdicom"
+		return 1
+	}
+	[[ -x $BIN ]] || {
+		fail "gateway binary $BIN not found"
+		return 1
+	}
+	log "gateway binary: $BIN ($("$BIN" --version 2>&1 | head -n 1))"
+	log "work directory: $WORK"
+}
 checked_cleanup() {
 	local rc=$?
 	set +e

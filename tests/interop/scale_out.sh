@@ -61,17 +61,7 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/dicomgw-scale.XXXXXX")
 
 checked_script "scale_out"
 
-need_dcmtk || exit 1
-"$PY" -c 'import pydicom, pynetdicom' 2>/dev/null || {
-	fail "$PY cannot import pydicom and pynetdicom"
-	exit 1
-}
-[[ -x $BIN ]] || {
-	fail "gateway binary $BIN not found"
-	exit 1
-}
-log "gateway binary: $BIN ($("$BIN" --version 2>&1 | head -n 1))"
-log "work directory: $WORK"
+need_peers_and_gateway || exit 1
 mkdir -p "$WORK/logs"
 
 # ------------------------------------------------------------ the four nodes
