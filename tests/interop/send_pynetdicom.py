@@ -2,7 +2,7 @@
 """Send DICOM files to a Storage SCP with pynetdicom, in their own transfer syntax.
 
     send_pynetdicom.py HOST PORT [--called-ae AE] [--calling-ae AE]
-                       [--max-contexts N] (--file-list FILE | FILE...)
+                       [--max-contexts N] [--as-is] (--file-list FILE | FILE...)
 
 Files are grouped by their (SOP class, transfer syntax) pair (SOP class from
 the data set, transfer syntax from the file meta). Each association requests one presentation context per pair
@@ -56,7 +56,7 @@ def fixed_meta_copy(path, meta, offset, sop_class, sop_inst, tmpdir):
     return out
 
 
-def read_pairs(paths, tmpdir):
+def read_pairs(paths, tmpdir, as_is=False):
     """Return ([(sop class, TS, path, path or Dataset to send)], [(path, why)]).
 
     Files are sent as they are, from disk, except:
@@ -64,6 +64,8 @@ def read_pairs(paths, tmpdir):
       fragments must have even length, DCMTK aborts the association), so such
       a file is decoded and sent re-encoded by pydicom if that makes it even
       (e.g. a deflated stream without its pad byte), and skipped otherwise;
+      with `as_is` it is sent unchanged all the same (a bad object on purpose,
+      e.g. pydicom's rtplan_truncated.dcm, which ends mid-element);
     - a file whose meta names another SOP class/instance than its data set is
       sent from a copy with a corrected file meta and the same data set bytes.
     """
@@ -81,7 +83,9 @@ def read_pairs(paths, tmpdir):
             bad.append((p, "cannot read file meta or SOP class/instance: %s" % exc))
             continue
         payload = p
-        if (Path(p).stat().st_size - offset) % 2:
+        if (Path(p).stat().st_size - offset) % 2 and as_is:
+            print("pynetdicom: note: %s has an odd-length data set, sending it as it is (--as-is)" % p)
+        elif (Path(p).stat().st_size - offset) % 2:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -128,6 +132,11 @@ def main():
     ap.add_argument("--max-contexts", type=int, default=128)
     ap.add_argument("--timeout", type=float, default=120.0, help="ACSE/DIMSE/network timeout (s)")
     ap.add_argument("--file-list", help="file with one path per line")
+    ap.add_argument(
+        "--as-is",
+        action="store_true",
+        help="send odd-length data sets unchanged too (a malformed object, on purpose)",
+    )
     ap.add_argument("files", nargs="*")
     args = ap.parse_intermixed_args()
     if not 1 <= args.max_contexts <= 128:
@@ -142,7 +151,7 @@ def main():
         with open(args.file_list) as f:
             paths += [line.strip() for line in f if line.strip()]
     tmp = tempfile.TemporaryDirectory(prefix="send_pynetdicom-")
-    items, bad = read_pairs(paths, tmp.name)
+    items, bad = read_pairs(paths, tmp.name, args.as_is)
 
     stored = warned = 0
     failed = list(bad)
