@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use dicom_gateway::node::Node;
 use dicom_gateway_testkit::*;
 
 /// A PACS that refuses a transfer syntax (DCMTK `storescp +xi`: Implicit VR Little Endian
@@ -127,6 +128,131 @@ async fn a_refused_object_becomes_a_dead_letter_and_replays_after_the_fix() {
     .await;
     assert!(replayed, "PACS has {:?}, expected {all:?}", pacs.received());
     sites.stop().await;
+}
+
+/// The poison object of the issue: pydicom's `rtplan_truncated.dcm` (its data set ends in
+/// the middle of an element, at an odd length), sent unchanged by pynetdicom. Site A
+/// acknowledges it and relays it; site B's PACS (DCMTK `storescp`) aborts the association
+/// on it ("Odd Fragment Length"). It gets its budget of attempts (3) without holding back
+/// the objects sent after it, then becomes a dead letter with the reason; `status` and
+/// `queue list` show it. After the PACS is replaced by one that takes it (pynetdicom
+/// keeping the bytes as they came), replaying it delivers it once, byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_poison_object_the_pacs_aborts_on_is_dead_lettered_and_replays_after_the_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pacs = Storescp::start(&tmp.path().join("pacs"));
+    let port = pacs.port;
+    // Retries at least 1 s apart (jittered 50-100 % of 2 s, then of 4 s): the objects
+    // behind the poison are delivered long before its budget is spent.
+    let mut sites = TwoSites::start(SiteOptions {
+        pacs_port: port,
+        a_listener_extra: String::new(),
+        a_spool: String::new(),
+        b_retry: r#"initial = "2s", max_delay = "4s", max_attempts = 3"#.into(),
+    })
+    .await;
+    let send = tmp.path().join("send");
+    std::fs::create_dir_all(&send).unwrap();
+    let poison = send.join("rtplan_truncated.dcm");
+    std::fs::copy(pydicom_file("rtplan_truncated.dcm"), &poison).unwrap();
+    let poison = vec![poison];
+    let poison_ds = file_datasets(&poison);
+    assert_eq!(
+        send_with_pynetdicom_args(sites.a_dicom(), "GW_A", &["--as-is"], &poison),
+        1,
+        "site A acknowledges the truncated plan (it has its identity)"
+    );
+    let objects = study(6, "POISON^BEHIND", 20_000);
+    let files = write_part10(&send, &objects);
+    assert_eq!(
+        send_with_pynetdicom(sites.a_dicom(), "GW_A", &files),
+        files.len()
+    );
+    let good = file_datasets(&files);
+
+    let b = sites.b.as_ref().unwrap();
+    let delivered = eventually(Duration::from_secs(30), || pacs.received() == good).await;
+    assert!(
+        delivered,
+        "PACS has {:?}, expected {good:?}",
+        pacs.received()
+    );
+    // The objects behind the poison did not wait for its budget: it is still queued, with
+    // at least one attempt made (the PACS aborted on it) and at least one left.
+    let entries = queue_entries(b, "/v1/queue?destination=pacs").await;
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(entries[0].state, "queued", "{entries:?}");
+    assert!((1..3).contains(&entries[0].attempts), "{entries:?}");
+    assert!(
+        entries[0]
+            .last_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("aborted")),
+        "the PACS aborted on it: {entries:?}"
+    );
+
+    let dead = eventually(Duration::from_secs(30), || {
+        b.board.get("pacs").is_some_and(|s| s.dead == 1)
+    })
+    .await;
+    let st = admin_status(b).await;
+    assert!(dead, "{st:?}");
+    let d = st.destinations.iter().find(|d| d.name == "pacs").unwrap();
+    assert_eq!((d.dead, d.queued), (1, 0), "{st:?}");
+    let entries = queue_entries(b, "/v1/queue?destination=pacs&dead=1").await;
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(
+        (entries[0].state.as_str(), entries[0].attempts),
+        ("dead", 3)
+    );
+    assert!(
+        entries[0]
+            .last_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("aborted")),
+        "{entries:?}"
+    );
+    assert_eq!(pacs.received(), good, "the PACS never stored the poison");
+
+    // The fix: a PACS that takes the object, on the same address. Replay it.
+    drop(pacs);
+    let fixed = RawScp::start_with(&tmp.path().join("fixed"), port);
+    let body = serde_json::to_vec(&dicom_gateway::admin::Selector {
+        destination: Some("pacs".into()),
+        dead: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let changed = dicom_gateway::admin::request(
+        &b.admin_socket,
+        http::Method::POST,
+        "/v1/queue/retry",
+        Some(body),
+    )
+    .await
+    .unwrap();
+    assert_eq!(changed["changed"], 1, "{changed}");
+    let replayed = eventually(Duration::from_secs(30), || {
+        fixed.received() == poison_ds
+            && b.board
+                .get("pacs")
+                .is_some_and(|s| s.dead == 0 && s.queued == 0)
+    })
+    .await;
+    assert!(
+        replayed,
+        "fixed PACS has {:?}, expected {poison_ds:?}",
+        fixed.received()
+    );
+    sites.stop().await;
+}
+
+/// The queue entries an admin `GET` returns (a path with its query).
+async fn queue_entries(node: &Node, path: &str) -> Vec<dicom_gateway::admin::EntryView> {
+    let v = dicom_gateway::admin::request(&node.admin_socket, http::Method::GET, path, None)
+        .await
+        .unwrap();
+    serde_json::from_value(v).unwrap()
 }
 
 /// Site B is down while A takes objects: A acknowledges them all, keeps them queued with

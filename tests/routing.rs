@@ -4,26 +4,11 @@
 //! nowhere.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use dicom_gateway::config::Config;
 use dicom_gateway::node::Node;
 use dicom_gateway_testkit::*;
-
-/// A file of pydicom's test data (files nobody here wrote).
-fn pydicom_file(name: &str) -> PathBuf {
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            &format!("import pydicom.data as d; print(d.get_testdata_file({name:?}))"),
-        ])
-        .output()
-        .expect("python3 with pydicom: .ci/run installs it");
-    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    assert!(p.is_file(), "pydicom test file {name} not found: {p:?}");
-    p
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn routes_choose_destinations_by_modality_and_sop_class_and_fan_out_once_each() {

@@ -130,7 +130,7 @@ fn pick_port() -> u16 {
 
 /// True if process `pid` holds a TCP socket listening on `port` (IPv4 or IPv6), read from
 /// `/proc/net/tcp*` and the process's open files.
-fn listens_on(pid: u32, port: u16) -> bool {
+pub(crate) fn listens_on(pid: u32, port: u16) -> bool {
     let mut inodes = Vec::new();
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let Ok(text) = std::fs::read_to_string(table) else {
