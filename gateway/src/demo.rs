@@ -6,13 +6,16 @@
 //! has written every object to its hand-off folder, and checks each data set against what
 //! was sent. The generated data is synthetic; the hand-off folder is plaintext by design.
 //!
+//! Output: a progress bar on a terminal (stderr, `indicatif`; hidden otherwise) and a
+//! summary at the end. With `json`, stdout carries only one JSON object (the [`Summary`],
+//! or `{"ok": false, "error": ...}`), and the lines for people go to stderr.
+//!
 //! The two sites and their configs are the layout of [`crate::twosite`], which the
 //! end-to-end tests' kit (`dicom-gateway-testkit`) starts too. The helpers here (object
 //! generation, a C-STORE sender) are public because the tests and benches generate and send
 //! objects the same way; the test fixtures themselves live in the test kit, not here.
 
 use std::collections::HashMap;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -20,6 +23,7 @@ use anyhow::{Context, Result, bail};
 use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
+use serde::Serialize;
 
 use crate::config::Config;
 use crate::deliver::DeliveryError;
@@ -218,6 +222,38 @@ pub struct DemoOptions {
     /// Keep the work folder at the end; by default it is removed, on success, on failure
     /// and on Ctrl-C (SIGINT) or SIGTERM.
     pub keep: bool,
+    /// Print the summary as one JSON object on stdout (the lines for people go to stderr).
+    pub json: bool,
+}
+
+/// What the demo measured, printed at the end (as JSON with `--json`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    /// True if every object arrived identical.
+    pub ok: bool,
+    /// Objects sent into site A.
+    pub objects: usize,
+    /// Objects site B delivered with exactly the data set sent.
+    pub delivered_identical: usize,
+    /// Data set bytes sent.
+    pub bytes: u64,
+    /// From the first C-STORE to the last delivery, in seconds.
+    pub seconds: f64,
+    /// Objects per second over `seconds`.
+    pub objects_per_second: f64,
+    /// MiB per second over `seconds`.
+    pub mib_per_second: f64,
+    /// The work folder.
+    pub work_folder: PathBuf,
+    /// True if the work folder was kept (`--keep`).
+    pub work_folder_kept: bool,
+}
+
+/// A line for people: stdout, or stderr when stdout carries JSON.
+macro_rules! say {
+    ($json:expr, $($t:tt)*) => {
+        if $json { eprintln!($($t)*) } else { println!($($t)*) }
+    };
 }
 
 /// Run the demo. The work folder is removed at the end, whatever the outcome, including
@@ -245,20 +281,21 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         );
     }
     std::fs::create_dir_all(&dir)?;
-    println!("work folder: {}", dir.display());
+    let json = opts.json;
+    say!(json, "work folder: {}", dir.display());
 
     let nodes = Nodes::default();
-    let mut verified = false;
+    let mut summary = None;
     let ended = tokio::select! {
-        r = run_in(&opts, &dir, &nodes, &mut verified) => Ok(r),
+        r = run_in(&opts, &dir, &nodes, &mut summary) => Ok(r),
         name = signals.recv() => Err(name),
     };
     let outcome = match ended {
         Ok(r) => r,
         Err(name) => {
-            println!();
-            if verified && opts.keep_running {
-                println!("{name}: stopping");
+            say!(json, "");
+            if summary.is_some() && opts.keep_running {
+                say!(json, "{name}: stopping");
                 Ok(())
             } else {
                 Err(anyhow::anyhow!("interrupted by {name}"))
@@ -274,7 +311,7 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         node.stop().await;
     }
     if opts.keep {
-        println!("work folder kept: {}", dir.display());
+        say!(json, "work folder kept: {}", dir.display());
     } else {
         let remove = || {
             if created {
@@ -294,11 +331,39 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
             removed = remove();
         }
         match removed {
-            Ok(()) => println!("work folder removed (--keep keeps it)"),
+            Ok(()) => say!(json, "work folder removed (--keep keeps it)"),
             Err(e) => eprintln!("warning: cannot remove {}: {e}", dir.display()),
         }
     }
+    if json {
+        let v = match (&outcome, summary) {
+            (Ok(()), Some(mut s)) => {
+                s.work_folder = dir.clone();
+                s.work_folder_kept = opts.keep;
+                serde_json::to_value(s)?
+            }
+            (Ok(()), None) => serde_json::json!({ "ok": false, "error": "no summary" }),
+            (Err(e), _) => serde_json::json!({ "ok": false, "error": format!("{e:#}") }),
+        };
+        println!("{v}");
+    }
     outcome
+}
+
+/// A progress bar on stderr if it is a terminal, hidden otherwise.
+fn progress_bar(total: u64) -> indicatif::ProgressBar {
+    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        indicatif::ProgressBar::new(total)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} delivered {pos}/{len} [{bar:30}] {elapsed} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
 }
 
 /// Remove what is inside `dir` (a folder the user gave, which existed empty).
@@ -388,8 +453,14 @@ impl Nodes {
     }
 }
 
-/// The demo inside its work folder; `verified` is set once every object has been checked.
-async fn run_in(opts: &DemoOptions, dir: &Path, nodes: &Nodes, verified: &mut bool) -> Result<()> {
+/// The demo inside its work folder; `summary` is set once every object has been checked.
+async fn run_in(
+    opts: &DemoOptions,
+    dir: &Path,
+    nodes: &Nodes,
+    summary: &mut Option<Summary>,
+) -> Result<()> {
+    let json = opts.json;
     twosite::init(dir)?;
     let received = dir.join("received");
 
@@ -404,19 +475,26 @@ async fn run_in(opts: &DemoOptions, dir: &Path, nodes: &Nodes, verified: &mut bo
     twosite::write(&a_path, &twosite::SiteA::new(link).toml())?;
     let a = nodes.start(&a_path, "site A").await?;
     let dicom = a.dicom.context("site A has no DICOM listener")?;
-    println!("site A: DICOM GW_A@{dicom}   site B: link https://{link} (mutual TLS 1.3)");
+    say!(
+        json,
+        "site A: DICOM GW_A@{dicom}   site B: link https://{link} (mutual TLS 1.3)"
+    );
 
     let total = (opts.studies * opts.objects_per_study) as usize;
     let pixel_bytes = opts.object_kib * 1024;
-    println!(
+    say!(
+        json,
         "sending {total} objects ({} studies x {}, ~{} KiB each) into site A by C-STORE...",
-        opts.studies, opts.objects_per_study, opts.object_kib
+        opts.studies,
+        opts.objects_per_study,
+        opts.object_kib
     );
+    let bar = progress_bar(total as u64);
     let started = Instant::now();
     let mut expected: HashMap<String, usize> = HashMap::new();
     let mut bytes_sent = 0u64;
     let mut sent = 0usize;
-    let mut last_print = Instant::now();
+    let mut last_count = Instant::now();
     for s in 0..opts.studies {
         let study = new_uid();
         let series = new_uid();
@@ -437,11 +515,10 @@ async fn run_in(opts: &DemoOptions, dir: &Path, nodes: &Nodes, verified: &mut bo
         }
         send_objects(&dicom.to_string(), "DEMO_SCU", "GW_A", batch, |_| {
             sent += 1;
-            if last_print.elapsed() > Duration::from_millis(500) {
-                last_print = Instant::now();
-                let delivered = count_files(&received);
-                print!("\r  sent {sent}/{total}, delivered {delivered}/{total}   ");
-                let _ = std::io::stdout().flush();
+            bar.set_message(format!("(sent {sent}/{total})"));
+            if last_count.elapsed() > Duration::from_millis(250) {
+                last_count = Instant::now();
+                bar.set_position(count_files(&received) as u64);
             }
         })
         .await
@@ -450,19 +527,20 @@ async fn run_in(opts: &DemoOptions, dir: &Path, nodes: &Nodes, verified: &mut bo
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let delivered = count_files(&received);
-        print!("\r  sent {sent}/{total}, delivered {delivered}/{total}   ");
-        let _ = std::io::stdout().flush();
+        bar.set_position(delivered as u64);
         if delivered >= total {
             break;
         }
         if Instant::now() > deadline {
-            println!();
-            bail!("timed out: {delivered} of {total} objects delivered");
+            bar.abandon();
+            bail!(
+                "timed out: {delivered} of {total} objects delivered in 600 s; run again with --keep and read the logs of both sites in the work folder"
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let elapsed = started.elapsed();
-    println!();
+    bar.finish_and_clear();
 
     // Verify every delivered file byte for byte (its data set against what was sent).
     let mut ok = 0usize;
@@ -482,17 +560,29 @@ async fn run_in(opts: &DemoOptions, dir: &Path, nodes: &Nodes, verified: &mut bo
         }
     }
     let secs = elapsed.as_secs_f64().max(1e-9);
-    println!("summary:");
-    println!("  objects   {ok}/{total} delivered identical");
-    println!(
+    let s = Summary {
+        ok: bad.is_empty() && ok == total,
+        objects: total,
+        delivered_identical: ok,
+        bytes: bytes_sent,
+        seconds: secs,
+        objects_per_second: total as f64 / secs,
+        mib_per_second: bytes_sent as f64 / 1048576.0 / secs,
+        ..Summary::default()
+    };
+    say!(json, "summary:");
+    say!(json, "  objects   {ok}/{total} delivered identical");
+    say!(
+        json,
         "  bytes     {bytes_sent} ({:.1} MiB)",
         bytes_sent as f64 / 1048576.0
     );
-    println!("  time      {secs:.2} s");
-    println!(
+    say!(json, "  time      {secs:.2} s");
+    say!(
+        json,
         "  rate      {:.1} objects/s, {:.1} MiB/s",
-        total as f64 / secs,
-        bytes_sent as f64 / 1048576.0 / secs
+        s.objects_per_second,
+        s.mib_per_second
     );
     if !bad.is_empty() || ok != total {
         bail!(
@@ -501,26 +591,28 @@ async fn run_in(opts: &DemoOptions, dir: &Path, nodes: &Nodes, verified: &mut bo
             bad.first()
         );
     }
-    println!(
+    say!(
+        json,
         "  site A spool and site B spool hold only ciphertext; the hand-off folder {} is plaintext by design",
         received.display()
     );
-    *verified = true;
+    *summary = Some(s);
 
     if opts.keep_running {
-        println!();
-        println!("both sites keep running; press Ctrl-C to stop.");
-        println!(
+        say!(json, "");
+        say!(json, "both sites keep running; press Ctrl-C to stop.");
+        say!(
+            json,
             "  send to site A:  TCP_NODELAY=1 storescu -aec GW_A {} {} FILE.dcm",
             dicom.ip(),
             dicom.port()
         );
-        println!("  site B writes:   {}", received.display());
+        say!(json, "  site B writes:   {}", received.display());
         if let Some(h) = a.http {
-            println!("  site A metrics:  http://{h}/metrics");
+            say!(json, "  site A metrics:  http://{h}/metrics");
         }
         if let Some(h) = b.http {
-            println!("  site B metrics:  http://{h}/metrics");
+            say!(json, "  site B metrics:  http://{h}/metrics");
         }
         // The caller's signal branch ends the demo.
         std::future::pending::<()>().await;

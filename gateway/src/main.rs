@@ -69,6 +69,9 @@ enum Command {
         /// Keep the work folder at the end and print where it is (default: removed).
         #[arg(long)]
         keep: bool,
+        /// Print the summary as one JSON object on stdout (the lines for people go to stderr).
+        #[arg(long)]
+        json: bool,
     },
     /// Probe the admin endpoint; exit 0 only on a 200 (for Docker's HEALTHCHECK).
     Healthcheck {
@@ -304,6 +307,7 @@ fn main() -> ExitCode {
             object_kib,
             keep_running,
             keep,
+            json,
         } => {
             init_logging("warn", cli.log_format.map_or(LogFormat::Text, Into::into));
             let opts = dicom_gateway::demo::DemoOptions {
@@ -313,6 +317,7 @@ fn main() -> ExitCode {
                 object_kib,
                 keep_running,
                 keep,
+                json,
             };
             report(runtime.block_on(dicom_gateway::demo::run(opts)))
         }

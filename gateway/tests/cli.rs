@@ -323,6 +323,34 @@ fn the_demo_removes_its_work_folder() {
     assert!(!work.exists(), "left behind: {}", work.display());
 }
 
+/// With `--json`, stdout is one JSON object a script can read (the lines for people go to
+/// stderr), and it says what was delivered.
+#[test]
+fn the_demo_summary_is_json_with_json() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let work = tmp.path().join("work");
+    let mut args = demo_args(&work, 3);
+    args.push("--json".into());
+    let o = Command::new(BIN).args(args).output().expect("demo");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}): {:?}", o.stdout));
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(
+        (v["objects"].as_u64(), v["delivered_identical"].as_u64()),
+        (Some(3), Some(3)),
+        "{v}"
+    );
+    assert_eq!(v["work_folder"], work.to_str().expect("utf-8"), "{v}");
+    assert_eq!(v["work_folder_kept"], false, "{v}");
+    assert!(
+        stderr(&o).contains("3/3 delivered identical"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!work.exists());
+}
+
 #[test]
 fn the_demo_keeps_its_work_folder_with_keep() {
     let tmp = tempfile::tempdir().expect("temp dir");
