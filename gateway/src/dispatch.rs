@@ -154,6 +154,48 @@ struct Breaker {
     opens: u32,
     /// When the next probe may start.
     until: Instant,
+    /// How loudly openings and recoveries are logged.
+    flaps: Flaps,
+}
+
+/// Openings of a circuit within this window of the last one logged at WARN are logged at
+/// DEBUG, and counted in the next WARN.
+const FLAP_WINDOW: Duration = Duration::from_secs(60);
+
+/// The log of a circuit that flaps. A peer under backpressure (a site B answering 503
+/// between successes) opens and closes the circuit many times a minute; each opening would
+/// log a WARN and each recovery an INFO. At most one WARN per [`FLAP_WINDOW`] is logged; the
+/// openings in between go to DEBUG and are counted in the next WARN (`flaps`), and a
+/// recovery is logged at INFO only when its opening was.
+#[derive(Debug, Default)]
+struct Flaps {
+    last_warn: Option<Instant>,
+    quiet: u32,
+    warned: bool,
+}
+
+impl Flaps {
+    /// The circuit opened: `Some(quiet openings since the last WARN)` if this one is logged
+    /// at WARN, `None` if at DEBUG.
+    fn opened(&mut self, now: Instant) -> Option<u32> {
+        if self
+            .last_warn
+            .is_some_and(|t| now.saturating_duration_since(t) < FLAP_WINDOW)
+        {
+            self.quiet = self.quiet.saturating_add(1);
+            self.warned = false;
+            None
+        } else {
+            self.last_warn = Some(now);
+            self.warned = true;
+            Some(std::mem::take(&mut self.quiet))
+        }
+    }
+
+    /// The circuit closed: true if its opening was logged at WARN (log this at INFO).
+    fn closed(&mut self) -> bool {
+        std::mem::take(&mut self.warned)
+    }
 }
 
 impl Breaker {
@@ -255,6 +297,7 @@ pub async fn run(
         state: Circuit::Closed,
         opens: 0,
         until: now,
+        flaps: Flaps::default(),
     };
     let depth = metrics.queue_objects.with_label_values(&[&name]);
     let dead_gauge = metrics.dead_letter_objects.with_label_values(&[&name]);
@@ -350,7 +393,11 @@ pub async fn run(
                 match result {
                     Ok(()) => {
                         if breaker.success() {
-                            info!(destination = %name, "destination recovered");
+                            if breaker.flaps.closed() {
+                                info!(destination = %name, "destination recovered");
+                            } else {
+                                debug!(destination = %name, "destination recovered");
+                            }
                         }
                         local_failing = false;
                         let entry = slot.entry;
@@ -482,7 +529,14 @@ async fn handle_failure(
             let delay = breaker.failure(policy, *retry_after);
             slot.due = Instant::now();
             if was == Circuit::Closed {
-                warn!(destination = %name, error = %err, retry_in_ms = delay.as_millis() as u64, "destination failing; objects stay queued and the destination is probed with backoff");
+                match breaker.flaps.opened(Instant::now()) {
+                    Some(flaps) => {
+                        warn!(destination = %name, error = %err, retry_in_ms = delay.as_millis() as u64, flaps, "destination failing; objects stay queued and the destination is probed with backoff (flaps: quieter openings since the last such line)")
+                    }
+                    None => {
+                        debug!(destination = %name, error = %err, retry_in_ms = delay.as_millis() as u64, "destination failing again")
+                    }
+                }
             } else {
                 debug!(destination = %name, error = %err, retry_in_ms = delay.as_millis() as u64, "probe failed");
             }
@@ -725,6 +779,7 @@ mod tests {
             state: Circuit::Closed,
             opens: 0,
             until: now,
+            flaps: Flaps::default(),
         };
         assert!(b.admit(now, 5));
         let d = b.failure(&policy, None);
@@ -757,6 +812,7 @@ mod tests {
             state: Circuit::Closed,
             opens: 0,
             until: Instant::now(),
+            flaps: Flaps::default(),
         };
         let first = b.failure(&policy, None);
         for _ in 0..31 {
@@ -769,5 +825,30 @@ mod tests {
         b.state = Circuit::HalfOpen;
         b.failure(&policy, None);
         assert_eq!(b.opens, 2);
+    }
+
+    /// Seen in the scale-out test: a site B under backpressure answers 503 between
+    /// successes, and each opening logged a WARN (about 21 a run). One WARN per window now,
+    /// counting the quiet ones; a recovery is loud only when its opening was.
+    #[test]
+    fn a_flapping_circuit_warns_once_per_window() {
+        let mut f = Flaps::default();
+        let t0 = Instant::now();
+        assert_eq!(f.opened(t0), Some(0), "the first opening warns");
+        assert!(f.closed(), "and so does its recovery");
+        for i in 1..=20 {
+            assert_eq!(f.opened(t0 + Duration::from_secs(i)), None);
+            assert!(!f.closed());
+        }
+        assert_eq!(
+            f.opened(t0 + FLAP_WINDOW),
+            Some(20),
+            "after the window: a WARN that counts the quiet openings"
+        );
+        assert!(f.closed());
+        assert_eq!(
+            f.opened(t0 + FLAP_WINDOW * 2 + Duration::from_secs(1)),
+            Some(0)
+        );
     }
 }
