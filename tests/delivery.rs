@@ -24,6 +24,7 @@ async fn a_refused_object_becomes_a_dead_letter_and_replays_after_the_fix() {
         a_listener_extra: String::new(),
         a_spool: String::new(),
         b_retry: r#"initial = "100ms", max_delay = "500ms", max_attempts = 3"#.into(),
+        b_destination_extra: String::new(),
     })
     .await;
     // The refused object first in the queue, then the ones the PACS takes.
@@ -149,6 +150,7 @@ async fn a_poison_object_the_pacs_aborts_on_is_dead_lettered_and_replays_after_t
         a_listener_extra: String::new(),
         a_spool: String::new(),
         b_retry: r#"initial = "2s", max_delay = "4s", max_attempts = 3"#.into(),
+        b_destination_extra: String::new(),
     })
     .await;
     let send = tmp.path().join("send");
@@ -243,6 +245,123 @@ async fn a_poison_object_the_pacs_aborts_on_is_dead_lettered_and_replays_after_t
         replayed,
         "fixed PACS has {:?}, expected {poison_ds:?}",
         fixed.received()
+    );
+    sites.stop().await;
+}
+
+/// `order = "study"` at site B: while an object of a study is retried (a data set cut one
+/// byte short, which storescp aborts on), the objects of that study that came after it wait
+/// at B, and go once it is a dead letter. The rest of the study reaches the PACS only after
+/// its failing object has used up its budget: order kept within the study.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn in_study_order_the_rest_of_a_study_waits_for_its_failing_object() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pacs = Storescp::start(&tmp.path().join("pacs"));
+    let mut sites = TwoSites::start(SiteOptions {
+        pacs_port: pacs.port,
+        a_listener_extra: String::new(),
+        a_spool: String::new(),
+        // Retries at least 1 s apart; one association, so nothing else is in flight.
+        b_retry: r#"initial = "2s", max_delay = "4s", max_attempts = 3"#.into(),
+        b_destination_extra: "order = \"study\"\nassociations = 1".into(),
+    })
+    .await;
+    let objects = study(6, "STUDY^ORDER", 20_000);
+    let files = write_part10(&tmp.path().join("send"), &objects);
+    // Object 2 loses its last byte: it ends inside its pixel data, at an odd length.
+    let cut = std::fs::read(&files[2]).unwrap();
+    std::fs::write(&files[2], &cut[..cut.len() - 1]).unwrap();
+    let before = file_datasets(&files[..2]);
+    let after = file_datasets(&files[3..]);
+    let b = sites.b.as_ref().unwrap();
+
+    // The head of the study, delivered.
+    assert_eq!(
+        send_with_pynetdicom(sites.a_dicom(), "GW_A", &files[..2]),
+        2
+    );
+    assert!(eventually(Duration::from_secs(30), || pacs.received() == before).await);
+    // The failing object: the PACS aborts on it, and it waits for its retry.
+    assert_eq!(
+        send_with_pynetdicom_args(sites.a_dicom(), "GW_A", &["--as-is"], &files[2..3]),
+        1
+    );
+    let mut failed_once = false;
+    for _ in 0..300 {
+        let e = queue_entries(b, "/v1/queue?destination=pacs").await;
+        if e.len() == 1 && e[0].attempts >= 1 {
+            assert!(
+                e[0].last_reason
+                    .as_deref()
+                    .is_some_and(|r| r.contains("aborted")),
+                "{e:?}"
+            );
+            failed_once = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(failed_once, "the PACS did not abort on the cut object");
+    // The rest of the study arrives at B while its failing object is being retried.
+    assert_eq!(
+        send_with_pynetdicom(sites.a_dicom(), "GW_A", &files[3..]),
+        3
+    );
+    let mut held = None;
+    for _ in 0..300 {
+        let e = queue_entries(b, "/v1/queue?destination=pacs").await;
+        if e.len() == 4 {
+            held = Some(e);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let held = held.expect(
+        "the rest of the study waits at B (with order = \"arrival\" it would be delivered at once)",
+    );
+    let failing = held
+        .iter()
+        .find(|e| e.attempts > 0)
+        .expect("the failing object");
+    let attempts = failing.attempts;
+    assert!(attempts < 3, "{held:?}");
+    // It is retried at least once more while the others wait, untried.
+    let mut retried = false;
+    for _ in 0..200 {
+        let e = queue_entries(b, "/v1/queue?destination=pacs").await;
+        let f = e
+            .iter()
+            .find(|x| x.sop_instance_uid == failing.sop_instance_uid);
+        if f.is_none_or(|f| f.attempts > attempts || f.state == "dead") {
+            retried = true;
+            break;
+        }
+        assert_eq!(e.len(), 4, "nothing of the study goes meanwhile: {e:?}");
+        assert!(
+            e.iter()
+                .filter(|x| x.attempts == 0)
+                .all(|x| x.state == "queued"),
+            "{e:?}"
+        );
+        assert_eq!(pacs.received(), before);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(retried);
+    // Once it is a dead letter, the rest of its study goes.
+    let mut all = before.clone();
+    all.extend(after);
+    let done = eventually(Duration::from_secs(30), || {
+        pacs.received() == all
+            && b.board
+                .get("pacs")
+                .is_some_and(|s| s.dead == 1 && s.queued == 0)
+    })
+    .await;
+    assert!(
+        done,
+        "PACS has {:?}; status {:?}",
+        pacs.received(),
+        b.board.get("pacs")
     );
     sites.stop().await;
 }
@@ -402,6 +521,7 @@ async fn a_vendor_private_storage_class_passes_through() {
         a_listener_extra: String::new(),
         a_spool: String::new(),
         b_retry: SiteOptions::B_RETRY.to_owned(),
+        b_destination_extra: String::new(),
     })
     .await;
     let dir = tmp.path().join("send");

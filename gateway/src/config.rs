@@ -501,6 +501,8 @@ pub struct Destination {
     /// Entries this destination may have waiting (dead letters excluded). Past it, new
     /// objects routed to it are refused (0xA700, or 503 on the link) until it drains.
     pub max_queue: usize,
+    /// The order objects leave in when one of them fails (`order`).
+    pub order: Order,
 }
 
 /// `[destination.retry]`: the retry budget of a destination.
@@ -595,6 +597,25 @@ impl DestinationKind {
     }
 }
 
+/// `order` of a destination: what a failing object does to the rest of its study.
+///
+/// Objects leave in queue order either way; the two differ only once an object fails and
+/// is to be retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Order {
+    /// The failing object steps aside: the objects behind it, of its study or another, go
+    /// on meanwhile, and it is retried when no first attempt is due. One poison object
+    /// never delays anything but itself.
+    #[default]
+    Arrival,
+    /// Order kept within a study: while an object is being retried, the objects of its
+    /// study queued after it wait until it is delivered or becomes a dead letter (at most
+    /// its retry budget). Other studies go on. For a PACS that needs a study's objects in
+    /// the order they were sent; a poison object then delays its own study by its budget.
+    Study,
+}
+
 /// The flat TOML shape of a destination; [`Destination`] is built from it so that a key that
 /// does not belong to the destination's `kind` is reported by name.
 #[derive(Deserialize)]
@@ -610,6 +631,7 @@ struct RawDestination {
     #[serde(default, with = "humantime_serde")]
     send_timeout: Option<Duration>,
     max_queue: Option<usize>,
+    order: Option<Order>,
     url: Option<String>,
     peer_name: Option<String>,
     max_in_flight: Option<usize>,
@@ -711,6 +733,7 @@ impl TryFrom<RawDestination> for Destination {
             retry,
             send_timeout: r.send_timeout.unwrap_or(Duration::from_secs(60)),
             max_queue: r.max_queue.unwrap_or(1_000_000),
+            order: r.order.unwrap_or_default(),
         })
     }
 }

@@ -43,7 +43,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::config::{Destination, RetryPolicy};
+use crate::config::{Destination, Order, RetryPolicy};
 use crate::deliver::{DeliveryError, Sender};
 use crate::metrics::Metrics;
 use crate::spool::{EntryState, FailureRecord, QueueEntry, QueueEvent, Queued, Spool};
@@ -139,6 +139,8 @@ struct Slot {
     entry: QueueEntry,
     length: u64,
     received_at_ms: u64,
+    /// The object's study ([`crate::spool::study_tag`]), for `order = "study"`.
+    study: u64,
     failures: FailureRecord,
     due: Instant,
     in_flight: bool,
@@ -257,6 +259,7 @@ pub async fn run(
 ) {
     let name = dest.name.clone();
     let policy = dest.retry;
+    let order = dest.order;
     let concurrency = sender.concurrency();
     let (stored, mut rx) = match spool.subscribe(&name).await {
         Ok(x) => x,
@@ -320,7 +323,7 @@ pub async fn run(
         let now = Instant::now();
         if !shutdown.is_cancelled() {
             let free = concurrency.saturating_sub(tasks.len());
-            for seq in pick(&slots, now, starvation_bound(&policy), free) {
+            for seq in pick(&slots, now, starvation_bound(&policy), free, order) {
                 if !breaker.admit(now, tasks.len()) {
                     break;
                 }
@@ -476,8 +479,38 @@ fn starvation_bound(policy: &RetryPolicy) -> Duration {
 /// A retry keeps its place among the retries, but it never holds back an object that has
 /// not been tried yet: on a single association, two objects a PACS keeps aborting would
 /// otherwise take turns ahead of everything behind them until both were dead letters.
-fn pick(slots: &BTreeMap<u64, Slot>, now: Instant, bound: Duration, n: usize) -> Vec<u64> {
-    let due = |s: &&Slot| !s.in_flight && s.entry.state == EntryState::Queued && s.due <= now;
+///
+/// With [`Order::Study`], an entry queued after a retry of its own study (one with a failure
+/// counted that is not a dead letter, due or not, in flight or not) is not picked: the rest
+/// of a study waits for its failing object. Entries already in flight when an object of
+/// their study failed are not called back.
+fn pick(
+    slots: &BTreeMap<u64, Slot>,
+    now: Instant,
+    bound: Duration,
+    n: usize,
+    order: Order,
+) -> Vec<u64> {
+    let mut held = std::collections::HashSet::new();
+    let mut behind = std::collections::HashSet::new();
+    if order == Order::Study {
+        for s in slots.values() {
+            if s.entry.state != EntryState::Queued {
+                continue;
+            }
+            if held.contains(&s.study) {
+                behind.insert(s.entry.seq);
+            } else if s.failures.attempts > 0 {
+                held.insert(s.study);
+            }
+        }
+    }
+    let due = |s: &&Slot| {
+        !s.in_flight
+            && s.entry.state == EntryState::Queued
+            && s.due <= now
+            && !behind.contains(&s.entry.seq)
+    };
     let starved = now.checked_sub(bound);
     let first = |s: &&Slot| s.failures.attempts == 0 || starved.is_some_and(|t| s.due <= t);
     let mut out: Vec<u64> = slots
@@ -506,6 +539,7 @@ fn slot(q: Queued, failures: FailureRecord, now: Instant) -> Slot {
         entry: q.entry,
         length: q.length,
         received_at_ms: q.received_at_ms,
+        study: q.study,
         failures,
         due: now,
         in_flight: false,
@@ -666,6 +700,7 @@ mod tests {
             },
             length: 1,
             received_at_ms: 0,
+            study: 0,
             failures: FailureRecord {
                 attempts,
                 history: Vec::new(),
@@ -695,15 +730,77 @@ mod tests {
         dead.entry.state = EntryState::Dead;
         slots.insert(7, dead);
         // Untried first, in queue order; then the retries, in queue order.
-        assert_eq!(pick(&slots, now, bound, 1), vec![3]);
-        assert_eq!(pick(&slots, now, bound, 10), vec![3, 5, 1, 2]);
+        assert_eq!(pick(&slots, now, bound, 1, Order::Arrival), vec![3]);
+        assert_eq!(
+            pick(&slots, now, bound, 10, Order::Arrival),
+            vec![3, 5, 1, 2]
+        );
         // A retry that waited past the bound goes first again.
         slots.insert(2, test_slot(2, 1, now - Duration::from_secs(61)));
-        assert_eq!(pick(&slots, now, bound, 2), vec![2, 3]);
-        assert_eq!(pick(&slots, now, bound, 0), Vec::<u64>::new());
+        assert_eq!(pick(&slots, now, bound, 2, Order::Arrival), vec![2, 3]);
+        assert_eq!(
+            pick(&slots, now, bound, 0, Order::Arrival),
+            Vec::<u64>::new()
+        );
         assert_eq!(
             starvation_bound(&RetryPolicy::default()),
             Duration::from_secs(300)
+        );
+    }
+
+    /// `order = "study"`: while an object is retried, the later objects of its study wait
+    /// (in flight or not, due or not, it holds them); other studies go on; a dead letter
+    /// holds nothing. `order = "arrival"` on the same queue lets them all go.
+    #[test]
+    fn in_study_order_a_retry_holds_the_rest_of_its_study() {
+        let now = Instant::now();
+        let bound = Duration::from_secs(60);
+        let mut slots = BTreeMap::new();
+        let mut put = |seq: u64, study: u64, attempts: u32, due: Instant| {
+            let mut s = test_slot(seq, attempts, due);
+            s.study = study;
+            slots.insert(seq, s);
+        };
+        // Study 1: its second object is being retried (not due yet); study 2 untouched;
+        // study 3: its head is a dead letter.
+        put(1, 1, 0, now);
+        put(2, 1, 2, now + Duration::from_secs(5));
+        put(3, 2, 0, now);
+        put(4, 1, 0, now);
+        put(5, 3, 1, now);
+        put(6, 2, 0, now);
+        put(7, 1, 0, now);
+        put(8, 3, 0, now);
+        if let Some(s) = slots.get_mut(&5) {
+            s.entry.state = EntryState::Dead;
+        }
+        assert_eq!(
+            pick(&slots, now, bound, 10, Order::Study),
+            vec![1, 3, 6, 8],
+            "4 and 7 wait behind 2; 8 is not held by a dead letter"
+        );
+        assert_eq!(
+            pick(&slots, now, bound, 10, Order::Arrival),
+            vec![1, 3, 4, 6, 7, 8]
+        );
+        // The retry comes due: it goes (after the first attempts), and still holds its study
+        // while it is in flight.
+        if let Some(s) = slots.get_mut(&2) {
+            s.due = now;
+        }
+        assert_eq!(
+            pick(&slots, now, bound, 10, Order::Study),
+            vec![1, 3, 6, 8, 2]
+        );
+        if let Some(s) = slots.get_mut(&2) {
+            s.in_flight = true;
+        }
+        assert_eq!(pick(&slots, now, bound, 10, Order::Study), vec![1, 3, 6, 8]);
+        // Delivered (removed): the rest of study 1 goes, in queue order.
+        slots.remove(&2);
+        assert_eq!(
+            pick(&slots, now, bound, 10, Order::Study),
+            vec![1, 3, 4, 6, 7, 8]
         );
     }
 
@@ -728,6 +825,7 @@ mod tests {
             retry: RetryPolicy::default(),
             send_timeout: Duration::from_secs(60),
             max_queue: 100,
+            order: Order::Arrival,
         };
         let sender = Arc::new(Sender::from_config(&dest, "node", None).unwrap());
         let stop = CancellationToken::new();

@@ -99,6 +99,8 @@ pub struct SiteB {
     pub http_listen: SocketAddr,
     /// The lines of a `[spool]` section; no section when empty.
     pub spool: String,
+    /// Extra lines of B's `[[destination]]` table (e.g. `order = "study"`).
+    pub destination_extra: String,
     /// Where B delivers.
     pub delivery: Delivery,
 }
@@ -110,6 +112,7 @@ impl SiteB {
             link_listen: any_loopback_port(),
             http_listen: any_loopback_port(),
             spool: String::new(),
+            destination_extra: String::new(),
             delivery,
         }
     }
@@ -120,6 +123,7 @@ impl SiteB {
         let http = self.http_listen;
         let spool = spool_section(&self.spool);
         let dest = self.delivery.name();
+        let extra = lines(&self.destination_extra);
         let delivery = match &self.delivery {
             Delivery::Folder { path } => format!("kind = \"folder\"\npath = \"{path}\"\n"),
             Delivery::Dicom {
@@ -150,7 +154,7 @@ allowed_peers = ["site-a"]
 route_to = ["{dest}"]
 [[destination]]
 name = "{dest}"
-{delivery}"#
+{delivery}{extra}"#
         )
     }
 }

@@ -362,6 +362,23 @@ pub struct Queued {
     pub length: u64,
     /// When the object was committed here (ms since the epoch).
     pub received_at_ms: u64,
+    /// Its study, as a [`study_tag`] (for the dispatcher's in-study order).
+    pub study: u64,
+}
+
+/// A study's tag for grouping in memory: a hash of the Study Instance UID under a key
+/// drawn at process start. It is never stored or logged, and means nothing in another
+/// process. An object whose study is unknown gets a tag of its own ([`object_tag`]).
+pub fn study_tag(study_uid: &str) -> u64 {
+    use std::hash::BuildHasher;
+    static KEY: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    KEY.get_or_init(Default::default).hash_one(study_uid)
+}
+
+/// The tag of an object whose study is not known (its metadata does not open): its own.
+fn object_tag(id: &ObjectId) -> u64 {
+    study_tag(&format!("object:{id}"))
 }
 
 /// A delivered object kept for `[spool] retention`.
@@ -1171,8 +1188,10 @@ impl Spool {
                 entry,
                 length: m.length,
                 received_at_ms: m.received_at_ms,
+                study: study_tag(&m.study_uid),
             },
             Err(_) => Queued {
+                study: object_tag(&entry.object),
                 entry,
                 length: 0,
                 received_at_ms: now_ms(),
@@ -1591,6 +1610,7 @@ impl Spool {
                     }
                 }
             }
+            let tag = study_tag(&study_uid);
             let s = &spool.inner.store;
             let _g = spool.commit_lock()?;
             let mut b = s.batch();
@@ -1621,6 +1641,7 @@ impl Spool {
                             entry,
                             length,
                             received_at_ms,
+                            study: tag,
                         },
                     ));
                 }
@@ -2270,6 +2291,7 @@ impl CommitJob {
         let sealed_meta =
             keystore::seal_record(&dek, &meta_ad(&id), &meta.encode()).map_err(SpoolError::Key)?;
         let meta_received = meta.received_at_ms;
+        let study = study_tag(&meta.study_uid);
         let spool = self.spool.clone();
         let routes = self.routes.clone();
         let dedup = self.dedup;
@@ -2348,6 +2370,7 @@ impl CommitJob {
                     entry,
                     length: self.length,
                     received_at_ms: meta_received,
+                    study,
                 }),
             );
         }

@@ -67,6 +67,8 @@ pub struct SiteOptions {
     pub a_spool: String,
     /// B's `[destination.retry]` for its PACS, as inline-table content.
     pub b_retry: String,
+    /// Extra lines of B's PACS `[[destination]]` (e.g. `order = "study"`).
+    pub b_destination_extra: String,
 }
 
 impl SiteOptions {
@@ -85,6 +87,7 @@ impl TwoSites {
         twosite::init(dir.path()).expect("PKI and KEKs");
         let mut site_b = SiteB {
             spool: MIN_FREE.to_owned(),
+            destination_extra: opts.b_destination_extra,
             ..SiteB::new(Delivery::Dicom {
                 address: SocketAddr::from(([127, 0, 0, 1], opts.pacs_port)),
                 ae_title: "STORESCP".to_owned(),
@@ -252,6 +255,7 @@ impl Fixture {
             a_listener_extra: a_listener_extra.to_owned(),
             a_spool: a_spool.to_owned(),
             b_retry: SiteOptions::B_RETRY.to_owned(),
+            b_destination_extra: String::new(),
         })
         .await;
         Fixture { tmp, pacs, sites }
@@ -271,6 +275,7 @@ mod tests {
             a_listener_extra: String::new(),
             a_spool: String::new(),
             b_retry: SiteOptions::B_RETRY.to_owned(),
+            b_destination_extra: String::new(),
         })
         .await;
         let port = sites.link_port;
