@@ -25,6 +25,7 @@ async fn a_refused_object_becomes_a_dead_letter_and_replays_after_the_fix() {
         a_spool: String::new(),
         b_retry: r#"initial = "100ms", max_delay = "500ms", max_attempts = 3"#.into(),
         b_destination_extra: String::new(),
+        a_destination_extra: String::new(),
     })
     .await;
     // The refused object first in the queue, then the ones the PACS takes.
@@ -151,6 +152,7 @@ async fn a_poison_object_the_pacs_aborts_on_is_dead_lettered_and_replays_after_t
         a_spool: String::new(),
         b_retry: r#"initial = "2s", max_delay = "4s", max_attempts = 3"#.into(),
         b_destination_extra: String::new(),
+        a_destination_extra: String::new(),
     })
     .await;
     let send = tmp.path().join("send");
@@ -264,6 +266,7 @@ async fn in_study_order_the_rest_of_a_study_waits_for_its_failing_object() {
         // Retries at least 1 s apart; one association, so nothing else is in flight.
         b_retry: r#"initial = "2s", max_delay = "4s", max_attempts = 3"#.into(),
         b_destination_extra: "order = \"study\"\nassociations = 1".into(),
+        a_destination_extra: String::new(),
     })
     .await;
     let objects = study(6, "STUDY^ORDER", 20_000);
@@ -522,6 +525,7 @@ async fn a_vendor_private_storage_class_passes_through() {
         a_spool: String::new(),
         b_retry: SiteOptions::B_RETRY.to_owned(),
         b_destination_extra: String::new(),
+        a_destination_extra: String::new(),
     })
     .await;
     let dir = tmp.path().join("send");
@@ -568,5 +572,113 @@ for name, uid in (("private.dcm", sys.argv[2]), ("find.dcm", "1.2.840.10008.5.1.
             .any(|w| w == CSA_NON_IMAGE.as_bytes()),
         "the delivered file does not carry the private SOP class"
     );
+    sites.stop().await;
+}
+
+/// `order = "study"` on both hops, through an outage of site B: three studies sent
+/// interleaved while B is down wait at A (`status` shows them queued), and once B is back
+/// each study reaches the PACS in the order it was sent, although A keeps many requests in
+/// flight on the link and B four associations to the PACS. Each study's first object is
+/// much larger than the rest, so with `order = "arrival"` the small ones overtake it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn in_study_order_a_study_arrives_in_the_order_it_was_sent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = Storescp::start(&tmp.path().join("unused")).port;
+    let pacs = RawScp::start_with(&tmp.path().join("pacs"), port);
+    let mut sites = TwoSites::start(SiteOptions {
+        pacs_port: port,
+        a_listener_extra: String::new(),
+        a_spool: String::new(),
+        b_retry: SiteOptions::B_RETRY.into(),
+        b_destination_extra: "order = \"study\"\nassociations = 4".into(),
+        a_destination_extra: "order = \"study\"".into(),
+    })
+    .await;
+    sites.stop_b().await;
+
+    // Study s, object i: sent in the order (0,0), (1,0), (2,0), (0,1), ...
+    let per_study = 6;
+    let studies: Vec<(String, String)> = (0..3)
+        .map(|_| {
+            (
+                dicom_gateway::demo::new_uid(),
+                dicom_gateway::demo::new_uid(),
+            )
+        })
+        .collect();
+    let mut objects = Vec::new();
+    let mut place = std::collections::HashMap::new();
+    for i in 0..per_study {
+        for (s, (study_uid, series_uid)) in studies.iter().enumerate() {
+            let size = if i == 0 { 3 << 20 } else { 4096 };
+            let o = dicom_gateway::demo::generate_object(
+                study_uid,
+                series_uid,
+                i + 1,
+                "ORDER^KEPT",
+                size,
+            )
+            .unwrap();
+            place.insert(dicom_gateway::demo::sha256_hex(&o.dataset), (s, i));
+            objects.push(o);
+        }
+    }
+    let files = write_part10(&tmp.path().join("send"), &objects);
+    assert_eq!(
+        send_with_pynetdicom(sites.a_dicom(), "GW_A", &files),
+        files.len()
+    );
+    // The outage: A holds all of them, and says so.
+    let a = sites.a.as_ref().unwrap();
+    let status = admin_status(a).await;
+    let link = status
+        .destinations
+        .iter()
+        .find(|d| d.name == "site-b")
+        .expect("site-b in status");
+    assert_eq!(link.queued, files.len(), "{link:?}");
+    assert_eq!(pacs.received().values().sum::<usize>(), 0);
+
+    sites.start_b().await;
+    assert!(
+        eventually(Duration::from_secs(120), || {
+            pacs.received().values().sum::<usize>() == files.len()
+        })
+        .await,
+        "only {} of {} arrived",
+        pacs.received().values().sum::<usize>(),
+        files.len()
+    );
+    assert!(sites.settled(Duration::from_secs(30)).await);
+    assert_eq!(
+        pacs.received(),
+        file_datasets(&files),
+        "nothing lost or doubled"
+    );
+    // raw_scp numbers its files in arrival order.
+    let mut arrived: Vec<(usize, (usize, u32))> = std::fs::read_dir(&pacs.out)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let n: usize = name.strip_suffix(".dcm")?.parse().ok()?;
+            let data = std::fs::read(e.path()).ok()?;
+            let ds = part10_dataset(&data)?;
+            Some((n, place[&dicom_gateway::demo::sha256_hex(ds)]))
+        })
+        .collect();
+    arrived.sort();
+    for s in 0..studies.len() {
+        let order: Vec<u32> = arrived
+            .iter()
+            .filter(|(_, (st, _))| *st == s)
+            .map(|(_, (_, i))| *i)
+            .collect();
+        assert_eq!(
+            order,
+            (0..per_study).collect::<Vec<_>>(),
+            "study {s} arrived out of order: {arrived:?}"
+        );
+    }
     sites.stop().await;
 }

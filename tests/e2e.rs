@@ -387,3 +387,90 @@ async fn a_retained_study_is_resent_on_request() {
     drop((a, b));
     sites.stop().await;
 }
+
+/// Site A picks up a rotated client certificate without a restart: the pooled link
+/// connection is dropped when the files change, new connections present the new
+/// certificate, and a rotation that B cannot accept stops the link until it is fixed,
+/// with nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn site_a_reloads_its_client_certificate_without_a_restart() {
+    let Fixture {
+        tmp,
+        pacs,
+        mut sites,
+    } = Fixture::start("", "").await;
+    let first = study(3, "RELOAD^ONE", 4096);
+    assert_eq!(send(sites.a_dicom(), "GW_A", &first).await, 3);
+    assert!(eventually(Duration::from_secs(60), || pacs.count() == 3).await);
+    let a_metrics = sites.a.as_ref().unwrap().metrics.clone();
+    let reloads = |result: &str| {
+        metric(
+            &a_metrics.render(),
+            &format!("dicom_gateway_tls_reloads_total{{listener=\"sender\",result=\"{result}\"}}"),
+        )
+    };
+    // B's count of handshakes refused for a client certificate its CA did not sign: the
+    // one place that proves which certificate A presented. (TLS 1.3 clients finish their
+    // side of the handshake before the server checks their certificate, so A sees a link
+    // error.) The other CA has the same name as B's, so webpki finds it as the issuer and
+    // the signature check fails: reason "bad_certificate", not "unknown_ca".
+    let b_metrics = sites.b.as_ref().unwrap().metrics.clone();
+    let tls_failures = || {
+        metric(
+            &b_metrics.render(),
+            "dicom_gateway_tls_handshake_failures_total{listener=\"wan\",reason=\"bad_certificate\"}",
+        )
+    };
+    assert_eq!(tls_failures(), 0.0);
+
+    // A certificate for the same name from a CA that B does not trust, swapped in by
+    // rename as a Secret volume update does; the good files are kept aside.
+    let pki = sites.dir.path().join("pki");
+    let other = tmp.path().join("other-pki");
+    dicom_gateway::pki::init(&other, &["site-a".to_owned()]).unwrap();
+    let swap_in = |from_dir: &std::path::Path| {
+        for f in ["site-a.key", "site-a.crt"] {
+            let tmp_file = pki.join(format!("{f}.new"));
+            std::fs::copy(from_dir.join(f), &tmp_file).unwrap();
+            std::fs::rename(&tmp_file, pki.join(f)).unwrap();
+        }
+    };
+    let good = tmp.path().join("good-pki");
+    std::fs::create_dir(&good).unwrap();
+    for f in ["site-a.key", "site-a.crt"] {
+        std::fs::copy(pki.join(f), good.join(f)).unwrap();
+    }
+    swap_in(&other);
+    assert!(
+        eventually(Duration::from_secs(30), || reloads("ok") >= 1.0).await,
+        "A did not reload its client certificate"
+    );
+
+    // New objects are acknowledged by A but cannot cross: A's pooled connection (made with
+    // the old certificate) is gone, and B refuses the new one.
+    let second = study(3, "RELOAD^TWO", 4096);
+    assert_eq!(send(sites.a_dicom(), "GW_A", &second).await, 3);
+    assert!(
+        eventually(Duration::from_secs(30), || tls_failures() >= 1.0).await,
+        "A went on sending with the certificate it had before the rotation"
+    );
+    assert_eq!(
+        pacs.count(),
+        3,
+        "an object crossed with the rejected certificate"
+    );
+
+    // The good certificate back: the link resumes without a restart, nothing is lost.
+    swap_in(&good);
+    assert!(eventually(Duration::from_secs(30), || reloads("ok") >= 2.0).await);
+    assert!(
+        eventually(Duration::from_secs(60), || pacs.count() == 6).await,
+        "only {} of 6 objects arrived after the fix",
+        pacs.count()
+    );
+    assert!(sites.settled(Duration::from_secs(30)).await);
+    let mut want = expected(&first);
+    want.extend(expected(&second));
+    assert_eq!(pacs.received(), want);
+    sites.stop().await;
+}

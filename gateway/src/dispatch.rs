@@ -309,20 +309,36 @@ pub async fn run(
     let circuit_gauge = metrics.circuit_open.with_label_values(&[&name]);
     let mut tasks: JoinSet<SendOutcome> = JoinSet::new();
     let mut stop_deadline: Option<Instant> = None;
-    let mut local_failing = false;
+    // Some(until) after our own spool failed to read an object: no attempts until then,
+    // then one probe (see `handle_failure`).
+    let mut local_pause: Option<Instant> = None;
     loop {
-        publish(&board, &mut status, &slots, breaker.state, local_failing);
+        publish(
+            &board,
+            &mut status,
+            &slots,
+            breaker.state,
+            local_pause.is_some(),
+        );
         spool.set_destination_full(&name, status.queued >= dest.max_queue);
         depth.set(status.queued as i64);
         dead_gauge.set(status.dead as i64);
         bytes_gauge.set(status.queued_bytes as i64);
         oldest_gauge.set(status.oldest_age_seconds.unwrap_or(0.0));
-        circuit_gauge.set(i64::from(status.circuit != Circuit::Closed));
+        circuit_gauge.set(i64::from(
+            status.circuit != Circuit::Closed || local_pause.is_some(),
+        ));
         // Launch what is due, as far as the circuit and concurrency allow: first attempts in
         // queue order, then retries (see `pick`).
         let now = Instant::now();
-        if !shutdown.is_cancelled() {
-            let free = concurrency.saturating_sub(tasks.len());
+        // Paused on a local failure: nothing until the pause is over, then one probe alone.
+        let probing_local = local_pause.is_some();
+        if !shutdown.is_cancelled() && local_pause.is_none_or(|until| now >= until) {
+            let free = if probing_local {
+                usize::from(tasks.is_empty())
+            } else {
+                concurrency.saturating_sub(tasks.len())
+            };
             for seq in pick(&slots, now, starvation_bound(&policy), free, order) {
                 if !breaker.admit(now, tasks.len()) {
                     break;
@@ -359,7 +375,9 @@ pub async fn run(
                 break;
             }
         }
-        let next_due = if breaker.state == Circuit::Open {
+        let next_due = if let Some(until) = local_pause.filter(|u| *u > now) {
+            Some(until)
+        } else if breaker.state == Circuit::Open {
             Some(breaker.until)
         } else {
             slots
@@ -368,7 +386,10 @@ pub async fn run(
                 .map(|s| s.due)
                 .min()
         };
-        let can_launch = tasks.len() < concurrency && breaker.state != Circuit::HalfOpen;
+        // While probing after a local failure, the probe runs alone.
+        let can_launch = tasks.len() < concurrency
+            && breaker.state != Circuit::HalfOpen
+            && (!probing_local || tasks.is_empty());
         tokio::select! {
             _ = shutdown.cancelled(), if !shutdown.is_cancelled() => {
                 debug!(destination = %name, in_flight = tasks.len(), "stopping after in-flight sends");
@@ -402,7 +423,9 @@ pub async fn run(
                                 debug!(destination = %name, "destination recovered");
                             }
                         }
-                        local_failing = false;
+                        if local_pause.take().is_some() {
+                            info!(destination = %name, "the spool reads again; the destination resumes");
+                        }
                         let entry = slot.entry;
                         match spool.complete(&name, entry).await {
                             Ok(_) => {
@@ -436,7 +459,11 @@ pub async fn run(
                         }
                         status.last_error = Some(err.to_string());
                         status.last_error_at_ms = Some(crate::spool::now_ms());
-                        handle_failure(&name, &policy, &spool, &mut breaker, &mut local_failing, slot, err).await;
+                        // Any answer but a local failure means our spool read the object.
+                        if !matches!(err, DeliveryError::Local { .. }) && local_pause.take().is_some() {
+                            info!(destination = %name, "the spool reads again; the destination resumes");
+                        }
+                        handle_failure(&name, &policy, &spool, &mut breaker, &mut local_pause, slot, err).await;
                     }
                 }
             }
@@ -459,7 +486,13 @@ pub async fn run(
     for s in slots.values_mut() {
         s.in_flight = false;
     }
-    publish(&board, &mut status, &slots, breaker.state, local_failing);
+    publish(
+        &board,
+        &mut status,
+        &slots,
+        breaker.state,
+        local_pause.is_some(),
+    );
     sender.close().await;
     info!(destination = %name, "dispatcher stopped");
 }
@@ -480,10 +513,11 @@ fn starvation_bound(policy: &RetryPolicy) -> Duration {
 /// not been tried yet: on a single association, two objects a PACS keeps aborting would
 /// otherwise take turns ahead of everything behind them until both were dead letters.
 ///
-/// With [`Order::Study`], an entry queued after a retry of its own study (one with a failure
-/// counted that is not a dead letter, due or not, in flight or not) is not picked: the rest
-/// of a study waits for its failing object. Entries already in flight when an object of
-/// their study failed are not called back.
+/// With [`Order::Study`], a study has at most one entry in flight, so the next hop receives
+/// (and queues) its objects in the order they came; and an entry queued after a retry of
+/// its own study (one with a failure counted that is not a dead letter, due or not, in
+/// flight or not) is not picked: the rest of a study waits for its failing object. Other
+/// studies go on in parallel.
 fn pick(
     slots: &BTreeMap<u64, Slot>,
     now: Instant,
@@ -493,8 +527,13 @@ fn pick(
 ) -> Vec<u64> {
     let mut held = std::collections::HashSet::new();
     let mut behind = std::collections::HashSet::new();
+    // Studies picked (or in flight): none of their other entries goes now.
+    let mut taken = std::collections::HashSet::new();
     if order == Order::Study {
         for s in slots.values() {
+            if s.in_flight {
+                taken.insert(s.study);
+            }
             if s.entry.state != EntryState::Queued {
                 continue;
             }
@@ -513,23 +552,17 @@ fn pick(
     };
     let starved = now.checked_sub(bound);
     let first = |s: &&Slot| s.failures.attempts == 0 || starved.is_some_and(|t| s.due <= t);
-    let mut out: Vec<u64> = slots
-        .values()
-        .filter(due)
-        .filter(first)
-        .take(n)
-        .map(|s| s.entry.seq)
-        .collect();
-    if out.len() < n {
-        let more = n - out.len();
-        out.extend(
-            slots
-                .values()
-                .filter(due)
-                .filter(|s| !first(s))
-                .take(more)
-                .map(|s| s.entry.seq),
-        );
+    let mut out = Vec::new();
+    for firsts in [true, false] {
+        for s in slots.values().filter(due).filter(|s| first(s) == firsts) {
+            if out.len() >= n {
+                return out;
+            }
+            if order == Order::Study && !taken.insert(s.study) {
+                continue;
+            }
+            out.push(s.entry.seq);
+        }
     }
     out
 }
@@ -552,7 +585,7 @@ async fn handle_failure(
     policy: &RetryPolicy,
     spool: &Spool,
     breaker: &mut Breaker,
-    local_failing: &mut bool,
+    local_pause: &mut Option<Instant>,
     slot: &mut Slot,
     err: DeliveryError,
 ) {
@@ -613,12 +646,15 @@ async fn handle_failure(
             slot.failures.push(&err.to_string());
             dead_letter(name, spool, slot, "the destination refused it").await;
         }
+        // Our own storage failed: stop the destination (no other object is tried, none is
+        // charged), alert once, and probe with one object every `max_delay`.
         DeliveryError::Local { .. } => {
-            if !*local_failing {
-                error!(destination = %name, %object, error = %err, "the spool failed while reading an object; the destination is paused (check the disk and the logs, then restart)");
+            if local_pause.is_none() {
+                error!(destination = %name, %object, error = %err, "the spool failed while reading an object; the destination is paused and probed every max_delay (check the disk and the logs; dicom_gateway_circuit_open is 1 meanwhile)");
             }
-            *local_failing = true;
-            slot.due = Instant::now() + policy.max_delay;
+            let until = Instant::now() + policy.max_delay;
+            *local_pause = Some(until);
+            slot.due = until;
         }
     }
 }
@@ -776,8 +812,9 @@ mod tests {
         }
         assert_eq!(
             pick(&slots, now, bound, 10, Order::Study),
-            vec![1, 3, 6, 8],
-            "4 and 7 wait behind 2; 8 is not held by a dead letter"
+            vec![1, 3, 8],
+            "4 and 7 wait behind 2, 6 behind 3 (one in flight per study); 8 is not held by \
+             a dead letter"
         );
         assert_eq!(
             pick(&slots, now, bound, 10, Order::Arrival),
@@ -788,20 +825,27 @@ mod tests {
         if let Some(s) = slots.get_mut(&2) {
             s.due = now;
         }
+        assert_eq!(pick(&slots, now, bound, 10, Order::Study), vec![1, 3, 8]);
+        slots.remove(&1);
         assert_eq!(
             pick(&slots, now, bound, 10, Order::Study),
-            vec![1, 3, 6, 8, 2]
+            vec![3, 8, 2],
+            "the retry goes after the first attempts"
         );
         if let Some(s) = slots.get_mut(&2) {
             s.in_flight = true;
         }
-        assert_eq!(pick(&slots, now, bound, 10, Order::Study), vec![1, 3, 6, 8]);
-        // Delivered (removed): the rest of study 1 goes, in queue order.
+        assert_eq!(pick(&slots, now, bound, 10, Order::Study), vec![3, 8]);
+        // 3 in flight too: 6 waits for it.
+        if let Some(s) = slots.get_mut(&3) {
+            s.in_flight = true;
+        }
+        assert_eq!(pick(&slots, now, bound, 10, Order::Study), vec![8]);
+        // Delivered (removed): the rest of each study goes, one at a time, in queue order.
         slots.remove(&2);
-        assert_eq!(
-            pick(&slots, now, bound, 10, Order::Study),
-            vec![1, 3, 4, 6, 7, 8]
-        );
+        slots.remove(&3);
+        assert_eq!(pick(&slots, now, bound, 10, Order::Study), vec![4, 6, 8]);
+        assert_eq!(pick(&slots, now, bound, 2, Order::Study), vec![4, 6]);
     }
 
     /// A dispatcher whose stop came before its first turn (a node that failed to start, or
@@ -841,6 +885,128 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), run)
             .await
             .expect("a cancelled dispatcher must return");
+    }
+
+    /// Our own spool failing to read an object pauses the destination: no other object is
+    /// tried meanwhile, nothing is charged, the pause shows in status and in
+    /// `circuit_open`, and one probe after `max_delay` resumes it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_local_read_failure_pauses_the_destination_until_a_probe_reads() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let _scenario = fail::FailScenario::setup();
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let spool = Spool::open(
+            &tmp.path().join("spool"),
+            keystore::Kek::from_bytes([2; 32]),
+            crate::spool::SpoolOptions {
+                failpoints: true,
+                ..crate::spool::SpoolOptions::default()
+            },
+        )
+        .unwrap();
+        for i in 1..=4 {
+            let o =
+                crate::demo::generate_object("1.2.40", "1.2.40.1", i, "LOCAL^FAIL", 2000).unwrap();
+            let mut w = spool
+                .writer(crate::spool::Ingest {
+                    sop_class: o.sop_class.clone(),
+                    sop_instance: o.sop_instance.clone(),
+                    transfer_syntax: o.transfer_syntax.clone(),
+                    source: "TEST".into(),
+                    routes: vec!["out".into()],
+                    dedup: None,
+                    strict_uid_match: false,
+                })
+                .unwrap();
+            w.write(&o.dataset).await.unwrap();
+            w.commit().await.unwrap();
+        }
+        let out = tmp.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        let files = || std::fs::read_dir(&out).unwrap().count();
+        let dest = |max_delay: Duration| Destination {
+            name: "out".into(),
+            kind: crate::config::DestinationKind::Folder { path: out.clone() },
+            retry: RetryPolicy {
+                initial: Duration::from_millis(10),
+                max_delay,
+                ..RetryPolicy::default()
+            },
+            send_timeout: Duration::from_secs(60),
+            max_queue: 100,
+            order: Order::Arrival,
+        };
+        let start = |max_delay: Duration, metrics: Arc<Metrics>, board: Board| {
+            let d = dest(max_delay);
+            let sender = Arc::new(Sender::from_config(&d, "node", None).unwrap());
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(run(d, sender, spool.clone(), metrics, board, stop.clone()));
+            (stop, task)
+        };
+        let local = |m: &Metrics| {
+            m.forward_failures
+                .with_label_values(&["out", "local_storage"])
+                .get()
+        };
+        async fn until(f: impl Fn() -> bool) {
+            tokio::time::timeout(Duration::from_secs(30), async {
+                while !f() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await
+            .expect("timed out");
+        }
+
+        // The first two reads fail (the folder sender has two in flight at once); the
+        // pause is an hour long.
+        fail::cfg("spool::read::open", "2*return").unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let board = Board::default();
+        let (stop, task) = start(Duration::from_secs(3600), metrics.clone(), board.clone());
+        until(|| local(&metrics) >= 1).await;
+        until(|| board.get("out").is_some_and(|s| s.local_failure)).await;
+        // Reads work again from the third on, so any object tried now would be delivered
+        // at once: none may be while the destination is paused.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(
+            files(),
+            0,
+            "objects were tried while the destination was paused"
+        );
+        assert_eq!(
+            metrics.circuit_open.with_label_values(&["out"]).get(),
+            1,
+            "the pause shows in circuit_open"
+        );
+        stop.cancel();
+        task.await.unwrap();
+        fail::remove("spool::read::open");
+        // Nothing was charged to the objects.
+        let (q, _rx) = spool.subscribe("out").await.unwrap();
+        assert_eq!(q.len(), 4);
+        for e in &q {
+            assert_eq!(spool.failure("out", e.entry.seq).unwrap(), None);
+        }
+        drop(q);
+
+        // With a short pause, one probe reads and the destination resumes.
+        fail::cfg("spool::read::open", "1*return").unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let board = Board::default();
+        let (stop, task) = start(Duration::from_millis(200), metrics.clone(), board.clone());
+        until(|| files() == 4).await;
+        assert_eq!(local(&metrics), 1);
+        until(|| {
+            board
+                .get("out")
+                .is_some_and(|s| !s.local_failure && s.queued == 0)
+        })
+        .await;
+        assert_eq!(metrics.circuit_open.with_label_values(&["out"]).get(), 0);
+        stop.cancel();
+        task.await.unwrap();
     }
 
     #[test]

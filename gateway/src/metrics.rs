@@ -108,8 +108,9 @@ pub struct Metrics {
     pub db_size_bytes: IntGauge,
     /// `db_pending_compaction_bytes`: bytes RocksDB estimates compaction still has to rewrite.
     pub db_pending_compaction_bytes: IntGauge,
-    /// `tls_reloads_total{listener,result}`: reloads of a link listener's certificate, key,
-    /// CA and CRL files (`ok`, `failed`).
+    /// `tls_reloads_total{listener,result}`: reloads of the certificate, key, CA and CRL
+    /// files (`ok`, `failed`), by a link listener (its name) or the sender towards peer
+    /// gateways (`sender`).
     pub tls_reloads: IntCounterVec,
     /// `build_info{version}`: always 1.
     pub build_info: IntGaugeVec,
@@ -393,7 +394,7 @@ impl Metrics {
             build_info,
             tls_reloads: cv(
                 "tls_reloads_total",
-                "Reloads of a link listener's certificate, key, CA and CRL files",
+                "Reloads of the TLS certificate, key, CA and CRL files, by link listener or by the sender (listener=\"sender\")",
                 &["listener", "result"],
             ),
             hooks: Mutex::new(Vec::new()),

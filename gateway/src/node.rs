@@ -113,9 +113,14 @@ impl Node {
             })?;
         let metrics = Arc::new(Metrics::new());
         crate::observe::install(&metrics, &cfg, &spool).with_context(|| file.clone())?;
-        let client_tls = match &cfg.tls {
-            Some(t) => Some(Arc::new(crate::tls::client_config(t)?)),
-            None => None,
+        // The client config towards peer gateways, reloaded when its files change (the
+        // reloader's task starts with the others below).
+        let (client_reloader, client_tls) = match &cfg.tls {
+            Some(t) => {
+                let (r, rx) = crate::tls::ClientConfigReloader::client(t)?;
+                (Some(r), Some(rx))
+            }
+            None => (None, None),
         };
 
         // Everything that can fail comes first and starts nothing: the senders, every
@@ -188,6 +193,21 @@ impl Node {
             worker_tasks.spawn(expire_retained(spool.clone(), workers_stop.clone()));
         }
         worker_tasks.spawn(expire_dedup(spool.clone(), workers_stop.clone()));
+        worker_tasks.spawn(shred_unused_keys(spool.clone(), workers_stop.clone()));
+        // Only gateway destinations use the client config; a node without one has nothing
+        // to reload on that side.
+        if let Some(r) = client_reloader.filter(|_| {
+            cfg.destination
+                .iter()
+                .any(|d| matches!(d.kind, crate::config::DestinationKind::Gateway { .. }))
+        }) {
+            worker_tasks.spawn(crate::tls::reload(
+                r,
+                "sender".to_owned(),
+                metrics.clone(),
+                workers_stop.clone(),
+            ));
+        }
 
         for (l, addr, listener, server) in dicom_servers {
             info!(listener = %l.name, %addr, ae_title = %l.ae_title, "DICOM listener up");
@@ -333,6 +353,31 @@ async fn expire_dedup(spool: Spool, stop: CancellationToken) {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+        }
+    }
+}
+
+/// How often study keys that no stored object uses are shredded.
+pub const KEY_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Shred the study keys that no stored object uses and no writer holds, at start and then
+/// every [`KEY_SWEEP_INTERVAL`]: a study's key outlives its last object by at most that
+/// (plus one sweep if a commit of the study raced the sweep). Each sweep is one synced
+/// batch, so stopping between sweeps loses nothing.
+async fn shred_unused_keys(spool: Spool, stop: CancellationToken) {
+    loop {
+        let s = spool.clone();
+        match tokio::task::spawn_blocking(move || s.shred_unused_keys_blocking()).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => info!(keys = n, "shredded study keys that no stored object uses"),
+            Ok(Err(e)) => {
+                warn!(error = %e, "study key sweep failed; it is tried again in a minute")
+            }
+            Err(e) => warn!(error = %e, "study key sweep task failed"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(KEY_SWEEP_INTERVAL) => {}
         }
     }
 }

@@ -672,7 +672,7 @@ fn failure_status(e: &SpoolError) -> (u16, String) {
         SpoolError::IdentityMismatch(_) => (status::DATASET_DOES_NOT_MATCH, e.to_string()),
         SpoolError::Format(_) => (status::CANNOT_UNDERSTAND, e.to_string()),
         SpoolError::Unrouted => (status::PROCESSING_FAILURE, e.to_string()),
-        SpoolError::Corrupt(..) | SpoolError::NotFound(_) => {
+        SpoolError::Corrupt(..) | SpoolError::MissingSegment(..) | SpoolError::NotFound(_) => {
             (status::PROCESSING_FAILURE, "processing failure".to_owned())
         }
     };

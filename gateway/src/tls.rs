@@ -316,24 +316,34 @@ fn stamps(tls: &TlsSection) -> Vec<FileStamp> {
         .collect()
 }
 
-/// The link listener's server config, rebuilt when its certificate, key, CA bundle or CRL
-/// files change (as cert-manager rotates them through a Kubernetes Secret).
+/// Builds a config of type `T` from the `[tls]` section.
+type BuildFn<T> = dyn Fn(&TlsSection) -> Result<T, TlsError> + Send + Sync;
+
+/// A TLS config rebuilt when its certificate, key, CA bundle or CRL files change (as
+/// cert-manager rotates them through a Kubernetes Secret): the link listener's server
+/// config ([`ServerConfigReloader`]) and the node's client config towards peer gateways
+/// ([`ClientConfigReloader`]).
 ///
-/// Invariants: listeners read the current config for each new handshake, so sessions in
-/// flight go on with the config they started with; a change that does not build (a broken
-/// or half-written file, a key that does not match its certificate) keeps the previous
-/// config, and is reported by [`ServerConfigReloader::poll`].
-pub struct ServerConfigReloader {
+/// Invariants: listeners and senders read the current config for each new handshake, so
+/// sessions in flight go on with the config they started with; a change that does not
+/// build (a broken or half-written file, a key that does not match its certificate) keeps
+/// the previous config, and is reported by [`ConfigReloader::poll`].
+pub struct ConfigReloader<T> {
     tls: TlsSection,
-    allowed: Vec<String>,
+    build: Box<BuildFn<T>>,
     /// The files' versions at the last rebuild attempt.
     stamps: Vec<FileStamp>,
-    tx: tokio::sync::watch::Sender<Arc<rustls::ServerConfig>>,
+    tx: tokio::sync::watch::Sender<Arc<T>>,
 }
 
-impl ServerConfigReloader {
-    /// Build the first config (an error here is a start-up error) and a receiver that
-    /// always holds the config in use.
+/// The link listener's server config, reloaded.
+pub type ServerConfigReloader = ConfigReloader<rustls::ServerConfig>;
+/// The client config towards peer gateways, reloaded.
+pub type ClientConfigReloader = ConfigReloader<rustls::ClientConfig>;
+
+impl ConfigReloader<rustls::ServerConfig> {
+    /// Build the first server config (an error here is a start-up error) and a receiver
+    /// that always holds the config in use.
     pub fn new(
         tls: &TlsSection,
         allowed: &[String],
@@ -344,13 +354,40 @@ impl ServerConfigReloader {
         ),
         TlsError,
     > {
+        let allowed = allowed.to_vec();
+        Self::with(tls, Box::new(move |t| server_config(t, &allowed)))
+    }
+}
+
+impl ConfigReloader<rustls::ClientConfig> {
+    /// Build the first client config (an error here is a start-up error) and a receiver
+    /// that always holds the config in use.
+    pub fn client(
+        tls: &TlsSection,
+    ) -> Result<
+        (
+            ClientConfigReloader,
+            tokio::sync::watch::Receiver<Arc<rustls::ClientConfig>>,
+        ),
+        TlsError,
+    > {
+        Self::with(tls, Box::new(client_config))
+    }
+}
+
+impl<T> ConfigReloader<T> {
+    #[allow(clippy::type_complexity)]
+    fn with(
+        tls: &TlsSection,
+        build: Box<dyn Fn(&TlsSection) -> Result<T, TlsError> + Send + Sync>,
+    ) -> Result<(ConfigReloader<T>, tokio::sync::watch::Receiver<Arc<T>>), TlsError> {
         let stamps = stamps(tls);
-        let cfg = Arc::new(server_config(tls, allowed)?);
+        let cfg = Arc::new(build(tls)?);
         let (tx, rx) = tokio::sync::watch::channel(cfg);
         Ok((
-            ServerConfigReloader {
+            ConfigReloader {
                 tls: tls.clone(),
-                allowed: allowed.to_vec(),
+                build,
                 stamps,
                 tx,
             },
@@ -367,9 +404,57 @@ impl ServerConfigReloader {
             return Ok(false);
         }
         self.stamps = now;
-        let cfg = server_config(&self.tls, &self.allowed)?;
+        let cfg = (self.build)(&self.tls)?;
         self.tx.send_replace(Arc::new(cfg));
         Ok(true)
+    }
+}
+
+/// How often the TLS files are checked for changes.
+pub const RELOAD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Check the TLS files every [`RELOAD_INTERVAL`] until `shutdown`, logging and counting
+/// each reload in `tls_reloads_total{listener=label}` (`label` is the link listener's
+/// name, or `sender` for the client config towards peer gateways).
+pub async fn reload<T: Send + Sync + 'static>(
+    mut r: ConfigReloader<T>,
+    label: String,
+    metrics: Arc<crate::metrics::Metrics>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(RELOAD_INTERVAL) => {}
+        }
+        // Reading a few small files and building a config: off the async workers.
+        let (back, result) = match tokio::task::spawn_blocking(move || {
+            let result = r.poll();
+            (r, result)
+        })
+        .await
+        {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(listener = %label, error = %e, "TLS reload task failed; reloading stops");
+                return;
+            }
+        };
+        r = back;
+        match result {
+            Ok(false) => {}
+            Ok(true) => {
+                tracing::info!(listener = %label, "TLS certificate, key, CA or CRL changed; new handshakes use them");
+                metrics.tls_reloads.with_label_values(&[&label, "ok"]).inc();
+            }
+            Err(e) => {
+                tracing::warn!(listener = %label, error = %e, "TLS files changed but do not load; keeping the previous ones");
+                metrics
+                    .tls_reloads
+                    .with_label_values(&[&label, "failed"])
+                    .inc();
+            }
+        }
     }
 }
 
@@ -850,6 +935,75 @@ mod tests {
         std::fs::copy(&first.key, &live.key).unwrap();
         assert!(reloader.poll().unwrap());
         assert_eq!(presented(rx.borrow().clone(), &client), leaf_der(&first));
+    }
+
+    /// The client certificate the server saw in a handshake.
+    fn client_presented(
+        client: Arc<rustls::ClientConfig>,
+        server: &TlsSection,
+    ) -> CertificateDer<'static> {
+        let name = ServerName::try_from("site-b").unwrap();
+        let mut c = rustls::ClientConnection::new(client, name).unwrap();
+        let server = server_config(server, &names(&["site-a"])).unwrap();
+        let mut s = rustls::ServerConnection::new(Arc::new(server)).unwrap();
+        while c.is_handshaking() || s.is_handshaking() {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).unwrap();
+            }
+            s.read_tls(&mut &buf[..]).unwrap();
+            s.process_new_packets().unwrap();
+            let mut buf = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut buf).unwrap();
+            }
+            c.read_tls(&mut &buf[..]).unwrap();
+            c.process_new_packets().unwrap();
+        }
+        s.peer_certificates().unwrap()[0].clone().into_owned()
+    }
+
+    #[test]
+    fn the_sender_reloads_its_client_certificate_and_keeps_it_through_broken_files() {
+        let pki = OpensslPki::new();
+        let server = pki.leaf("server", "site-b", Some("DNS:site-b"));
+        let first = pki.leaf("first", "site-a", Some("DNS:site-a"));
+        let second = pki.leaf("second", "site-a", Some("DNS:site-a"));
+        let live = TlsSection {
+            cert: pki.dir.path().join("live.crt"),
+            key: pki.dir.path().join("live.key"),
+            ..first.clone()
+        };
+        std::fs::copy(&first.cert, &live.cert).unwrap();
+        std::fs::copy(&first.key, &live.key).unwrap();
+        let (mut reloader, mut rx) = ClientConfigReloader::client(&live).unwrap();
+        let old = rx.borrow_and_update().clone();
+        assert_eq!(client_presented(old.clone(), &server), leaf_der(&first));
+        assert!(!reloader.poll().unwrap(), "nothing changed");
+        assert!(!rx.has_changed().unwrap(), "no change is announced");
+
+        // Rotation by rename, as a Secret volume update does.
+        for (from, to) in [(&second.key, &live.key), (&second.cert, &live.cert)] {
+            let tmp = to.with_extension("new");
+            std::fs::copy(from, &tmp).unwrap();
+            std::fs::rename(&tmp, to).unwrap();
+        }
+        assert!(reloader.poll().unwrap(), "the change is picked up");
+        // The sender drops its pooled connection when it sees this.
+        assert!(rx.has_changed().unwrap(), "the change is announced");
+        let new = rx.borrow_and_update().clone();
+        assert_eq!(client_presented(new, &server), leaf_der(&second));
+        assert_eq!(client_presented(old, &server), leaf_der(&first));
+
+        // A half-written key keeps the last good config.
+        std::fs::write(&live.key, b"-----BEGIN PRIVATE KEY-----\n").unwrap();
+        let e = reloader.poll().expect_err("a broken key must not be used");
+        assert!(e.to_string().contains("live.key"), "{e}");
+        assert!(!rx.has_changed().unwrap(), "nothing new is announced");
+        assert_eq!(
+            client_presented(rx.borrow().clone(), &server),
+            leaf_der(&second)
+        );
     }
 
     #[test]

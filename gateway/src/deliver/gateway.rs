@@ -2,9 +2,11 @@
 //! of [`crate::relay`]).
 //!
 //! Keeps one HTTP/2 connection per destination and multiplexes requests over it; the
-//! dispatcher decides how many are in flight. Each request streams the object from the
-//! spool segment by segment through a small channel, so memory stays bounded by a couple of
-//! segments per request, whatever the object size.
+//! dispatcher decides how many are in flight. When the client TLS config is reloaded (a
+//! rotated certificate, key, CA or CRL), the next request opens a new connection with it;
+//! requests in flight finish on the old one, which closes when they are done. Each request
+//! streams the object from the spool segment by segment through a small channel, so memory
+//! stays bounded by a couple of segments per request, whatever the object size.
 //!
 //! Invariants:
 //! - [`GatewaySender::send`] returns `Ok` only for a 200 from the peer, which the peer sends
@@ -12,7 +14,11 @@
 //! - every wait has a deadline: connect, TLS and HTTP/2 handshakes, and a request that makes
 //!   no progress (no body bytes taken, no response) for `send_timeout` is abandoned;
 //! - failures map to [`DeliveryError`] by what they concern: the connection (unavailable),
-//!   this object (409 and 4xx are permanent, 5xx transient), or our own copy.
+//!   this object (409 and 4xx are permanent, 5xx transient), or our own copy;
+//! - every task it spawns (connection drivers, body producers) is in its tracker; a body
+//!   producer is aborted when its request future is dropped, and
+//!   [`GatewaySender::close`] ends the connection and waits for the rest, so no task of it
+//!   outlives the dispatcher holding a reader of the spool.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +33,7 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::{Mutex, mpsc};
 use tokio_rustls::TlsConnector;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -41,16 +47,25 @@ pub struct GatewaySender {
     host: String,
     port: u16,
     server_name: ServerName<'static>,
-    connector: TlsConnector,
     /// Our node name, part of every transfer id.
     node: String,
-    conn: Mutex<Option<SendRequest<Body>>>,
+    conn: Mutex<Conn>,
     /// Deadline of each handshake.
     timeout: Duration,
+    /// The connection drivers and body producers: every task this sender spawns.
+    tasks: tokio_util::task::TaskTracker,
+    /// Ends the connection drivers ([`GatewaySender::close`]).
+    closing: tokio_util::sync::CancellationToken,
     /// Longest a request may go without progress.
     send_timeout: Duration,
     /// Requests in flight at once.
     max_in_flight: usize,
+}
+
+/// The pooled connection and the TLS config that new connections use.
+struct Conn {
+    send: Option<SendRequest<Body>>,
+    tls: tokio::sync::watch::Receiver<Arc<rustls::ClientConfig>>,
 }
 
 fn unavailable(reason: &'static str, detail: impl Into<String>) -> DeliveryError {
@@ -58,11 +73,25 @@ fn unavailable(reason: &'static str, detail: impl Into<String>) -> DeliveryError
 }
 
 impl GatewaySender {
-    /// A sender to `url` whose certificate must carry `peer_name`.
+    /// A sender to `url` whose certificate must carry `peer_name`, with a fixed TLS config.
     pub fn new(
         url: &str,
         peer_name: &str,
         tls: Arc<rustls::ClientConfig>,
+        node: &str,
+        max_in_flight: usize,
+        send_timeout: Duration,
+    ) -> Result<GatewaySender, String> {
+        let (_fixed, rx) = tokio::sync::watch::channel(tls);
+        Self::reloading(url, peer_name, rx, node, max_in_flight, send_timeout)
+    }
+
+    /// A sender whose new connections use the TLS config `tls` holds at the time (see
+    /// [`crate::tls::ClientConfigReloader`]).
+    pub fn reloading(
+        url: &str,
+        peer_name: &str,
+        tls: tokio::sync::watch::Receiver<Arc<rustls::ClientConfig>>,
         node: &str,
         max_in_flight: usize,
         send_timeout: Duration,
@@ -74,9 +103,10 @@ impl GatewaySender {
             host,
             port,
             server_name,
-            connector: TlsConnector::from(tls),
             node: node.to_owned(),
-            conn: Mutex::new(None),
+            conn: Mutex::new(Conn { send: None, tls }),
+            tasks: tokio_util::task::TaskTracker::new(),
+            closing: tokio_util::sync::CancellationToken::new(),
             timeout: Duration::from_secs(15),
             send_timeout,
             max_in_flight,
@@ -88,14 +118,34 @@ impl GatewaySender {
         self.max_in_flight
     }
 
+    /// Close the link connection and wait (at most 5 s) for every task of this sender:
+    /// after it returns, none of them holds a reader of the spool.
+    pub async fn close(&self) {
+        self.conn.lock().await.send.take();
+        self.closing.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(5), self.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(host = %self.host, "link tasks still running 5 s after close");
+        }
+    }
+
     async fn connection(&self) -> Result<SendRequest<Body>, DeliveryError> {
         let mut guard = self.conn.lock().await;
-        if let Some(s) = guard.as_ref()
+        // A reloaded TLS config: new requests go on a new connection. (A fixed config's
+        // channel has no sender: never a change.)
+        if guard.tls.has_changed().unwrap_or(false) && guard.send.take().is_some() {
+            info!(host = %self.host, port = self.port, "TLS config reloaded; new requests use a new link connection");
+        }
+        if let Some(s) = guard.send.as_ref()
             && !s.is_closed()
         {
             return Ok(s.clone());
         }
-        *guard = None;
+        guard.send = None;
+        let connector = TlsConnector::from(guard.tls.borrow_and_update().clone());
         let addr = (self.host.as_str(), self.port);
         let tcp = tokio::time::timeout(self.timeout, TcpStream::connect(addr))
             .await
@@ -104,7 +154,7 @@ impl GatewaySender {
         let _ = tcp.set_nodelay(true);
         let tls = tokio::time::timeout(
             self.timeout,
-            self.connector.connect(self.server_name.clone(), tcp),
+            connector.connect(self.server_name.clone(), tcp),
         )
         .await
         .map_err(|_| unavailable("tls", "TLS handshake timed out"))?
@@ -122,13 +172,17 @@ impl GatewaySender {
             .map_err(|_| unavailable("http2", "HTTP/2 handshake timed out"))?
             .map_err(|e| unavailable("http2", format!("HTTP/2 handshake: {e}")))?;
         let host = self.host.clone();
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(%host, error = %e, "link connection closed");
+        let closing = self.closing.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    debug!(%host, error = %e, "link connection closed");
+                },
+                _ = closing.cancelled() => {}
             }
         });
         info!(host = %self.host, port = self.port, "link connected");
-        *guard = Some(sender.clone());
+        guard.send = Some(sender.clone());
         Ok(sender)
     }
 
@@ -163,7 +217,8 @@ impl GatewaySender {
         let progress = Arc::new(AtomicU64::new(0));
         let read_error: Arc<std::sync::Mutex<Option<DeliveryError>>> = Arc::default();
         let (progress2, read_error2) = (progress.clone(), read_error.clone());
-        let producer = tokio::spawn(async move {
+        // Aborted when this future is dropped too: it holds a reader of the spool.
+        let producer = tokio_util::task::AbortOnDropHandle::new(self.tasks.spawn(async move {
             if tx
                 .send(Ok(Frame::data(Bytes::from(preamble))))
                 .await
@@ -191,7 +246,7 @@ impl GatewaySender {
                 }
             }
             let _ = tx.send(Ok(Frame::data(Bytes::from(epilogue)))).await;
-        });
+        }));
         let stream = futures_util::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
         });
@@ -223,7 +278,7 @@ impl GatewaySender {
             Some(Ok(r)) => r,
             Some(Err(e)) => {
                 if e.is_closed() || e.is_canceled() {
-                    self.conn.lock().await.take();
+                    self.conn.lock().await.send.take();
                 }
                 return Err(unavailable("link", format!("link request failed: {e}")));
             }

@@ -121,7 +121,7 @@ impl DeliveryError {
     /// repair it), anything else is the local store failing.
     pub fn from_spool(e: SpoolError) -> DeliveryError {
         match e {
-            SpoolError::Corrupt(_, ref m) if m.contains("missing") => {
+            SpoolError::MissingSegment(..) => {
                 DeliveryError::permanent("missing_data", e.to_string())
             }
             SpoolError::Corrupt(..) | SpoolError::NotFound(_) => {
@@ -150,7 +150,7 @@ impl Sender {
     pub fn from_config(
         dest: &Destination,
         node_name: &str,
-        client_tls: Option<&Arc<rustls::ClientConfig>>,
+        client_tls: Option<&tokio::sync::watch::Receiver<Arc<rustls::ClientConfig>>>,
     ) -> anyhow::Result<Sender> {
         Ok(match &dest.kind {
             DestinationKind::Gateway {
@@ -162,7 +162,7 @@ impl Sender {
                     .cloned()
                     .context("a gateway destination needs [tls]")?;
                 Sender::Gateway(
-                    gateway::GatewaySender::new(
+                    gateway::GatewaySender::reloading(
                         url,
                         peer_name,
                         tls,
@@ -210,10 +210,12 @@ impl Sender {
         }
     }
 
-    /// Release pooled connections.
+    /// Release pooled connections (and, for a gateway, wait for its connection tasks).
     pub async fn close(&self) {
-        if let Sender::Dicom(d) = self {
-            d.close().await;
+        match self {
+            Sender::Dicom(d) => d.close().await,
+            Sender::Gateway(g) => g.close().await,
+            Sender::Folder(_) => {}
         }
     }
 }

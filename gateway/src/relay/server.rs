@@ -119,7 +119,7 @@ impl LinkServer {
     }
 
     /// Rebuild the TLS config from `tls` whenever its files change (checked every
-    /// [`RELOAD_INTERVAL`]): new handshakes use the new certificate, sessions in flight go
+    /// [`crate::tls::RELOAD_INTERVAL`]): new handshakes use the new certificate, sessions in flight go
     /// on, and a broken file keeps the old config (logged and counted).
     pub fn reload_from(
         mut self,
@@ -133,16 +133,16 @@ impl LinkServer {
 
     /// Serve until `shutdown`; in-flight requests are allowed to finish.
     pub async fn run(mut self, listener: TcpListener, shutdown: CancellationToken) {
-        let reload_task = self.reloader.take().map(|r| {
-            tokio::spawn(reload(
+        let tasks = tokio_util::task::TaskTracker::new();
+        if let Some(r) = self.reloader.take() {
+            tasks.spawn(crate::tls::reload(
                 r,
                 self.cfg.name.clone(),
                 self.metrics.clone(),
                 shutdown.clone(),
-            ))
-        });
+            ));
+        }
         let server = Arc::new(self);
-        let tasks = tokio_util::task::TaskTracker::new();
         let handshakes = Arc::new(Semaphore::new(server.cfg.max_handshakes));
         let connections = Arc::new(Semaphore::new(server.cfg.max_connections));
         loop {
@@ -179,9 +179,6 @@ impl LinkServer {
         }
         tasks.close();
         tasks.wait().await;
-        if let Some(t) = reload_task {
-            let _ = t.await;
-        }
     }
 
     async fn connection(
@@ -618,55 +615,6 @@ where
     }
 }
 
-/// How often the TLS files are checked for changes.
-pub const RELOAD_INTERVAL: Duration = Duration::from_secs(5);
-
-/// Check the TLS files every [`RELOAD_INTERVAL`] until `shutdown`.
-async fn reload(
-    mut r: crate::tls::ServerConfigReloader,
-    listener: String,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(RELOAD_INTERVAL) => {}
-        }
-        // Reading a few small files and building a config: off the async workers.
-        let (back, result) = match tokio::task::spawn_blocking(move || {
-            let result = r.poll();
-            (r, result)
-        })
-        .await
-        {
-            Ok(x) => x,
-            Err(e) => {
-                warn!(%listener, error = %e, "TLS reload task failed; reloading stops");
-                return;
-            }
-        };
-        r = back;
-        match result {
-            Ok(false) => {}
-            Ok(true) => {
-                info!(%listener, "TLS certificate, key, CA or CRL changed; new handshakes use them");
-                metrics
-                    .tls_reloads
-                    .with_label_values(&[&listener, "ok"])
-                    .inc();
-            }
-            Err(e) => {
-                warn!(%listener, error = %e, "TLS files changed but do not load; keeping the previous ones");
-                metrics
-                    .tls_reloads
-                    .with_label_values(&[&listener, "failed"])
-                    .inc();
-            }
-        }
-    }
-}
-
 /// The `boundary` parameter of a multipart content type (RFC 2046: 1 to 70 characters).
 fn boundary_of(content_type: &str) -> Option<String> {
     content_type.split(';').skip(1).find_map(|param| {
@@ -709,6 +657,10 @@ fn spool_failure(e: SpoolError) -> PartResult {
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *r.status_mut() = status;
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, http::HeaderValue::from_static("5"));
+    }
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         http::HeaderValue::from_static("text/plain"),

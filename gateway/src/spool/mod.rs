@@ -16,6 +16,11 @@
 //!   series and SOP instance UIDs, SOP class, transfer syntax) as associated data.
 //! - The plaintext held in memory per object is at most one segment plus the identity
 //!   prefix ([`crate::dataset::MAX_IDENTITY_PREFIX`]).
+//! - A study key lives while an object of the study is stored or a writer holds it (a
+//!   [`KeyPin`], taken before the key is looked up and kept by the commit task until the
+//!   commit is done). [`Spool::shred_unused_keys_blocking`] deletes every other key, so
+//!   a study's key is gone within a sweep of its last object's deletion, whatever deleted
+//!   it (delivery, expiry, purge).
 
 pub mod kek_check;
 mod rocks;
@@ -115,6 +120,9 @@ pub enum SpoolError {
     /// Stored bytes failed authentication or are malformed.
     #[error("object {0} failed to open: {1}")]
     Corrupt(ObjectId, String),
+    /// A segment of a stored object is missing (the object is truncated).
+    #[error("object {0}: segment {1} missing (truncated)")]
+    MissingSegment(ObjectId, u64),
     /// The object is not in the spool.
     #[error("object {0} not found")]
     NotFound(ObjectId),
@@ -585,6 +593,58 @@ struct Inner {
     retention: Duration,
     /// Unwrapped study keys, bounded and short-lived (see [`DekCache`]).
     dek_cache: Mutex<DekCache>,
+    /// Study keys in use by writers, and those committed to since the last key sweep.
+    pins: Arc<Mutex<KeyPins>>,
+}
+
+/// Study keys that the unused-key sweep must keep although no stored object uses them.
+#[derive(Debug, Default)]
+struct KeyPins {
+    /// Writers (and their commit tasks) holding each key.
+    held: HashMap<[u8; 16], usize>,
+    /// Keys that a commit used since the sweep began (its scan of the metadata may have
+    /// missed that commit).
+    touched: std::collections::HashSet<[u8; 16]>,
+}
+
+fn lock_pins(pins: &Mutex<KeyPins>) -> std::sync::MutexGuard<'_, KeyPins> {
+    // The map stays consistent whatever a panicking holder did: each change is one step.
+    pins.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A writer's hold on its study key: while it exists the key is not shredded by the
+/// unused-key sweep or a purge (see the module invariants).
+struct KeyPin {
+    pins: Arc<Mutex<KeyPins>>,
+    kid: [u8; 16],
+}
+
+impl KeyPin {
+    fn new(pins: &Arc<Mutex<KeyPins>>, kid: [u8; 16]) -> KeyPin {
+        *lock_pins(pins).held.entry(kid).or_insert(0) += 1;
+        KeyPin {
+            pins: pins.clone(),
+            kid,
+        }
+    }
+}
+
+impl Clone for KeyPin {
+    fn clone(&self) -> KeyPin {
+        KeyPin::new(&self.pins, self.kid)
+    }
+}
+
+impl Drop for KeyPin {
+    fn drop(&mut self) {
+        let mut p = lock_pins(&self.pins);
+        if let Some(n) = p.held.get_mut(&self.kid) {
+            *n -= 1;
+            if *n == 0 {
+                p.held.remove(&self.kid);
+            }
+        }
+    }
 }
 
 /// Backpressure state, set by the disk monitor and the dispatchers.
@@ -853,6 +913,7 @@ impl Spool {
             min_free: opts.min_free,
             retention: opts.retention,
             dek_cache: Mutex::new(DekCache::default()),
+            pins: Arc::new(Mutex::new(KeyPins::default())),
         };
         let mut inner = inner;
         inner.recovery = Self::recover(&inner)?;
@@ -1261,6 +1322,13 @@ impl Spool {
 
     /// Open an object for reading.
     pub async fn open_object(&self, id: ObjectId) -> Result<ObjectReader, SpoolError> {
+        fault!(
+            self.inner,
+            "spool::read::open",
+            Err(SpoolError::Internal(
+                "fault injected: the spool cannot read".into()
+            ))
+        );
         let (meta, dek) = self.meta(id).await?;
         let aad = ObjectMeta::identity_aad(&id, &meta.resolved());
         Ok(ObjectReader {
@@ -1774,11 +1842,83 @@ impl Spool {
                 kids.remove(&kid);
             }
         }
+        // A key that a writer holds stays (its object would be sealed under a deleted key);
+        // the unused-key sweep takes it once nothing holds or uses it.
+        let pins = lock_pins(&self.inner.pins);
         for kid in kids {
+            if pins.held.contains_key(&kid) {
+                continue;
+            }
             b.delete(Cf::Keys, &kid);
             self.uncache_key(&kid);
         }
         Ok(())
+    }
+
+    /// Delete every study key that no stored object uses and no writer holds (synced).
+    /// Returns how many were deleted.
+    ///
+    /// The metadata is scanned without the commit lock, so that acknowledgements do not
+    /// wait on it; a commit that the scan missed marks its key `touched`, and touched keys
+    /// are kept until the next sweep.
+    pub fn shred_unused_keys_blocking(&self) -> Result<usize, SpoolError> {
+        let used = self.used_keys_blocking()?;
+        self.shred_keys_except_blocking(&used)
+    }
+
+    /// The first half of a key sweep: forget what was touched, then scan the metadata for
+    /// the keys in use.
+    fn used_keys_blocking(&self) -> Result<std::collections::HashSet<[u8; 16]>, SpoolError> {
+        {
+            let _g = self.commit_lock()?;
+            lock_pins(&self.inner.pins).touched.clear();
+        }
+        let mut used = std::collections::HashSet::new();
+        for (_, v) in self.inner.store.scan_prefix(Cf::Meta, &[], usize::MAX)? {
+            if let Some(kid) = v.get(1..17).and_then(|k| <[u8; 16]>::try_from(k).ok()) {
+                used.insert(kid);
+            }
+        }
+        Ok(used)
+    }
+
+    /// The second half: delete the keys neither `used`, held nor touched since the first.
+    fn shred_keys_except_blocking(
+        &self,
+        used: &std::collections::HashSet<[u8; 16]>,
+    ) -> Result<usize, SpoolError> {
+        let s = &self.inner.store;
+        let _g = self.commit_lock()?;
+        // Held until the deletion is committed: a writer that pins one of these keys
+        // meanwhile waits, then finds it gone and makes a new one.
+        let pins = lock_pins(&self.inner.pins);
+        let mut b = s.batch();
+        let mut shredded = Vec::new();
+        for (k, _) in s.scan_prefix(Cf::Keys, &[], usize::MAX)? {
+            let Ok(kid) = <[u8; 16]>::try_from(&k[..]) else {
+                continue;
+            };
+            if used.contains(&kid) || pins.held.contains_key(&kid) || pins.touched.contains(&kid) {
+                continue;
+            }
+            b.delete(Cf::Keys, &kid);
+            self.uncache_key(&kid);
+            shredded.push(kid);
+        }
+        if shredded.is_empty() {
+            return Ok(0);
+        }
+        self.commit_batch(b)?;
+        // A reader that raced the deletion may have cached one again.
+        for kid in &shredded {
+            self.uncache_key(kid);
+        }
+        Ok(shredded.len())
+    }
+
+    /// Study keys stored (for status and tests).
+    pub fn study_key_count(&self) -> Result<usize, SpoolError> {
+        Ok(self.inner.store.scan_keys(Cf::Keys)?.len())
     }
 
     fn notify(&self, dest: &str, event: QueueEvent) {
@@ -1859,6 +1999,8 @@ pub struct ObjectWriter {
     uid_mismatch: bool,
     /// Routing rules to apply once the identity is known (adds to `ingest.routes`).
     router: Option<RouteFn>,
+    /// The hold on the study key, from before its lookup (handed to the commit task).
+    key_pin: Option<KeyPin>,
 }
 
 impl ObjectWriter {
@@ -1894,6 +2036,7 @@ impl ObjectWriter {
             pending: None,
             uid_mismatch: false,
             router: None,
+            key_pin: None,
         }
     }
 
@@ -2046,6 +2189,8 @@ impl ObjectWriter {
             .inner
             .index
             .id("study", resolved.study.as_bytes());
+        // Held from before the lookup until the commit task is done with the object.
+        self.key_pin = Some(KeyPin::new(&self.spool.inner.pins, kid));
         let spool = self.spool.clone();
         let dek = blocking(move || spool.study_key(kid, true)).await?;
         // From here on a drop must clean up: mark the ingest in progress before the first
@@ -2190,6 +2335,7 @@ impl ObjectWriter {
             routes: self.ingest.routes.clone(),
             dedup: self.ingest.dedup,
             pending: self.pending.take(),
+            _key_pin: self.key_pin.take(),
         };
         // The job owns the object from here on: this writer's drop must not touch it.
         self.committing = true;
@@ -2234,6 +2380,8 @@ struct CommitJob {
     dedup: Option<DedupKey>,
     /// A segment put that may still be running.
     pending: Option<Pending>,
+    /// Keeps the study key from the unused-key sweep until the job is done.
+    _key_pin: Option<KeyPin>,
 }
 
 impl CommitJob {
@@ -2318,6 +2466,7 @@ impl CommitJob {
                         .into(),
                 ));
             }
+            lock_pins(&spool.inner.pins).touched.insert(kid);
             let mut b = s.batch();
             let mut value = vec![META_VERSION];
             value.extend_from_slice(&kid);
@@ -2444,9 +2593,7 @@ impl ObjectReader {
                 .inner
                 .store
                 .get(Cf::Seg, &seg_key(&id, index))?
-                .ok_or_else(|| {
-                    SpoolError::Corrupt(id, format!("segment {index} missing (truncated)"))
-                })?;
+                .ok_or(SpoolError::MissingSegment(id, index))?;
             keystore::open_segment(&dek, &aad, index, &sealed)
                 .map_err(|e| SpoolError::Corrupt(id, e.to_string()))
         })
@@ -2607,6 +2754,9 @@ mod tests {
             .await
             .expect_err("swapped segment must not open");
         assert!(matches!(err, SpoolError::Corrupt(..)), "{err}");
+        // Delivery makes it a dead letter at once: replaying cannot repair our copy.
+        let d = crate::deliver::DeliveryError::from_spool(err);
+        assert_eq!((d.kind(), d.reason()), ("permanent", "integrity"), "{d}");
         // and a dropped final segment is a truncation, not a short read
         let last = spool.open_object(ib).await.unwrap().meta.segments - 1;
         let mut b2 = s.batch();
@@ -2619,7 +2769,12 @@ mod tests {
             .read_all()
             .await
             .expect_err("truncated");
-        assert!(err.to_string().contains("missing"), "{err}");
+        assert!(
+            matches!(err, SpoolError::MissingSegment(id, i) if id == ib && i == last),
+            "{err}"
+        );
+        let d = crate::deliver::DeliveryError::from_spool(err);
+        assert_eq!((d.kind(), d.reason()), ("permanent", "missing_data"), "{d}");
     }
 
     #[tokio::test(flavor = "multi_thread")]
@@ -3224,5 +3379,76 @@ mod tests {
             "the study key is shredded with its last object"
         );
         let _ = rx.try_recv();
+    }
+
+    /// A study key is shredded by the sweep once no stored object uses it, but never while a
+    /// writer holds it, nor when a commit used it after the sweep's scan.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn study_keys_are_shredded_once_unused_but_never_under_a_writer() {
+        let dir = private_tempdir();
+        let spool = open(dir.path());
+        let a = generate_object("1.3.1", "1.3.1.1", 1, "SHRED^A", 10_000).unwrap();
+        let b = generate_object("1.3.1", "1.3.1.1", 2, "SHRED^B", 10_000).unwrap();
+        let c = generate_object("1.3.2", "1.3.2.1", 1, "SHRED^C", 10_000).unwrap();
+        let ida = store(&spool, &a, &["x"]).await;
+        let idc = store(&spool, &c, &["x"]).await;
+        assert_eq!(spool.study_key_count().unwrap(), 2);
+        assert_eq!(
+            spool.shred_unused_keys_blocking().unwrap(),
+            0,
+            "both in use"
+        );
+
+        // A writer of study 1.3.1 has its key; the study's only stored object is delivered
+        // and deleted; a sweep runs before the writer commits.
+        let mut w = spool.writer(ingest(&b, &["x"], None)).unwrap();
+        w.write(&b.dataset).await.unwrap();
+        w.finish_identity().await.unwrap();
+        let (q, _rx) = spool.subscribe("x").await.unwrap();
+        let qa = q.iter().find(|q| q.entry.object == ida).unwrap();
+        assert!(spool.complete("x", qa.entry).await.unwrap());
+        assert_eq!(
+            spool.shred_unused_keys_blocking().unwrap(),
+            0,
+            "a key a writer holds must stay"
+        );
+        w.commit().await.expect("the writer commits under its key");
+        let idb = spool
+            .subscribe("x")
+            .await
+            .unwrap()
+            .0
+            .iter()
+            .map(|q| q.entry.object)
+            .find(|id| *id != idc)
+            .unwrap();
+        let mut r = spool.open_object(idb).await.unwrap();
+        let all = r.read_all().await.unwrap();
+        assert_eq!(&all[r.meta.dataset_offset as usize..], &b.dataset[..]);
+
+        // Everything delivered: deletion alone shreds nothing; the next sweep does.
+        let (q, _rx) = spool.subscribe("x").await.unwrap();
+        for e in &q {
+            spool.complete("x", e.entry).await.unwrap();
+        }
+        assert_eq!(spool.object_count().unwrap(), 0);
+        assert_eq!(spool.study_key_count().unwrap(), 2);
+        assert_eq!(spool.shred_unused_keys_blocking().unwrap(), 2);
+        assert_eq!(spool.study_key_count().unwrap(), 0);
+        let kid = spool.inner.index.id("study", b"1.3.1");
+        assert!(spool.inner.dek_cache.lock().unwrap().get(&kid).is_none());
+
+        // A commit between the sweep's scan and its deletion keeps its key.
+        let used = spool.used_keys_blocking().unwrap();
+        assert!(used.is_empty());
+        let ida2 = store(&spool, &a, &["x"]).await;
+        assert_eq!(
+            spool.shred_keys_except_blocking(&used).unwrap(),
+            0,
+            "a key committed to after the scan must stay"
+        );
+        let mut r = spool.open_object(ida2).await.unwrap();
+        r.read_all().await.expect("readable");
+        assert_eq!(spool.shred_unused_keys_blocking().unwrap(), 0, "in use");
     }
 }
