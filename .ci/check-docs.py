@@ -28,6 +28,7 @@
 Exit 1 with one line per problem.
 """
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -266,6 +267,11 @@ def check_metrics(errors: list) -> tuple[dict, set]:
     try:
         import yaml
     except ImportError:
+        # .ci/run has PyYAML in its tools virtualenv (deploy/k8s/check.sh runs first): use it.
+        venv = Path("/var/tmp/dicom-gateway-tools/bin/python")
+        if venv.exists() and not os.environ.get("CHECK_DOCS_REEXEC"):
+            os.environ["CHECK_DOCS_REEXEC"] = "1"
+            os.execv(str(venv), [str(venv), __file__, *sys.argv[1:]])
         errors.append(f"{__file__}: PyYAML is missing (apt-get install python3-yaml): cannot read the alert rules")
         return cat, unset
 
