@@ -427,3 +427,113 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// POST `body` to B's link listener as site A, with `Content-ID` `transfer` and the
+/// `Content-Digest` of `digest_of`; returns the HTTP status.
+async fn post_message(sites: &Hl7Sites, transfer: &str, body: &[u8], digest_of: &[u8]) -> u16 {
+    use http_body_util::BodyExt as _;
+    let pki = sites.dir.path().join("pki");
+    let tls = std::sync::Arc::new(
+        dicom_gateway::tls::client_config(&dicom_gateway::config::TlsSection {
+            cert: pki.join("site-a.crt"),
+            key: pki.join("site-a.key"),
+            ca: pki.join("ca.crt"),
+            crls: Vec::new(),
+        })
+        .unwrap(),
+    );
+    let tcp = tokio::net::TcpStream::connect(sites.link).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("site-b").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut sha = keystore::Sha256::new();
+    sha.update(digest_of);
+    let req = http::Request::post(format!("https://{}/hl7/v2/messages", sites.link))
+        .header("content-type", dicom_gateway::relay::HL7_MEDIA_TYPE)
+        .header("content-id", format!("<{transfer}@site-a>"))
+        .header(
+            "content-digest",
+            dicom_gateway::relay::content_digest(&sha.finish()),
+        )
+        .body(http_body_util::Full::new(bytes::Bytes::copy_from_slice(
+            body,
+        )))
+        .unwrap();
+    let resp = send.send_request(req).await.expect("a response");
+    let status = resp.status().as_u16();
+    let _ = resp.into_body().collect().await;
+    status
+}
+
+/// The link's HL7 request type deduplicates like a STOW part: an identical re-send is 200
+/// without a second copy, the same transfer with other bytes 409 (permanent at the
+/// sender), a wrong digest 400, a message that does not parse 422.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_link_deduplicates_hl7_transfers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ris = Ris::start(&tmp.path().join("ris"));
+    let mut sites = Hl7Sites::start(Hl7Options::new(ris.port)).await;
+    let m = orm("LINK-1", "PAT-8", "MOE", "over the link");
+    let other = orm("LINK-1", "PAT-8", "MOE", "other bytes");
+    let t = "0123456789abcdef0123456789abcdef";
+    assert_eq!(
+        post_message(&sites, t, m.as_bytes(), m.as_bytes()).await,
+        200
+    );
+    assert_eq!(
+        post_message(&sites, t, m.as_bytes(), m.as_bytes()).await,
+        200,
+        "identical re-send"
+    );
+    assert_eq!(
+        post_message(&sites, t, other.as_bytes(), other.as_bytes()).await,
+        409,
+        "same transfer, other bytes"
+    );
+    assert_eq!(
+        post_message(&sites, "another", m.as_bytes(), b"not these bytes").await,
+        400,
+        "digest mismatch"
+    );
+    assert_eq!(
+        post_message(&sites, "garbage", b"not HL7 at all", b"not HL7 at all").await,
+        422,
+        "does not parse"
+    );
+    assert!(eventually(WAIT, || ris.accepted().len() == 1).await);
+    assert!(
+        eventually(WAIT, || sites
+            .spool("b")
+            .object_count()
+            .is_ok_and(|n| n == 0))
+        .await
+    );
+    let got: Vec<String> = ris.accepted().into_iter().map(|r| r.raw).collect();
+    assert_eq!(got, vec![m], "stored and delivered once");
+    let metrics = sites.metrics("b");
+    for (result, n) in [
+        ("accepted", 1.0),
+        ("duplicate", 1.0),
+        ("conflict", 1.0),
+        ("rejected", 2.0),
+    ] {
+        assert_eq!(
+            metric(
+                &metrics,
+                &format!(r#"dicom_gateway_hl7_messages_total{{listener="wan",result="{result}"}}"#)
+            ),
+            n,
+            "{result}"
+        );
+    }
+    sites.stop().await;
+}
