@@ -59,6 +59,7 @@ SECTIONS = {
     "spool": "RawSpoolSection",
     "dicom_listener": "RawDicomListener",
     "link_listener": "LinkListener",
+    "hl7_listener": "Hl7Listener",
     "destination": "RawDestination",
     "destination.retry": "RawRetry",
     "route": "Route",

@@ -186,6 +186,10 @@ fn reachability(cfg: &Config, out: &mut Vec<Finding>) {
             || cfg
                 .link_listener
                 .iter()
+                .any(|l| l.route_to.contains(&d.name))
+            || cfg
+                .hl7_listener
+                .iter()
                 .any(|l| l.route_to.contains(&d.name));
         let by_route = cfg.route.iter().any(|r| r.to.contains(&d.name));
         if !by_listener && !by_route {

@@ -66,6 +66,9 @@ pub struct Config {
     /// Site-link listeners (STOW-RS over mutual TLS).
     #[serde(default)]
     pub link_listener: Vec<LinkListener>,
+    /// HL7 v2 listeners (MLLP).
+    #[serde(default)]
+    pub hl7_listener: Vec<Hl7Listener>,
     /// Where objects go.
     #[serde(default)]
     pub destination: Vec<Destination>,
@@ -455,6 +458,61 @@ fn default_request_timeout() -> std::time::Duration {
     std::time::Duration::from_secs(900)
 }
 
+/// `[[hl7_listener]]`: HL7 v2 messages over MLLP (TCP). Each message is stored in the
+/// spool (encrypted under its patient's key) and queued for `route_to` before it is
+/// acknowledged with AA.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hl7Listener {
+    /// Name used in logs and metric labels.
+    pub name: String,
+    /// Address to bind.
+    pub listen: SocketAddr,
+    /// Destinations every message is queued for: `hl7` destinations, or `gateway`
+    /// destinations (the site link carries HL7 too). Required.
+    pub route_to: Vec<String>,
+    /// Largest message accepted (`"1MiB"`, at most 16 MiB); a longer one is answered AR
+    /// and the connection closed, before more than this is buffered.
+    #[serde(default = "default_max_message_size")]
+    pub max_message_size: bytesize::ByteSize,
+    /// Connections allowed at once; more are closed at once.
+    #[serde(default = "default_hl7_connections")]
+    pub max_connections: usize,
+    /// How long a connection may stay silent between messages, and how long one message
+    /// may take from its start block to its end (`"60s"`).
+    #[serde(default = "default_hl7_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn default_max_message_size() -> bytesize::ByteSize {
+    bytesize::ByteSize::mib(1)
+}
+fn default_hl7_connections() -> usize {
+    32
+}
+fn default_hl7_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+/// What a destination can take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// DICOM objects.
+    Dicom,
+    /// HL7 v2 messages.
+    Hl7,
+}
+
+impl Protocol {
+    /// `DICOM` or `HL7`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Dicom => "DICOM",
+            Protocol::Hl7 => "HL7",
+        }
+    }
+}
+
 /// `[[route]]`: a routing rule. An object matches when every criterion given matches (an
 /// empty or absent list matches anything); it then goes to the rule's `to` destinations, in
 /// addition to its listener's `route_to`. All destinations an object goes to get their queue
@@ -584,6 +642,12 @@ pub enum DestinationKind {
         /// The folder.
         path: PathBuf,
     },
+    /// HL7 v2 over MLLP to a receiving system (a RIS), one message at a time, each
+    /// acknowledged before the next.
+    Hl7 {
+        /// `host:port` of the receiving system.
+        address: String,
+    },
 }
 
 impl DestinationKind {
@@ -593,6 +657,17 @@ impl DestinationKind {
             DestinationKind::Gateway { .. } => "gateway",
             DestinationKind::Dicom { .. } => "dicom",
             DestinationKind::Folder { .. } => "folder",
+            DestinationKind::Hl7 { .. } => "hl7",
+        }
+    }
+
+    /// Whether this kind of destination takes `p`: a peer gateway takes both, `hl7` only
+    /// HL7 messages, the others only DICOM objects.
+    pub fn carries(&self, p: Protocol) -> bool {
+        match self {
+            DestinationKind::Gateway { .. } => true,
+            DestinationKind::Hl7 { .. } => p == Protocol::Hl7,
+            DestinationKind::Dicom { .. } | DestinationKind::Folder { .. } => p == Protocol::Dicom,
         }
     }
 }
@@ -676,9 +751,10 @@ impl TryFrom<RawDestination> for Destination {
                 "timeout_secs",
             ],
             "folder" => &["path"],
+            "hl7" => &["address", "send_timeout"],
             other => {
                 return Err(format!(
-                    "destination {name:?}: unknown kind {other:?}, expected \"gateway\", \"dicom\" or \"folder\""
+                    "destination {name:?}: unknown kind {other:?}, expected \"gateway\", \"dicom\", \"folder\" or \"hl7\""
                 ));
             }
         };
@@ -701,6 +777,9 @@ impl TryFrom<RawDestination> for Destination {
                 associations: r.associations.unwrap_or_else(default_associations),
                 max_pdu_length: r.max_pdu_length.unwrap_or_else(default_max_pdu),
                 timeout_secs: r.timeout_secs.unwrap_or_else(default_timeout_secs),
+            },
+            "hl7" => DestinationKind::Hl7 {
+                address: need(r.address, "address")?,
             },
             _ => DestinationKind::Folder {
                 path: r.path.ok_or_else(|| {
@@ -952,6 +1031,11 @@ impl Config {
                     }
                 }
                 DestinationKind::Folder { .. } => {}
+                DestinationKind::Hl7 { address } => {
+                    if address.is_empty() || !address.contains(':') {
+                        return Err(self.invalid(key("address"), "must be host:port"));
+                    }
+                }
             }
         }
 
@@ -971,12 +1055,32 @@ impl Config {
             Ok(())
         };
 
+        // Each protocol goes only to destinations that take it.
+        let check_protocol = |key: String, routes: &[String], p: Protocol| {
+            for r in routes {
+                if let Some(d) = self.destination.iter().find(|d| &d.name == r)
+                    && !d.kind.carries(p)
+                {
+                    return Err(self.invalid(
+                        key,
+                        format!(
+                            "routes {} to destination {r:?}, a {} destination, which cannot take it",
+                            p.as_str(),
+                            d.kind.as_str()
+                        ),
+                    ));
+                }
+            }
+            Ok(())
+        };
+
         let mut listener_names = HashSet::new();
         for l in &self.dicom_listener {
             let key = |k: &str| format!("dicom_listener[{}].{k}", l.name);
             if !listener_names.insert(l.name.as_str()) {
                 return Err(self.invalid(key("name"), "duplicate listener name"));
             }
+            check_protocol(key("route_to"), &l.route_to, Protocol::Dicom)?;
             check_ae(&l.ae_title).map_err(|m| self.invalid(key("ae_title"), m))?;
             for ae in &l.allowed_calling_ae_titles {
                 check_ae(ae).map_err(|m| self.invalid(key("allowed_calling_ae_titles"), m))?;
@@ -1041,6 +1145,40 @@ impl Config {
             }
         }
 
+        for l in &self.hl7_listener {
+            let key = |k: &str| format!("hl7_listener[{}].{k}", l.name);
+            if l.name.is_empty() || !l.name.chars().all(is_name_char) {
+                return Err(self.invalid(
+                    key("name"),
+                    "must be non-empty letters, digits, '-', '_' or '.'",
+                ));
+            }
+            if !listener_names.insert(l.name.as_str()) {
+                return Err(self.invalid(key("name"), "duplicate listener name"));
+            }
+            if l.route_to.is_empty() {
+                return Err(self.invalid(key("route_to"), "must name at least one destination"));
+            }
+            check_routes(key("route_to"), &l.route_to)?;
+            check_protocol(key("route_to"), &l.route_to, Protocol::Hl7)?;
+            let max = l.max_message_size.as_u64();
+            if !(1024..=crate::hl7::MAX_MESSAGE_BYTES as u64).contains(&max) {
+                return Err(self.invalid(key("max_message_size"), "must be between 1KiB and 16MiB"));
+            }
+            if max > s.max_object_bytes {
+                return Err(self.invalid(
+                    key("max_message_size"),
+                    "must not exceed spool.max_object_size",
+                ));
+            }
+            if l.max_connections == 0 {
+                return Err(self.invalid(key("max_connections"), "must be > 0"));
+            }
+            if l.timeout < Duration::from_secs(1) {
+                return Err(self.invalid(key("timeout"), "must be at least 1s"));
+            }
+        }
+
         let mut route_names = HashSet::new();
         for r in &self.route {
             let key = |k: &str| format!("route[{}].{k}", r.name);
@@ -1051,6 +1189,8 @@ impl Config {
                 return Err(self.invalid(key("to"), "must name at least one destination"));
             }
             check_routes(key("to"), &r.to)?;
+            // Routing rules decide on DICOM attributes: they route DICOM objects only.
+            check_protocol(key("to"), &r.to, Protocol::Dicom)?;
             for l in &r.listeners {
                 if !listener_names.contains(l.as_str()) {
                     return Err(self.invalid(key("listeners"), format!("no listener named {l:?}")));
@@ -1478,6 +1618,75 @@ path = "received"
             "calling_ae_title = \"GW_B\"\nretry = { max_attempts = 0 }",
         ));
         assert!(e.contains("destination[pacs].retry.max_attempts"), "{e}");
+    }
+
+    const HL7: &str = r#"
+[[hl7_listener]]
+name = "ris-in"
+listen = "0.0.0.0:2575"
+route_to = ["site-b"]
+[[destination]]
+name = "ris"
+kind = "hl7"
+address = "10.0.0.9:2575"
+"#;
+
+    #[test]
+    fn hl7_listeners_and_destinations_parse_with_defaults() {
+        let c = parse(&format!("{GOOD}{HL7}")).expect("valid");
+        let l = &c.hl7_listener[0];
+        assert_eq!(l.max_message_size.as_u64(), 1 << 20);
+        assert_eq!(l.timeout, Duration::from_secs(60));
+        assert_eq!(l.max_connections, 32);
+        let d = c.destination.iter().find(|d| d.name == "ris").unwrap();
+        assert!(matches!(&d.kind, DestinationKind::Hl7 { address } if address == "10.0.0.9:2575"));
+        assert!(d.kind.carries(Protocol::Hl7) && !d.kind.carries(Protocol::Dicom));
+        // A link listener may name DICOM and HL7 destinations together.
+        assert!(
+            parse(
+                &format!("{GOOD}{HL7}")
+                    .replace("route_to = [\"pacs\"]", "route_to = [\"pacs\", \"ris\"]")
+            )
+            .is_ok()
+        );
+    }
+
+    /// HL7 to a DICOM destination, or DICOM to an HL7 one, is a configuration error naming
+    /// the key and the destination.
+    #[test]
+    fn a_protocol_routed_to_a_destination_that_cannot_take_it_is_refused() {
+        let text = format!("{GOOD}{HL7}");
+        let e = err(&text.replace(
+            "route_to = [\"site-b\"]\n[[destination]]\nname = \"ris\"",
+            "route_to = [\"pacs\"]\n[[destination]]\nname = \"ris\"",
+        ));
+        assert!(
+            e.contains("hl7_listener[ris-in].route_to") && e.contains("pacs"),
+            "{e}"
+        );
+        let e = err(&text.replacen("route_to = [\"site-b\"]", "route_to = [\"ris\"]", 1));
+        assert!(
+            e.contains("dicom_listener[lan].route_to") && e.contains("ris"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{text}[[route]]\nname = \"r\"\nmodalities = [\"CT\"]\nto = [\"ris\"]\n"
+        ));
+        assert!(e.contains("route[r].to"), "{e}");
+        let e = err(&text.replace(
+            "route_to = [\"site-b\"]\n[[destination]]\nname = \"ris\"",
+            "route_to = []\n[[destination]]\nname = \"ris\"",
+        ));
+        assert!(e.contains("hl7_listener[ris-in].route_to"), "{e}");
+        let e = err(&text.replace(
+            "listen = \"0.0.0.0:2575\"",
+            "listen = \"0.0.0.0:2575\"\nmax_message_size = \"64MiB\"",
+        ));
+        assert!(e.contains("hl7_listener[ris-in].max_message_size"), "{e}");
+        let e = err(&text.replace("name = \"ris-in\"", "name = \"lan\""));
+        assert!(e.contains("duplicate listener name"), "{e}");
+        let e = err(&text.replace("address = \"10.0.0.9:2575\"", "path = \"x\""));
+        assert!(e.contains("path") && e.contains("hl7"), "{e}");
     }
 
     #[test]

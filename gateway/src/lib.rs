@@ -24,6 +24,11 @@
 //! - [`dispatch`]: per-destination workers that drain the queues: retry budgets, circuit
 //!   breaking and dead letters.
 //!
+//! - [`hl7`]: HL7 v2 messages (orders, reports) over MLLP: the parser of the few fields the
+//!   gateway needs, ACKs, framing, and the `[[hl7_listener]]`. Messages share the spool,
+//!   the keystore, the queues and the site link with DICOM objects (see
+//!   [`relay`] for the link's HL7 request type and [`deliver::hl7`] for MLLP delivery).
+//!
 //! Dependency arrows follow the data: `receive` → `spool` ← `dispatch` → `deliver`; the
 //! link listener in `relay` writes into the spool like `receive` does.
 //!
@@ -38,8 +43,9 @@
 //! [`healthcheck`] (the container's probe of `/healthz`).
 //!
 //! ## Invariants
-//! 1. A C-STORE or STOW-RS request is acknowledged with success only after the object, its
-//!    metadata and its queue entries for every destination are committed with a synced write.
+//! 1. A C-STORE or STOW-RS request (or an HL7 message, with AA) is acknowledged with
+//!    success only after the object, its metadata and its queue entries for every
+//!    destination are committed with a synced write.
 //! 2. An object leaves the spool only after every destination it was queued for confirmed it
 //!    (a success status from the PACS, a 200 from the peer gateway after *its* synced commit,
 //!    or a synced file in a hand-off folder).
@@ -62,6 +68,7 @@ pub mod dimse;
 pub mod dispatch;
 pub mod exit;
 pub mod healthcheck;
+pub mod hl7;
 pub mod metrics;
 pub mod node;
 pub mod observe;

@@ -40,6 +40,13 @@ pub struct Metrics {
     /// `link_parts_total{listener,result}`: STOW-RS parts answered by a link listener
     /// (`stored`, `duplicate`, `conflict`, `bad_request`, `unavailable`, `timeout`).
     pub link_parts: IntCounterVec,
+    /// `hl7_messages_total{listener,result}`: HL7 v2 messages answered by an HL7 listener
+    /// (ACK) or a link listener (HTTP status), by [`HL7_RESULTS`] word: `accepted` (AA or
+    /// 200 after a synced commit), `duplicate` (an identical re-send, nothing stored
+    /// twice), `rejected` (AR / 4xx: malformed or unsupported), `too_large`, `conflict`
+    /// (the same control id or transfer with other content), `error` (AE / 503: not stored
+    /// now, e.g. the disk under its watermark).
+    pub hl7_messages: IntCounterVec,
     /// `associations_total{listener,result}`: DICOM associations and link connections
     /// (`accepted`, `rejected`, `timeout`, `over_limit`, `handshake_failed`).
     pub associations: IntCounterVec,
@@ -163,6 +170,16 @@ pub const TLS_FAILURE_REASONS: &[&str] = &[
     "alert_received",
     "protocol_error",
     "other",
+];
+
+/// The `result` words of `hl7_messages_total`.
+pub const HL7_RESULTS: &[&str] = &[
+    "accepted",
+    "duplicate",
+    "rejected",
+    "too_large",
+    "conflict",
+    "error",
 ];
 
 /// The word for a failed TLS handshake in `tls_handshake_failures_total{reason}`.
@@ -303,6 +320,11 @@ impl Metrics {
             link_parts: cv(
                 "link_parts_total",
                 "STOW-RS parts answered by a link listener",
+                &["listener", "result"],
+            ),
+            hl7_messages: cv(
+                "hl7_messages_total",
+                "HL7 v2 messages answered by an HL7 or link listener",
                 &["listener", "result"],
             ),
             associations: cv(
@@ -470,6 +492,7 @@ mod tests {
         for c in [
             &m.cstore_responses,
             &m.link_parts,
+            &m.hl7_messages,
             &m.associations,
             &m.forward_failures,
             &m.tls_handshake_failures,
@@ -498,7 +521,7 @@ mod tests {
             h.with_label_values(&["x"]).observe(1.0);
         }
         let families = m.registry.gather();
-        assert_eq!(families.len(), 28, "one family per metric of the catalogue");
+        assert_eq!(families.len(), 29, "one family per metric of the catalogue");
         for f in families {
             let n = f.name();
             assert!(n.starts_with("dicom_gateway_"), "{n}");

@@ -47,6 +47,8 @@ pub struct Node {
     pub dicom_addrs: HashMap<String, SocketAddr>,
     /// Bound address of each link listener, by name.
     pub link_addrs: HashMap<String, SocketAddr>,
+    /// Bound address of each HL7 listener, by name.
+    pub hl7_addrs: HashMap<String, SocketAddr>,
     /// Bound address of the admin endpoint.
     pub http_addr: Option<SocketAddr>,
     /// The node's metrics.
@@ -159,8 +161,19 @@ impl Node {
                 cfg.spool.max_object_bytes,
             )
             .reload_from(tls)?
-            .with_router(router.clone());
+            .with_router(router.clone())
+            .with_protocols(&cfg);
             link_servers.push((l, addr, listener, server));
+        }
+        let mut hl7_addrs = HashMap::new();
+        let mut hl7_servers = Vec::new();
+        for l in &cfg.hl7_listener {
+            let listener = bind(l.listen, &format!("hl7_listener[{}]", l.name)).await?;
+            let addr = listener.local_addr()?;
+            hl7_addrs.insert(l.name.clone(), addr);
+            let server =
+                crate::hl7::listener::Hl7Server::new(l.clone(), spool.clone(), metrics.clone());
+            hl7_servers.push((l, addr, listener, server));
         }
         let mut http = None;
         if let Some(h) = &cfg.http {
@@ -217,6 +230,10 @@ impl Node {
             info!(listener = %l.name, %addr, peers = ?l.allowed_peers, "link listener up");
             listener_tasks.spawn(server.run(listener, listeners_stop.clone()));
         }
+        for (l, addr, listener, server) in hl7_servers {
+            info!(listener = %l.name, %addr, "HL7 listener up");
+            listener_tasks.spawn(server.run(listener, listeners_stop.clone()));
+        }
         if let Some((addr, listener)) = http {
             info!(%addr, "admin HTTP up (/healthz, /readyz, /metrics)");
             listener_tasks.spawn(crate::admin_http::run(
@@ -246,6 +263,7 @@ impl Node {
         Ok(Node {
             dicom_addrs,
             link_addrs,
+            hl7_addrs,
             http_addr,
             metrics,
             board,

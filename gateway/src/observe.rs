@@ -49,6 +49,22 @@ pub fn install(metrics: &Metrics, cfg: &Config, spool: &Spool) -> Result<()> {
         }
         metrics.store_duration.with_label_values(&[n]);
     }
+    for n in cfg.hl7_listener.iter().map(|l| l.name.as_str()).chain(
+        // Link listeners that deliver HL7 somewhere (an `hl7` destination).
+        cfg.link_listener
+            .iter()
+            .filter(|l| {
+                cfg.destination.iter().any(|d| {
+                    l.route_to.contains(&d.name)
+                        && matches!(d.kind, crate::config::DestinationKind::Hl7 { .. })
+                })
+            })
+            .map(|l| l.name.as_str()),
+    ) {
+        for r in crate::metrics::HL7_RESULTS {
+            metrics.hl7_messages.with_label_values(&[n, r]);
+        }
+    }
     if !cfg.link_listener.is_empty() {
         metrics
             .integrity_failures

@@ -188,6 +188,9 @@ impl GatewaySender {
 
     /// Send one object; `Ok` once the peer confirmed its synced commit.
     pub async fn send(&self, mut reader: ObjectReader) -> Result<(), DeliveryError> {
+        if reader.meta.is_hl7() {
+            return self.send_message(reader).await;
+        }
         let mut sender = self.connection().await?;
         tokio::time::timeout(self.timeout, sender.ready())
             .await
@@ -310,6 +313,82 @@ impl GatewaySender {
         .map(|b| b.to_bytes())
         .unwrap_or_default();
         // The peer is a gateway of ours; still, keep only printable text.
+        let detail = String::from_utf8_lossy(&body)
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(200)
+            .collect::<String>();
+        classify(status, retry_after, detail)
+    }
+}
+
+impl GatewaySender {
+    /// Send one HL7 v2 message (`POST` [`crate::relay::HL7_PATH`], the message as the
+    /// body, with the same `Content-ID` and `Content-Digest` as a STOW part); `Ok` once the
+    /// peer confirmed its synced commit. The statuses mean what they mean for a STOW
+    /// request ([`classify`]).
+    async fn send_message(&self, mut reader: ObjectReader) -> Result<(), DeliveryError> {
+        let body = reader.read_all().await.map_err(DeliveryError::from_spool)?;
+        let meta = &reader.meta;
+        let transfer = match reader.resend_seq {
+            Some(seq) => format!("{}.r{seq}", meta.id.hex()),
+            None => meta.id.hex(),
+        };
+        let mut sender = self.connection().await?;
+        tokio::time::timeout(self.timeout, sender.ready())
+            .await
+            .map_err(|_| unavailable("link", "link not ready in time"))?
+            .map_err(|e| unavailable("link", format!("link not ready: {e}")))?;
+        let body: Body = http_body_util::Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed();
+        let req = Request::post(format!(
+            "https://{}:{}{}",
+            self.host,
+            self.port,
+            crate::relay::HL7_PATH
+        ))
+        .header(header::CONTENT_TYPE, crate::relay::HL7_MEDIA_TYPE)
+        .header("content-id", format!("<{transfer}@{}>", self.node))
+        .header("content-digest", crate::relay::content_digest(&meta.digest))
+        .body(body)
+        .map_err(|e| DeliveryError::Local {
+            detail: format!("request: {e}"),
+        })?;
+        let resp = match tokio::time::timeout(self.send_timeout, sender.send_request(req)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                if e.is_closed() || e.is_canceled() {
+                    self.conn.lock().await.send.take();
+                }
+                return Err(unavailable("link", format!("link request failed: {e}")));
+            }
+            Err(_) => {
+                return Err(DeliveryError::transient(
+                    "timeout",
+                    format!(
+                        "no answer within {} s (send_timeout)",
+                        self.send_timeout.as_secs()
+                    ),
+                ));
+            }
+        };
+        let status = resp.status();
+        let retry_after = resp
+            .headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(|s| Duration::from_secs(s.min(3600)));
+        let body = tokio::time::timeout(
+            self.timeout,
+            http_body_util::Limited::new(resp.into_body(), 64 * 1024).collect(),
+        )
+        .await
+        .ok()
+        .and_then(|r| r.ok())
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
         let detail = String::from_utf8_lossy(&body)
             .chars()
             .filter(|c| !c.is_control())

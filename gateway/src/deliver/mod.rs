@@ -1,8 +1,9 @@
 //! Deliver: hand objects to their destinations.
 //!
 //! [`Sender`] is the one interface the dispatcher uses; each kind lives in its own module:
-//! [`gateway`] (STOW-RS to a peer gateway over the site link), [`dicom`] (C-STORE SCU to a
-//! PACS) and [`folder`] (Part-10 files for hand-off). [`Sender::from_config`] is the one
+//! [`gateway`] (STOW-RS to a peer gateway over the site link, and HL7 messages over the same
+//! link), [`dicom`] (C-STORE SCU to a PACS), [`folder`] (Part-10 files for hand-off) and
+//! [`hl7`] (MLLP to a receiving HL7 system). [`Sender::from_config`] is the one
 //! place a sender is built from its `[[destination]]`.
 //!
 //! Invariants:
@@ -19,6 +20,7 @@
 pub mod dicom;
 pub mod folder;
 pub mod gateway;
+pub mod hl7;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -142,6 +144,8 @@ pub enum Sender {
     Dicom(dicom::DicomSender),
     /// A hand-off folder.
     Folder(folder::FolderSender),
+    /// A receiving HL7 system (MLLP).
+    Hl7(hl7::Hl7Sender),
 }
 
 impl Sender {
@@ -189,6 +193,9 @@ impl Sender {
                 Duration::from_secs(*timeout_secs),
             )),
             DestinationKind::Folder { path } => Sender::Folder(folder::FolderSender::new(path)),
+            DestinationKind::Hl7 { address } => {
+                Sender::Hl7(hl7::Hl7Sender::new(address, dest.send_timeout))
+            }
         })
     }
 
@@ -198,15 +205,26 @@ impl Sender {
             Sender::Gateway(g) => g.max_in_flight(),
             Sender::Dicom(d) => d.associations(),
             Sender::Folder(_) => 2,
+            // One message at a time, each acknowledged before the next.
+            Sender::Hl7(_) => 1,
         }
     }
 
     /// Send one object.
     pub async fn send(&self, reader: ObjectReader) -> Result<(), DeliveryError> {
+        // The config routes each protocol only to destinations that take it; this is the
+        // second line.
+        if reader.meta.is_hl7() && matches!(self, Sender::Dicom(_) | Sender::Folder(_)) {
+            return Err(DeliveryError::permanent(
+                "wrong_protocol",
+                "an HL7 message cannot go to a DICOM destination",
+            ));
+        }
         match self {
             Sender::Gateway(g) => g.send(reader).await,
             Sender::Dicom(d) => d.send(reader).await,
             Sender::Folder(f) => f.send(reader).await,
+            Sender::Hl7(h) => h.send(reader).await,
         }
     }
 
@@ -215,6 +233,7 @@ impl Sender {
         match self {
             Sender::Dicom(d) => d.close().await,
             Sender::Gateway(g) => g.close().await,
+            Sender::Hl7(h) => h.close().await,
             Sender::Folder(_) => {}
         }
     }

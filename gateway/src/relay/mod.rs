@@ -11,6 +11,12 @@
 //! - `Content-Digest: sha-256=:…:` (RFC 9530): SHA-256 of the part content, computed by the
 //!   sender when it received the object and checked by the receiver before it commits.
 //!
+//! HL7 v2 messages travel on the same link as a request type of their own: `POST
+//! /hl7/v2/messages` ([`HL7_PATH`]) with the message, byte for byte, as the body
+//! ([`HL7_MEDIA_TYPE`]), and the same `Content-ID` and `Content-Digest` headers as a STOW
+//! part (on the request). Deduplication and statuses are those of a STOW part: an identical
+//! re-send is a 200 without a second copy, the same transfer with other bytes a 409.
+//!
 //! Invariants: the receiver answers 200 only after its own synced commit, and the sender
 //! deletes its copy only after that 200 (see [`crate::dispatch`]). The sender is
 //! [`crate::deliver::gateway`].
@@ -19,6 +25,12 @@ pub mod server;
 
 /// The STOW-RS path.
 pub const STOW_PATH: &str = "/dicomweb/studies";
+
+/// The path HL7 v2 messages are posted to.
+pub const HL7_PATH: &str = "/hl7/v2/messages";
+
+/// The media type of an HL7 v2 message in its ER7 (pipe) encoding.
+pub const HL7_MEDIA_TYPE: &str = "x-application/hl7-v2+er7";
 
 /// Format a `Content-Digest` value for a SHA-256.
 pub fn content_digest(digest: &[u8; 32]) -> String {

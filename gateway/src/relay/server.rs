@@ -42,6 +42,8 @@ use crate::dataset;
 use crate::metrics::{ActiveGuard, Metrics, tls_failure_reason};
 use crate::spool::{Committed, DedupState, Ingest, Spool, SpoolError};
 
+mod hl7;
+
 /// Bytes a request may carry outside part bodies (preamble, boundaries, part headers).
 /// One HTTP/2 frame (at most 1 MiB) may straddle a header and a body, hence the margin.
 const MAX_OUTSIDE_PARTS: u64 = (1 << 20) + 64 * 1024;
@@ -70,6 +72,10 @@ pub struct LinkServer {
     router: crate::routing::Router,
     /// Requests processed at once, across connections (`max_requests`).
     requests: Arc<Semaphore>,
+    /// The destinations of `route_to` that take DICOM objects, and those that take HL7
+    /// messages (see [`LinkServer::with_protocols`]).
+    dicom_routes: Vec<String>,
+    hl7_routes: Vec<String>,
 }
 
 /// What one link connection carried, for its log line.
@@ -102,6 +108,8 @@ impl LinkServer {
     ) -> LinkServer {
         LinkServer {
             requests: Arc::new(Semaphore::new(cfg.max_requests)),
+            dicom_routes: cfg.route_to.clone(),
+            hl7_routes: cfg.route_to.clone(),
             cfg,
             tls: watch::channel(tls).1,
             reloader: None,
@@ -115,6 +123,27 @@ impl LinkServer {
     /// Apply the `[[route]]` rules to what this listener receives.
     pub fn with_router(mut self, router: crate::routing::Router) -> LinkServer {
         self.router = router;
+        self
+    }
+
+    /// Split `route_to` by protocol with the destinations of `cfg`: each DICOM object goes
+    /// to the destinations that take DICOM, each HL7 message to those that take HL7.
+    pub fn with_protocols(mut self, cfg: &crate::config::Config) -> LinkServer {
+        use crate::config::Protocol;
+        let takes = |p: Protocol| {
+            self.cfg
+                .route_to
+                .iter()
+                .filter(|r| {
+                    cfg.destination
+                        .iter()
+                        .any(|d| &d.name == *r && d.kind.carries(p))
+                })
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        self.dicom_routes = takes(Protocol::Dicom);
+        self.hl7_routes = takes(Protocol::Hl7);
         self
     }
 
@@ -337,6 +366,9 @@ impl LinkServer {
         peer: &str,
         stats: &ConnStats,
     ) -> Response<Full<Bytes>> {
+        if req.uri().path() == super::HL7_PATH {
+            return self.hl7_message(req, peer, stats).await;
+        }
         if req.uri().path() != super::STOW_PATH {
             return text(StatusCode::NOT_FOUND, "not found");
         }
@@ -534,7 +566,7 @@ impl LinkServer {
             sop_instance: meta.sop_instance,
             transfer_syntax: meta.transfer_syntax,
             source: peer.to_owned(),
-            routes: self.cfg.route_to.clone(),
+            routes: self.dicom_routes.clone(),
             dedup: Some(key),
             strict_uid_match: false,
         };

@@ -201,6 +201,12 @@ pub struct ObjectMeta {
 }
 
 impl ObjectMeta {
+    /// True for an HL7 v2 message (stored by [`Spool::store_message`]); false for a DICOM
+    /// object.
+    pub fn is_hl7(&self) -> bool {
+        self.sop_class_uid == crate::hl7::SPOOL_CLASS
+    }
+
     /// The associated data every segment of this object is sealed with.
     fn identity_aad(id: &ObjectId, ident: &ResolvedIdentity) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 + 5 * 66);
@@ -370,8 +376,12 @@ pub struct Queued {
     pub length: u64,
     /// When the object was committed here (ms since the epoch).
     pub received_at_ms: u64,
-    /// Its study, as a [`study_tag`] (for the dispatcher's in-study order).
+    /// Its study, as a [`study_tag`] (for the dispatcher's in-study order); for an HL7
+    /// message, its patient's.
     pub study: u64,
+    /// An HL7 message: delivered strictly in order within its patient (one at a time, the
+    /// next only once the previous one is delivered or a dead letter).
+    pub serial: bool,
 }
 
 /// A study's tag for grouping in memory: a hash of the Study Instance UID under a key
@@ -520,6 +530,35 @@ pub struct Ingest {
     /// Refuse a data set whose SOP Class or Instance UID differs from the request's
     /// (otherwise it is stored under the data set's own UIDs).
     pub strict_uid_match: bool,
+}
+
+/// One HL7 v2 message to store ([`Spool::store_message`]).
+#[derive(Clone)]
+pub struct MessageIngest {
+    /// The patient key (see [`crate::hl7::Message::patient`]): the message's data key is
+    /// the patient's, and its deliveries are ordered within the patient.
+    pub patient: String,
+    /// MSH-10.
+    pub control_id: String,
+    /// MSH-9 (`ORM^O01`).
+    pub message_type: String,
+    /// Where it came from: the HL7 listener's name or the peer node's.
+    pub source: String,
+    /// Destinations to queue for (at least one).
+    pub routes: Vec<String>,
+    /// Recognise an identical re-send under this key.
+    pub dedup: Option<DedupKey>,
+    /// The message, byte for byte.
+    pub bytes: Vec<u8>,
+}
+
+impl std::fmt::Debug for MessageIngest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MessageIngest")
+            .field("message_type", &self.message_type)
+            .field("bytes", &self.bytes.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// What the routing rules may look at in a data set, once its identity is scanned.
@@ -1183,6 +1222,173 @@ impl Spool {
         ))
     }
 
+    /// Store one HL7 v2 message and queue it for `msg.routes`, in one synced write: its
+    /// segments (sealed under the patient's data key, bound to the message's identity), its
+    /// metadata, its queue entries and, with a dedup key, its dedup record. Returns once that
+    /// write is synced ([`Committed::Stored`]), or [`Committed::Duplicate`] for an identical
+    /// message already stored under the same dedup key; the same key with other bytes is
+    /// [`SpoolError::IdentityMismatch`].
+    ///
+    /// The patient's key id is a keyed hash (under the index key) of the patient key, the
+    /// way a study's is of its Study Instance UID; the patient key itself is only ever
+    /// stored inside the sealed metadata.
+    ///
+    /// Cancellation-safe: the work runs in a task of the spool that owns the message;
+    /// dropping this future neither stops nor undoes it.
+    pub async fn store_message(&self, msg: MessageIngest) -> Result<Committed, SpoolError> {
+        if msg.bytes.is_empty() {
+            return Err(dataset::FormatError::Malformed("empty message").into());
+        }
+        if msg.bytes.len() as u64 > self.inner.max_object_bytes {
+            return Err(SpoolError::TooLarge(self.inner.max_object_bytes));
+        }
+        for s in [
+            &msg.patient,
+            &msg.control_id,
+            &msg.message_type,
+            &msg.source,
+        ] {
+            if s.len() > 1024 {
+                return Err(dataset::FormatError::Malformed("message field too long").into());
+            }
+        }
+        if msg.routes.is_empty() {
+            return Err(SpoolError::Unrouted);
+        }
+        self.admit(&msg.routes)?;
+        let spool = self.clone();
+        let handle = self.inner.jobs.spawn(async move {
+            let s2 = spool.clone();
+            blocking(move || s2.store_message_blocking(msg)).await
+        });
+        handle
+            .await
+            .map_err(|e| SpoolError::Internal(e.to_string()))?
+    }
+
+    fn store_message_blocking(&self, msg: MessageIngest) -> Result<Committed, SpoolError> {
+        let kid = self.inner.index.id("hl7-patient", msg.patient.as_bytes());
+        // Held until this returns: the unused-key sweep keeps the patient's key meanwhile.
+        let _pin = KeyPin::new(&self.inner.pins, kid);
+        let dek = self.study_key(kid, true)?;
+        let id = ObjectId::random()?;
+        let resolved = ResolvedIdentity {
+            study: msg.patient,
+            series: String::new(),
+            sop_instance: msg.control_id,
+            sop_class: crate::hl7::SPOOL_CLASS.to_owned(),
+            transfer_syntax: msg.message_type,
+        };
+        let aad = ObjectMeta::identity_aad(&id, &resolved);
+        let mut digest = Sha256::new();
+        digest.update(&msg.bytes);
+        let digest = digest.finish();
+        let chunks: Vec<&[u8]> = msg.bytes.chunks(self.inner.segment_bytes).collect();
+        let mut sealed = Vec::with_capacity(chunks.len());
+        for (i, c) in chunks.iter().enumerate() {
+            let last = i + 1 == chunks.len();
+            sealed.push(
+                keystore::seal_segment(&dek, &aad, i as u64, last, c).map_err(SpoolError::Key)?,
+            );
+        }
+        let meta = ObjectMeta {
+            id,
+            study_uid: resolved.study,
+            series_uid: resolved.series,
+            sop_instance_uid: resolved.sop_instance,
+            sop_class_uid: resolved.sop_class,
+            transfer_syntax: resolved.transfer_syntax,
+            source: msg.source,
+            length: msg.bytes.len() as u64,
+            dataset_offset: 0,
+            digest,
+            segments: sealed.len() as u64,
+            received_at_ms: now_ms(),
+        };
+        drop(chunks);
+        drop(msg.bytes);
+        let sealed_meta =
+            keystore::seal_record(&dek, &meta_ad(&id), &meta.encode()).map_err(SpoolError::Key)?;
+        let s = &self.inner.store;
+        let entries = {
+            let _g = self.commit_lock()?;
+            fault!(
+                self.inner,
+                "spool::message::batch",
+                Err(SpoolError::Busy(
+                    "fault injected: the message commit fails".into()
+                ))
+            );
+            if let Some(key) = msg.dedup {
+                match self.dedup_state(key, &digest)? {
+                    DedupState::New => {}
+                    DedupState::Identical => return Ok(Committed::Duplicate),
+                    DedupState::Conflict => {
+                        return Err(SpoolError::IdentityMismatch("content of this transfer"));
+                    }
+                }
+            }
+            // The patient's key may have been shredded since it was loaded (see the commit
+            // of an object): refuse; the sender retries and gets a new key.
+            if s.get(Cf::Keys, &kid)?.is_none() {
+                self.uncache_key(&kid);
+                return Err(SpoolError::Internal(
+                    "the patient's key was deleted while this message was stored; send it again"
+                        .into(),
+                ));
+            }
+            lock_pins(&self.inner.pins).touched.insert(kid);
+            let mut b = s.batch();
+            for (i, seg) in sealed.iter().enumerate() {
+                b.put(Cf::Seg, &seg_key(&id, i as u64), seg);
+            }
+            let mut value = vec![META_VERSION];
+            value.extend_from_slice(&kid);
+            value.extend_from_slice(&sealed_meta);
+            b.put(Cf::Meta, &id.0, &value);
+            let mut entries = Vec::with_capacity(msg.routes.len());
+            for dest in &msg.routes {
+                let seq = self.inner.next_seq.fetch_add(1, Ordering::SeqCst);
+                let mut qv = id.0.to_vec();
+                qv.push(0);
+                b.put(Cf::Queue, &queue_key(dest, seq), &qv);
+                b.put(Cf::Refs, &ref_key(&id, dest), &seq.to_be_bytes());
+                entries.push((
+                    dest.clone(),
+                    QueueEntry {
+                        seq,
+                        object: id,
+                        state: EntryState::Queued,
+                        resend: false,
+                    },
+                ));
+            }
+            if let Some(key) = msg.dedup {
+                let mut v = vec![DEDUP_VERSION];
+                v.extend_from_slice(&self.dedup_mac(key, &digest));
+                v.extend_from_slice(&now_ms().to_be_bytes());
+                b.put(Cf::Dedup, &key.0, &v);
+            }
+            self.commit_batch(b)?;
+            entries
+        };
+        let study = study_tag(&meta.study_uid);
+        for (dest, entry) in entries {
+            self.notify(
+                &dest,
+                QueueEvent::Added(Queued {
+                    entry,
+                    length: meta.length,
+                    received_at_ms: meta.received_at_ms,
+                    study,
+                    serial: true,
+                }),
+            );
+        }
+        debug!(object = %id, bytes = meta.length, "message committed");
+        Ok(Committed::Stored(id))
+    }
+
     /// Register to hear about new queue entries for `dest`, then read the queue as stored
     /// (with each object's size and age, from its sealed metadata). Entries committed
     /// between the two may appear in both; callers key them by `seq`.
@@ -1250,12 +1456,14 @@ impl Spool {
                 length: m.length,
                 received_at_ms: m.received_at_ms,
                 study: study_tag(&m.study_uid),
+                serial: m.is_hl7(),
             },
             Err(_) => Queued {
                 study: object_tag(&entry.object),
                 entry,
                 length: 0,
                 received_at_ms: now_ms(),
+                serial: false,
             },
         }
     }
@@ -1397,6 +1605,17 @@ impl Spool {
         v.push(0);
         v.extend_from_slice(transfer_id.as_bytes());
         DedupKey(self.inner.index.id("link-transfer", &v))
+    }
+
+    /// The dedup key of an HL7 message from a sender: its listener, MSH-3/MSH-4 (sending
+    /// application and facility) and MSH-10 (control id), as a keyed hash.
+    pub fn message_dedup_key(&self, listener: &str, sender: &str, control_id: &str) -> DedupKey {
+        let mut v = listener.as_bytes().to_vec();
+        v.push(0);
+        v.extend_from_slice(sender.as_bytes());
+        v.push(0);
+        v.extend_from_slice(control_id.as_bytes());
+        DedupKey(self.inner.index.id("hl7-message", &v))
     }
 
     /// Look a transfer up.
@@ -1664,7 +1883,7 @@ impl Spool {
                 let Ok((meta, _)) = spool.meta_blocking(r.object) else {
                     continue;
                 };
-                if meta.study_uid == study_uid {
+                if meta.study_uid == study_uid && !meta.is_hl7() {
                     let dests: Vec<String> =
                         r.destinations.into_iter().filter(|d| wanted(d)).collect();
                     if !dests.is_empty() {
@@ -1710,6 +1929,7 @@ impl Spool {
                             length,
                             received_at_ms,
                             study: tag,
+                            serial: false,
                         },
                     ));
                 }
@@ -2520,6 +2740,7 @@ impl CommitJob {
                     length: self.length,
                     received_at_ms: meta_received,
                     study,
+                    serial: false,
                 }),
             );
         }
@@ -3450,5 +3671,97 @@ mod tests {
         let mut r = spool.open_object(ida2).await.unwrap();
         r.read_all().await.expect("readable");
         assert_eq!(spool.shred_unused_keys_blocking().unwrap(), 0, "in use");
+    }
+
+    fn message(
+        patient: &str,
+        control: &str,
+        bytes: &[u8],
+        dedup: Option<DedupKey>,
+    ) -> MessageIngest {
+        MessageIngest {
+            patient: patient.into(),
+            control_id: control.into(),
+            message_type: "ORM^O01".into(),
+            source: "ris-in".into(),
+            routes: vec!["ris".into()],
+            dedup,
+            bytes: bytes.to_vec(),
+        }
+    }
+
+    /// An HL7 message round-trips byte for byte (across several segments), is queued as
+    /// serial under its patient's tag, is keyed under the patient (two messages of one
+    /// patient share a key, another patient gets another); identical re-sends are
+    /// duplicates, other bytes a conflict.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn hl7_messages_round_trip_under_a_key_per_patient() {
+        let dir = private_tempdir();
+        let spool = open(dir.path());
+        let big: Vec<u8> = (0..200_000u32).map(|i| b'A' + (i % 26) as u8).collect();
+        let (_, mut rx) = spool.subscribe("ris").await.unwrap();
+        let Committed::Stored(a) = spool
+            .store_message(message("P1", "C1", &big, None))
+            .await
+            .unwrap()
+        else {
+            panic!("stored")
+        };
+        let Committed::Stored(_) = spool
+            .store_message(message("P1", "C2", b"MSH|2", None))
+            .await
+            .unwrap()
+        else {
+            panic!("stored")
+        };
+        let Committed::Stored(_) = spool
+            .store_message(message("P2", "C3", b"MSH|3", None))
+            .await
+            .unwrap()
+        else {
+            panic!("stored")
+        };
+        let mut r = spool.open_object(a).await.unwrap();
+        assert!(r.meta.is_hl7() && r.meta.segments > 2);
+        assert_eq!(r.meta.sop_instance_uid, "C1");
+        assert_eq!(r.read_all().await.unwrap(), big);
+        let Some(QueueEvent::Added(q)) = rx.recv().await else {
+            panic!("an event")
+        };
+        assert!(q.serial && q.study == study_tag("P1"));
+        assert_eq!(
+            spool.inner.store.scan_keys(Cf::Keys).unwrap().len(),
+            2,
+            "one key per patient"
+        );
+        // Delivered: gone.
+        for e in spool.entries_blocking("ris").unwrap() {
+            spool.complete("ris", e).await.unwrap();
+        }
+        assert_eq!(spool.object_count().unwrap(), 0);
+        // Dedup: identical is a duplicate, other bytes a conflict.
+        let key = spool.message_dedup_key("ris-in", "RIS^HOSP", "D1");
+        assert!(matches!(
+            spool
+                .store_message(message("P3", "D1", b"MSH|d", Some(key)))
+                .await,
+            Ok(Committed::Stored(_))
+        ));
+        assert!(matches!(
+            spool
+                .store_message(message("P3", "D1", b"MSH|d", Some(key)))
+                .await,
+            Ok(Committed::Duplicate)
+        ));
+        assert!(matches!(
+            spool
+                .store_message(message("P3", "D1", b"MSH|e", Some(key)))
+                .await,
+            Err(SpoolError::IdentityMismatch(_))
+        ));
+        assert!(matches!(
+            spool.store_message(message("P3", "D1", b"", None)).await,
+            Err(SpoolError::Format(_))
+        ));
     }
 }

@@ -15,6 +15,7 @@
 //! - [`files`]: Part-10 files on disk: writing, finding, hashing their data sets;
 //! - [`peers`]: independent tools (pynetdicom, DCMTK's `dcmconv`);
 //! - [`disk`]: small disks (a tmpfs) and filling them;
+//! - [`hl7`]: HL7 v2 over two sites, python-hl7 as sender and receiving system, raw MLLP;
 //! - [`logs`]: capturing what the nodes of the test process log.
 //!
 //! Invariants:
@@ -28,6 +29,7 @@
 
 pub mod disk;
 pub mod files;
+pub mod hl7;
 pub mod logs;
 pub mod objects;
 pub mod peers;
@@ -36,6 +38,7 @@ pub mod storescp;
 
 pub use disk::*;
 pub use files::*;
+pub use hl7::*;
 pub use logs::*;
 pub use objects::*;
 pub use peers::*;
