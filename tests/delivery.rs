@@ -25,6 +25,7 @@ async fn a_refused_object_becomes_a_dead_letter_and_replays_after_the_fix() {
         a_spool: String::new(),
         b_retry: r#"initial = "100ms", max_delay = "500ms", max_attempts = 3"#.into(),
         b_destination_extra: String::new(),
+        a_destination_extra: String::new(),
     })
     .await;
     // The refused object first in the queue, then the ones the PACS takes.
@@ -151,6 +152,7 @@ async fn a_poison_object_the_pacs_aborts_on_is_dead_lettered_and_replays_after_t
         a_spool: String::new(),
         b_retry: r#"initial = "2s", max_delay = "4s", max_attempts = 3"#.into(),
         b_destination_extra: String::new(),
+        a_destination_extra: String::new(),
     })
     .await;
     let send = tmp.path().join("send");
@@ -264,6 +266,7 @@ async fn in_study_order_the_rest_of_a_study_waits_for_its_failing_object() {
         // Retries at least 1 s apart; one association, so nothing else is in flight.
         b_retry: r#"initial = "2s", max_delay = "4s", max_attempts = 3"#.into(),
         b_destination_extra: "order = \"study\"\nassociations = 1".into(),
+        a_destination_extra: String::new(),
     })
     .await;
     let objects = study(6, "STUDY^ORDER", 20_000);
@@ -522,6 +525,7 @@ async fn a_vendor_private_storage_class_passes_through() {
         a_spool: String::new(),
         b_retry: SiteOptions::B_RETRY.to_owned(),
         b_destination_extra: String::new(),
+        a_destination_extra: String::new(),
     })
     .await;
     let dir = tmp.path().join("send");

@@ -69,6 +69,8 @@ pub struct SiteOptions {
     pub b_retry: String,
     /// Extra lines of B's PACS `[[destination]]` (e.g. `order = "study"`).
     pub b_destination_extra: String,
+    /// Extra lines of A's `site-b` `[[destination]]` (e.g. `max_queue = 5`).
+    pub a_destination_extra: String,
 }
 
 impl SiteOptions {
@@ -112,7 +114,10 @@ impl TwoSites {
         let site_a = SiteA {
             spool: format!("{MIN_FREE}\n{}", opts.a_spool),
             listener_extra: opts.a_listener_extra,
-            destination_extra: "retry_initial_ms = 100\nretry_max_ms = 1000".to_owned(),
+            destination_extra: format!(
+                "retry_initial_ms = 100\nretry_max_ms = 1000\n{}",
+                opts.a_destination_extra
+            ),
             ..SiteA::new(link)
         };
         twosite::write(&sites.config_path("a"), &site_a.toml()).expect("write config a");
@@ -256,6 +261,7 @@ impl Fixture {
             a_spool: a_spool.to_owned(),
             b_retry: SiteOptions::B_RETRY.to_owned(),
             b_destination_extra: String::new(),
+            a_destination_extra: String::new(),
         })
         .await;
         Fixture { tmp, pacs, sites }
@@ -276,6 +282,7 @@ mod tests {
             a_spool: String::new(),
             b_retry: SiteOptions::B_RETRY.to_owned(),
             b_destination_extra: String::new(),
+            a_destination_extra: String::new(),
         })
         .await;
         let port = sites.link_port;
