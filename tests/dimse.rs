@@ -284,3 +284,37 @@ async fn admin_endpoint_answers_health_readiness_and_metrics() {
     assert!(n.starts_with("HTTP/1.1 404"), "{n}");
     sites.stop().await;
 }
+
+/// The admin socket (which can list UIDs and purge queues) is mode 0600 once a node runs,
+/// whatever the umask, and it is a socket in the node's data folder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_admin_socket_is_mode_0600() {
+    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+    let Fixture {
+        tmp: _tmp,
+        pacs: _pacs,
+        mut sites,
+    } = Fixture::start("", "").await;
+    for (site, node) in [("a", sites.a.as_ref()), ("b", sites.b.as_ref())] {
+        let node = node.unwrap();
+        let meta = std::fs::metadata(&node.admin_socket).unwrap();
+        assert!(
+            meta.file_type().is_socket(),
+            "{}",
+            node.admin_socket.display()
+        );
+        assert_eq!(
+            node.admin_socket.parent(),
+            Some(sites.data_dir(site).as_path())
+        );
+        assert_eq!(
+            meta.permissions().mode() & 0o777,
+            0o600,
+            "site {site}: {}",
+            node.admin_socket.display()
+        );
+        // Control: it answers.
+        assert_eq!(admin_status(node).await.node, format!("site-{site}"));
+    }
+    sites.stop().await;
+}

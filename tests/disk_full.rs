@@ -29,7 +29,7 @@ fn limit_file_size(bytes: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn write_failure_answers_a700_and_keeps_what_was_acknowledged() {
     let Fixture {
-        tmp: _tmp,
+        tmp,
         pacs,
         mut sites,
     } = Fixture::start("", "").await;
@@ -59,6 +59,35 @@ async fn write_failure_answers_a700_and_keeps_what_was_acknowledged() {
         "nothing was acknowledged before the failure"
     );
 
+    // The disk takes writes again, but a node whose synced write failed acknowledges
+    // nothing until it is restarted: it never retries the sync and then acks. Every later
+    // C-STORE (from an independent sender, one association each) gets 0xA700 and stores
+    // nothing, and `/readyz` says why.
+    assert!(
+        sites.a_spool().storage_failed(),
+        "premise: the failed write marked the storage failed"
+    );
+    let stored_before = sites.a_spool().object_count().unwrap();
+    let later = study(2, "DISK^AFTER", 64 * 1024);
+    let later_files = write_part10(&tmp.path().join("later"), &later);
+    for f in &later_files {
+        let report =
+            send_with_pynetdicom_report(sites.a_dicom(), "GW_A", &[], std::slice::from_ref(f));
+        assert_eq!(
+            report.failure_of(f).as_deref(),
+            Some("status 0xA700"),
+            "a C-STORE after the failed sync: {}",
+            report.output
+        );
+    }
+    assert_eq!(sites.a_spool().object_count().unwrap(), stored_before);
+    let http = sites.a.as_ref().unwrap().http_addr.unwrap();
+    let (status, body) = http_get(http, "/readyz").await.unwrap();
+    assert!(
+        status == 503 && body.contains("storage failed"),
+        "/readyz after the failed sync: {status} {body:?}"
+    );
+
     // Restart A: what was acknowledged is queued, and only that.
     sites.restart_a().await;
     let spool = sites.a_spool();
@@ -75,6 +104,15 @@ async fn write_failure_answers_a700_and_keeps_what_was_acknowledged() {
         "the refused object left segments"
     );
     drop(spool);
+    // After the restart the node is ready and acknowledges again.
+    let http = sites.a.as_ref().unwrap().http_addr.unwrap();
+    let (status, body) = http_get(http, "/readyz").await.unwrap();
+    assert_eq!(status, 200, "/readyz after the restart: {body:?}");
+    assert_eq!(
+        send_with_pynetdicom(sites.a_dicom(), "GW_A", &later_files),
+        later.len()
+    );
+    acked.extend(later);
 
     sites.start_b().await;
     assert!(sites.settled(Duration::from_secs(60)).await);

@@ -215,3 +215,72 @@ path = "unused"
     let e = dicom_gateway::check::run(&path, None).expect_err("unknown destination");
     assert!(format!("{e:#}").contains("route[ct].to"), "{e:#}");
 }
+
+/// A `[[dicom_listener]]` with `sop_classes` takes only those classes: an association
+/// proposing only MR Image Storage (pydicom's MR, from pynetdicom) gets no presentation
+/// context and nothing is stored; the listed CT Image Storage is stored and delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_listener_restricted_to_sop_classes_refuses_other_classes() {
+    const CT_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.2";
+    let tmp = tempfile::tempdir().unwrap();
+    let pacs = Storescp::start(&tmp.path().join("pacs"));
+    keystore::Kek::generate_file(&tmp.path().join("kek.key")).unwrap();
+    let cfg = format!(
+        r#"
+[node]
+name = "site-a"
+data_dir = "data"
+
+[keystore]
+kek_file = "kek.key"
+
+[[dicom_listener]]
+name = "lan"
+listen = "127.0.0.1:0"
+ae_title = "GW_A"
+sop_classes = ["{CT_IMAGE_STORAGE}"]
+route_to = ["pacs"]
+
+[[destination]]
+name = "pacs"
+kind = "dicom"
+address = "127.0.0.1:{}"
+ae_title = "STORESCP"
+calling_ae_title = "GW_A"
+"#,
+        pacs.port
+    );
+    let path = tmp.path().join("site-a.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let node = Node::start(Config::load(&path).expect("config"))
+        .await
+        .expect("start");
+    let addr = node.dicom_addrs["lan"];
+    let spool = node.spool().expect("running").clone();
+    let ct = pydicom_file("CT_small.dcm");
+    let mr = pydicom_file("MR_small.dcm");
+
+    // Only MR proposed: refused, nothing stored.
+    let report = send_with_pynetdicom_report(addr, "GW_A", &[], std::slice::from_ref(&mr));
+    assert_eq!(report.stored, 0, "{}", report.output);
+    let why = report.failure_of(&mr);
+    assert!(
+        why.as_deref().is_some_and(|w| !w.starts_with("status 0x")),
+        "refused at negotiation, not by a C-STORE status: {why:?}\n{}",
+        report.output
+    );
+    assert_eq!(spool.object_count().unwrap(), 0);
+
+    // Control: the listed class is stored and delivered.
+    let want = file_datasets(std::slice::from_ref(&ct));
+    assert_eq!(
+        send_with_pynetdicom(addr, "GW_A", std::slice::from_ref(&ct)),
+        1
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || pacs.received() == want).await,
+        "PACS has {:?}",
+        pacs.received()
+    );
+    node.stop().await;
+}

@@ -9,7 +9,8 @@
 //!
 //! Shutdown ([`Node::stop`]) runs the other way, in phases:
 //! 1. readiness goes false (`/readyz` answers 503 "draining");
-//! 2. listeners stop accepting; associations and link requests in flight get their grace
+//! 2. the DICOM and link listeners and the admin socket stop accepting (the admin HTTP
+//!    endpoint stays up, answering `/readyz` 503 and `/metrics`, until phase 3); associations and link requests in flight get their grace
 //!    (an association finishes its current object, a link connection drains for up to
 //!    30 s);
 //! 3. dispatchers start nothing new; in-flight sends get [`crate::dispatch::SHUTDOWN_GRACE`]
@@ -236,13 +237,15 @@ impl Node {
         }
         if let Some((addr, listener)) = http {
             info!(%addr, "admin HTTP up (/healthz, /readyz, /metrics)");
-            listener_tasks.spawn(crate::admin_http::run(
+            // With the workers, not the listeners: through the drain, /readyz answers 503
+            // "draining" (rather than refusing connections) and /metrics stays scrapeable.
+            worker_tasks.spawn(crate::admin_http::run(
                 listener,
                 metrics.clone(),
                 readiness.clone(),
                 spool.clone(),
-                listener_tasks.clone(),
-                listeners_stop.clone(),
+                worker_tasks.clone(),
+                workers_stop.clone(),
             ));
         }
         listener_tasks.spawn(crate::admin::run(

@@ -489,3 +489,477 @@ fn signal(child: &std::process::Child, sig: rustix::process::Signal) {
     let pid = rustix::process::Pid::from_child(child);
     rustix::process::kill_process(pid, sig).expect("kill");
 }
+
+/// A `serve` process whose logs are kept (drained by a thread, so the node never blocks
+/// on a full pipe), with the DICOM address it bound; killed on drop.
+struct LoggedNode {
+    child: std::process::Child,
+    dicom: String,
+    logs: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl LoggedNode {
+    fn spawn(s: &Site) -> LoggedNode {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--config", s.path().to_str().expect("utf-8")])
+            .env_remove("DICOM_GATEWAY_CONFIG")
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn serve");
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr"));
+        let mut seen = String::new();
+        let mut dicom = None;
+        loop {
+            let mut l = String::new();
+            let n = lines.read_line(&mut l).expect("read stderr");
+            assert!(n > 0, "serve ended before it was ready: {seen}");
+            seen.push_str(&l);
+            if l.contains("DICOM listener up") {
+                let i = l.find("127.0.0.1:").expect("address in the log line");
+                dicom = Some(
+                    l[i..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                        .collect::<String>(),
+                );
+            }
+            if l.contains("node ready") {
+                break;
+            }
+        }
+        let logs = std::sync::Arc::new(std::sync::Mutex::new(seen));
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for l in lines.lines().map_while(Result::ok) {
+                if let Ok(mut s) = sink.lock() {
+                    s.push_str(&l);
+                    s.push('\n');
+                }
+            }
+        });
+        LoggedNode {
+            child,
+            dicom: dicom.expect("a DICOM listener"),
+            logs,
+        }
+    }
+}
+
+impl Drop for LoggedNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Generated objects of one study as Part-10 files in `dir`, for DCMTK's storescu.
+fn part10_files(dir: &Path, n: u32) -> Vec<(PathBuf, String)> {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let study = dicom_gateway::demo::new_uid();
+    let series = dicom_gateway::demo::new_uid();
+    (0..n)
+        .map(|i| {
+            let o = dicom_gateway::demo::generate_object(&study, &series, i + 1, "CLI^QUEUE", 4096)
+                .expect("generate");
+            let mut file = dicom_gateway::dataset::part10_header(
+                &o.sop_class,
+                &o.sop_instance,
+                &o.transfer_syntax,
+                Some("TEST_SCU"),
+            );
+            file.extend_from_slice(&o.dataset);
+            let p = dir.join(format!("{i:03}.dcm"));
+            std::fs::write(&p, file).expect("write");
+            (p, o.sop_instance)
+        })
+        .collect()
+}
+
+/// The rows of a table the CLI printed for people, as (column → cell) maps: the columns
+/// are found at the offsets of `header` names in the header line.
+fn table(out: &str, header: &[&str]) -> Vec<std::collections::HashMap<String, String>> {
+    let mut lines = out.lines();
+    let head = lines
+        .by_ref()
+        .find(|l| l.starts_with(header[0]))
+        .unwrap_or_else(|| panic!("no table with {header:?} in:\n{out}"));
+    let mut offsets = Vec::new();
+    let mut from = 0;
+    for h in header {
+        let at = head[from..]
+            .find(h)
+            .unwrap_or_else(|| panic!("column {h:?} missing in {head:?}"))
+            + from;
+        offsets.push(at);
+        from = at + h.len();
+    }
+    lines
+        .take_while(|l| !l.trim().is_empty() && !l.ends_with(" entries"))
+        .map(|l| {
+            header
+                .iter()
+                .enumerate()
+                .map(|(i, h)| {
+                    let end = offsets.get(i + 1).copied().unwrap_or(l.len()).min(l.len());
+                    let cell = l.get(offsets[i].min(end)..end).unwrap_or("").trim();
+                    (h.to_string(), cell.to_owned())
+                })
+                .collect()
+        })
+        .collect()
+}
+
+const STATUS_COLUMNS: &[&str] = &[
+    "DESTINATION",
+    "KIND",
+    "QUEUED",
+    "BYTES",
+    "OLDEST",
+    "IN FLIGHT",
+    "DEAD",
+    "CIRCUIT",
+    "DELIVERED",
+    "LAST ERROR",
+];
+const QUEUE_COLUMNS: &[&str] = &[
+    "ID",
+    "DESTINATION",
+    "STATE",
+    "ATTEMPTS",
+    "SIZE",
+    "STUDY UID",
+    "SOP INSTANCE UID",
+    "LAST REASON",
+];
+
+/// The binary's operator commands against a running `serve`: three objects sent by DCMTK's
+/// storescu to a node whose peer is unreachable become dead letters (`max_age = "1s"`);
+/// `status` and `queue list` print tables for people that show them; `queue retry --id`
+/// and `queue purge --id` act on exactly that entry, and `queue retry --destination D
+/// --dead` on every dead letter of D.
+#[test]
+fn queue_commands_of_the_binary_act_on_what_they_select_and_print_tables() {
+    let s = Site::new();
+    s.write(&format!(
+        "{}[destination.retry]\ninitial = \"100ms\"\nmax_delay = \"200ms\"\nmax_age = \"1s\"\n",
+        s.config()
+    ));
+    let node = LoggedNode::spawn(&s);
+    let cfg = s.path();
+    let cfg = cfg.to_str().expect("utf-8");
+    let files = part10_files(&s.dir.join("send"), 3);
+    let (host, port) = node.dicom.rsplit_once(':').expect("host:port");
+    let o = Command::new("/usr/bin/storescu")
+        .args(["-aet", "TEST_SCU", "-aec", "GW_A", host, port])
+        .args(files.iter().map(|(p, _)| p))
+        .output()
+        .expect("storescu (DCMTK)");
+    assert!(o.status.success(), "storescu: {}", stderr(&o));
+
+    let ok = |args: &[&str]| -> String {
+        let o = run(args, &[]);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let dead_ids = || -> Vec<String> {
+        let v: serde_json::Value =
+            serde_json::from_str(&ok(&["queue", "list", "--config", cfg, "--dead", "--json"]))
+                .expect("JSON");
+        v.as_array()
+            .expect("entries")
+            .iter()
+            .filter(|e| e["state"] == "dead")
+            .filter_map(|e| e["id"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let wait_dead = |n: usize| {
+        for _ in 0..400 {
+            if dead_ids().len() == n {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!(
+            "not {n} dead letters: {:?}\n{}",
+            dead_ids(),
+            node.logs.lock().map(|l| l.clone()).unwrap_or_default()
+        );
+    };
+    wait_dead(3);
+
+    // `status`: the table for people.
+    let out = ok(&["status", "--config", cfg]);
+    assert!(out.starts_with("node site-a: ready\n"), "{out}");
+    let rows = table(&out, STATUS_COLUMNS);
+    assert_eq!(rows.len(), 1, "{out}");
+    let r = &rows[0];
+    assert_eq!(
+        (
+            r["DESTINATION"].as_str(),
+            r["KIND"].as_str(),
+            r["QUEUED"].as_str(),
+            r["DEAD"].as_str(),
+            r["BYTES"].as_str(),
+        ),
+        ("site-b", "gateway", "0", "3", "0 B"),
+        "{out}"
+    );
+    assert!(r["LAST ERROR"].contains("unavailable"), "{out}");
+
+    // `queue list`: one row per entry, with the UIDs an operator needs.
+    let out = ok(&["queue", "list", "--config", cfg]);
+    let rows = table(&out, QUEUE_COLUMNS);
+    assert_eq!(rows.len(), 3, "{out}");
+    assert!(out.trim_end().ends_with("3 entries"), "{out}");
+    let mut listed: Vec<&str> = rows
+        .iter()
+        .map(|r| r["SOP INSTANCE UID"].as_str())
+        .collect();
+    let mut sent: Vec<&str> = files.iter().map(|(_, uid)| uid.as_str()).collect();
+    listed.sort_unstable();
+    sent.sort_unstable();
+    assert_eq!(listed, sent, "{out}");
+    for r in &rows {
+        assert_eq!(
+            (r["DESTINATION"].as_str(), r["STATE"].as_str()),
+            ("site-b", "dead"),
+            "{out}"
+        );
+        assert!(r["LAST REASON"].contains("unavailable"), "{out}");
+        assert!(r["SIZE"].ends_with("KiB"), "{out}");
+    }
+    let mut ids: Vec<String> = rows.iter().map(|r| r["ID"].clone()).collect();
+    ids.sort();
+    let mut json_ids = dead_ids();
+    json_ids.sort();
+    assert_eq!(ids, json_ids, "the table and --json list the same entries");
+
+    // `queue retry --id`: that entry only.
+    let out = ok(&["queue", "retry", "--config", cfg, "--id", &ids[0]]);
+    assert!(out.starts_with("1 matched, 1 replayed,"), "{out}");
+    // (It is queued again, and soon dead again: its age budget is spent.)
+    wait_dead(3);
+    // `queue purge --id`: that entry only, gone from the listing.
+    let out = ok(&["queue", "purge", "--config", cfg, "--id", &ids[1]]);
+    assert!(out.starts_with("1 matched, 1 purged,"), "{out}");
+    let mut left = dead_ids();
+    left.sort();
+    assert_eq!(left, vec![ids[0].clone(), ids[2].clone()]);
+    // `queue retry --destination D --dead`: every dead letter of D.
+    let out = ok(&[
+        "queue",
+        "retry",
+        "--config",
+        cfg,
+        "--destination",
+        "site-b",
+        "--dead",
+    ]);
+    assert!(out.starts_with("2 matched, 2 replayed,"), "{out}");
+    wait_dead(2);
+    // An id that is not queued changes nothing, and says so.
+    let out = ok(&[
+        "queue",
+        "retry",
+        "--config",
+        cfg,
+        "--id",
+        "00000000000000000000000000000000",
+    ]);
+    assert!(out.starts_with("0 matched, 0 replayed,"), "{out}");
+    assert!(out.contains("nothing matched"), "{out}");
+    drop(node);
+}
+
+/// A pydicom test file (files nobody here wrote).
+fn pydicom_file(name: &str) -> PathBuf {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            &format!("import pydicom.data as d; print(d.get_testdata_file({name:?}))"),
+        ])
+        .output()
+        .expect("python3 with pydicom: .ci/run installs it");
+    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert!(p.is_file(), "pydicom test file {name} not found: {p:?}");
+    p
+}
+
+/// `check --explain FILE` through the binary: the listener's `route_to`, each route's
+/// verdict with its reason, and the destinations the file would take, for pydicom's CT
+/// (taken by the `ct` route too) and MR (not); exit 0.
+#[test]
+fn check_explain_through_the_binary_prints_the_routes_a_file_takes() {
+    let s = Site::new();
+    s.write(&format!(
+        "{}\n[[destination]]\nname = \"archive\"\nkind = \"folder\"\npath = \"archive\"\n\n\
+         [[route]]\nname = \"ct\"\nmodalities = [\"CT\"]\nto = [\"archive\"]\n",
+        s.config()
+    ));
+    let cfg = s.path();
+    let cfg = cfg.to_str().expect("utf-8");
+    let explain = |file: &Path| {
+        let o = run(
+            &[
+                "check",
+                "--config",
+                cfg,
+                "--explain",
+                file.to_str().expect("utf-8"),
+            ],
+            &[],
+        );
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert_eq!(o.status.code(), Some(0), "{out}{}", stderr(&o));
+        out
+    };
+    let out = explain(&pydicom_file("CT_small.dcm"));
+    assert!(
+        out.contains("file: SOP class 1.2.840.10008.5.1.4.1.1.2, modality CT"),
+        "{out}"
+    );
+    assert!(out.contains("listener lan:"), "{out}");
+    assert!(out.contains("  route_to            -> site-b"), "{out}");
+    assert!(out.contains("  route ct            -> archive"), "{out}");
+    assert!(out.contains("  => site-b, archive"), "{out}");
+
+    let out = explain(&pydicom_file("MR_small.dcm"));
+    assert!(out.contains("modality MR"), "{out}");
+    assert!(
+        out.contains("  route ct            no: modality MR not in modalities"),
+        "{out}"
+    );
+    assert!(out.contains("  => site-b\n"), "{out}");
+}
+
+/// Sign a certificate for `name` with the site folder's CA, valid from `start` to `end`
+/// (`YYYYMMDDHHMMSSZ`), with OpenSSL's `ca` command; returns its path.
+fn openssl_cert(s: &Site, name: &str, start: &str, end: &str) -> PathBuf {
+    let d = s.dir.join(format!("openssl-{name}-{end}"));
+    std::fs::create_dir_all(d.join("db")).expect("mkdir");
+    std::fs::write(d.join("db/index.txt"), "").expect("index");
+    std::fs::write(d.join("db/serial"), "01\n").expect("serial");
+    std::fs::write(
+        d.join("ca.cnf"),
+        format!(
+            "[ca]\ndefault_ca = test\n[test]\ndatabase = db/index.txt\nnew_certs_dir = db\n\
+             serial = db/serial\ndefault_md = sha256\npolicy = any\ncopy_extensions = none\n\
+             x509_extensions = leaf\n[any]\ncommonName = supplied\n[leaf]\n\
+             basicConstraints = critical,CA:FALSE\nkeyUsage = critical,digitalSignature\n\
+             extendedKeyUsage = serverAuth,clientAuth\nsubjectAltName = DNS:{name}\n"
+        ),
+    )
+    .expect("ca.cnf");
+    let tls = s.dir.join("tls");
+    let openssl = |args: &[&str]| {
+        let o = Command::new("openssl")
+            .current_dir(&d)
+            .args(args)
+            .output()
+            .expect("openssl");
+        assert!(o.status.success(), "openssl {args:?}: {}", stderr(&o));
+    };
+    let key = tls.join(format!("{name}.key"));
+    openssl(&[
+        "req",
+        "-new",
+        "-key",
+        key.to_str().expect("utf-8"),
+        "-subj",
+        &format!("/CN={name}"),
+        "-out",
+        "leaf.csr",
+    ]);
+    openssl(&[
+        "ca",
+        "-batch",
+        "-notext",
+        "-config",
+        "ca.cnf",
+        "-cert",
+        tls.join("ca.crt").to_str().expect("utf-8"),
+        "-keyfile",
+        tls.join("ca.key").to_str().expect("utf-8"),
+        "-in",
+        "leaf.csr",
+        "-out",
+        "leaf.crt",
+        "-startdate",
+        start,
+        "-enddate",
+        end,
+    ]);
+    d.join("leaf.crt")
+}
+
+/// `check` looks at the certificates' dates: the node's certificate (same key, name and
+/// CA, made by OpenSSL) expired is an error naming it (exit 1); expiring in ten days is a
+/// warning (exit 0); the control, in date for years, is neither.
+#[test]
+fn check_reports_an_expired_or_expiring_certificate() {
+    let s = Site::new();
+    let cfg = s.path();
+    let cfg = cfg.to_str().expect("utf-8");
+    let fmt = |t: std::time::SystemTime| {
+        let secs = t
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after the epoch")
+            .as_secs();
+        let o = Command::new("date")
+            .args(["-u", "-d", &format!("@{secs}"), "+%Y%m%d%H%M%SZ"])
+            .output()
+            .expect("date");
+        String::from_utf8_lossy(&o.stdout).trim().to_owned()
+    };
+    let now = std::time::SystemTime::now();
+    let day = std::time::Duration::from_secs(86_400);
+    let check_with = |cert: &Path| {
+        s.write(
+            &s.config()
+                .replace("tls/site-a.crt", cert.to_str().expect("utf-8")),
+        );
+        let o = run(&["check", "--config", cfg, "--json"], &[]);
+        let report: serde_json::Value = serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("JSON report ({e}): {}", stderr(&o)));
+        let cert_findings: Vec<(String, String)> = report["findings"]
+            .as_array()
+            .expect("findings")
+            .iter()
+            .filter(|f| f["subject"] == "tls.cert")
+            .map(|f| {
+                (
+                    f["level"].as_str().unwrap_or("").to_owned(),
+                    f["message"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect();
+        (o.status.code(), cert_findings, report)
+    };
+
+    let good = openssl_cert(&s, "site-a", &fmt(now - day), &fmt(now + 800 * day));
+    let (code, findings, report) = check_with(&good);
+    assert_eq!((code, findings.len()), (Some(0), 0), "control: {report}");
+
+    let expired = openssl_cert(&s, "site-a", &fmt(now - 20 * day), &fmt(now - 10 * day));
+    let (code, findings, report) = check_with(&expired);
+    assert_eq!(code, Some(1), "{report}");
+    assert!(
+        findings
+            .iter()
+            .any(|(level, m)| level == "error" && m.contains("expired")),
+        "{report}"
+    );
+
+    let expiring = openssl_cert(&s, "site-a", &fmt(now - day), &fmt(now + 10 * day));
+    let (code, findings, report) = check_with(&expiring);
+    assert_eq!(code, Some(0), "{report}");
+    assert!(
+        findings
+            .iter()
+            .any(|(level, m)| level == "warning" && m.contains("expires in")),
+        "{report}"
+    );
+}

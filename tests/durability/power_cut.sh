@@ -18,7 +18,8 @@
 #
 # Then: kill -9 the site, cut the power (premise checked: an unsynced canary file written just
 # before is gone after), restart it, bring up what was down, and compare what reaches
-# DCMTK's storescp with what was acknowledged: 0 lost, 0 corrupted.
+# DCMTK's storescp with what was acknowledged: 0 lost, 0 corrupted, and (storescp was down
+# until after the cut, so no delivery it confirmed can be repeated) 0 duplicates.
 #
 # `lying` is the sabotage run: lossyfs answers every fsync without syncing (a gateway that
 # skips its sync, or a disk that lies about flushes). The check must then see acknowledged
@@ -193,7 +194,12 @@ if [[ $MODE == honest ]]; then
 	((recovered)) || fail "site $VICTIM did not recover from the power cut"
 	((n_lost == 0)) || fail "$n_lost acknowledged objects were lost in the power cut"
 	((n_corrupt == 0)) || fail "$n_corrupt corrupted objects reached the PACS"
-	checks=3
+	# The PACS (storescp) is down from the start until after the cut, so it confirmed no
+	# delivery the crash could make the victim repeat: here even an identical duplicate
+	# means an object was delivered twice without a crash in between (the crash loop,
+	# where deliveries are cut mid-way, allows identical re-sends; this check cannot).
+	((n_dups == 0)) || fail "the PACS got $n_dups duplicates, though it took nothing before the cut"
+	checks=4
 else
 	if ((n_lost == 0)); then
 		fail "the check passed although fsync was skipped: it cannot see a missing sync"

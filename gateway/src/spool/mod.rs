@@ -2576,10 +2576,17 @@ fn source_ae(source: &str) -> Option<&str> {
 fn put_segment(spool: Spool, id: ObjectId, index: u64, sealed: Vec<u8>) -> Pending {
     tokio::task::spawn_blocking(move || {
         fault!(spool.inner, "spool::write::put");
-        spool
+        let r = spool
             .inner
             .store
-            .put_unsynced(Cf::Seg, &seg_key(&id, index), &sealed)?;
+            .put_unsynced(Cf::Seg, &seg_key(&id, index), &sealed);
+        if r.is_err() {
+            // A failed append leaves the log in a state RocksDB refuses to build on (it
+            // stops writes with a background error): like a failed sync, nothing is
+            // acknowledged until a restart recovers the log.
+            spool.inner.storage_failed.store(true, Ordering::SeqCst);
+        }
+        r?;
         Ok(())
     })
 }

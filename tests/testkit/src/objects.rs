@@ -88,3 +88,28 @@ pub fn scratch_spool(dir: &Path, kek: u8) -> Spool {
     )
     .unwrap_or_else(|e| panic!("cannot open a spool in {}: {e:#}", dir.display()))
 }
+
+/// A plain HTTP/1.1 `GET` of `path` from a node's admin endpoint (`/readyz`, say), as a
+/// Kubernetes probe makes it: `Ok((status, body))`, or the connection error (e.g. refused)
+/// when nothing answers.
+pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|r| r.get(..3))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {text:?}")))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}

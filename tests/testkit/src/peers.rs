@@ -23,6 +23,39 @@ pub fn send_with_pynetdicom_args(
     extra: &[&str],
     files: &[PathBuf],
 ) -> usize {
+    send_with_pynetdicom_report(addr, called, extra, files).stored
+}
+
+/// What pynetdicom reported of one run of the sending script.
+#[derive(Debug, Clone)]
+pub struct PynetdicomReport {
+    /// Files stored with status Success.
+    pub stored: usize,
+    /// Everything the script printed: one `pynetdicom: FAILED <file>: <why>` line per file
+    /// not stored, with the DIMSE status the SCP answered (`status 0xA700`) when it answered.
+    pub output: String,
+}
+
+impl PynetdicomReport {
+    /// The status pynetdicom got for `file`: `None` if it was stored, otherwise the reason
+    /// it printed (e.g. `status 0xA700`).
+    pub fn failure_of(&self, file: &Path) -> Option<String> {
+        let prefix = format!("pynetdicom: FAILED {}: ", file.display());
+        self.output
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .map(str::to_owned)
+    }
+}
+
+/// [`send_with_pynetdicom_args`], returning the script's report (what each refused file
+/// was answered) as well as the count.
+pub fn send_with_pynetdicom_report(
+    addr: SocketAddr,
+    called: &str,
+    extra: &[&str],
+    files: &[PathBuf],
+) -> PynetdicomReport {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../interop/send_pynetdicom.py");
     let out = Command::new("python3")
         .arg(&script)
@@ -44,11 +77,16 @@ pub fn send_with_pynetdicom_args(
                 String::from_utf8_lossy(&out.stderr)
             )
         });
-    line.trim_start_matches("pynetdicom: ")
+    let stored = line
+        .trim_start_matches("pynetdicom: ")
         .split('/')
         .next()
         .and_then(|n| n.trim().parse().ok())
-        .unwrap_or_else(|| panic!("unexpected summary {line:?}"))
+        .unwrap_or_else(|| panic!("unexpected summary {line:?}"));
+    PynetdicomReport {
+        stored,
+        output: text,
+    }
 }
 
 /// Convert Part-10 files to Implicit VR Little Endian in place, with DCMTK's dcmconv.

@@ -69,7 +69,7 @@ pub struct SiteOptions {
     pub b_retry: String,
     /// Extra lines of B's PACS `[[destination]]` (e.g. `order = "study"`).
     pub b_destination_extra: String,
-    /// Extra lines of A's `[[destination]]` towards B.
+    /// Extra lines of A's `site-b` `[[destination]]` (e.g. `max_queue = 5`).
     pub a_destination_extra: String,
 }
 
