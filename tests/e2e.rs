@@ -414,6 +414,15 @@ async fn site_a_reloads_its_client_certificate_without_a_restart() {
     // side of the handshake before the server checks their certificate, so A sees a link
     // error.) The other CA has the same name as B's, so webpki finds it as the issuer and
     // the signature check fails: reason "bad_certificate", not "unknown_ca".
+    // Each site wrapped a new key for the study (kek_operations_total is wired).
+    for m in [&a_metrics, &sites.b.as_ref().unwrap().metrics] {
+        assert!(
+            metric(
+                &m.render(),
+                "dicom_gateway_kek_operations_total{kek_version=\"1\",operation=\"wrap\"}"
+            ) >= 1.0
+        );
+    }
     let b_metrics = sites.b.as_ref().unwrap().metrics.clone();
     let tls_failures = || {
         metric(

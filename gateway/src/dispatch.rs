@@ -482,6 +482,12 @@ pub async fn run(
                 // The objects stay queued; the next hop deduplicates a transfer it already has.
                 warn!(destination = %name, in_flight = tasks.len(), "abandoning in-flight sends at shutdown; they stay queued");
                 tasks.abort_all();
+                // Aborted tasks end at their next await; reap them, so that none still
+                // holds the sender when it is closed below.
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    while tasks.join_next().await.is_some() {}
+                })
+                .await;
                 break;
             }
         }

@@ -101,8 +101,9 @@ pub struct Metrics {
     /// (`link_digest`: a STOW part whose Content-Digest differs; `spool`: a segment that failed
     /// to open).
     pub integrity_failures: IntCounterVec,
-    /// `kek_operations_total{operation,kek_version}`: key-encryption-key operations (wrap,
-    /// unwrap, rotate, shred). Not wired yet (keystore).
+    /// `kek_operations_total{operation,kek_version}`: key-encryption-key operations on study
+    /// keys: `wrap` (a new study key), `unwrap` (a study key loaded; cached keys are not
+    /// counted again), `shred` (a study key deleted). Refreshed from the spool at scrape time.
     pub kek_operations: IntCounterVec,
 
     // --------------------------------------------------------------- storage

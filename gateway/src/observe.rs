@@ -4,7 +4,8 @@
 //! Owns:
 //! - the scrape hook that refreshes `disk_free_bytes` (a `statvfs` of `node.data_dir`) and
 //!   RocksDB's counters (`db_background_error`, `db_size_bytes`,
-//!   `db_pending_compaction_bytes`) through a probe that never keeps the spool open;
+//!   `db_pending_compaction_bytes`) and the spool's `kek_operations_total` counts, through
+//!   probes that never keep the spool open;
 //! - `certificate_expiry_timestamp_seconds` for the node's certificate and its CA bundle,
 //!   and `crl_next_update_timestamp_seconds` for each CRL file, read at start (where a bad
 //!   file is a config error) and again at each scrape, so that a certificate or CRL
@@ -105,6 +106,7 @@ pub fn install(metrics: &Metrics, cfg: &Config, spool: &Spool) -> Result<()> {
     }
     let data_dir: PathBuf = cfg.node.data_dir.clone();
     let probe = spool.stats_probe();
+    let kek_ops = spool.kek_ops_probe();
     metrics.on_scrape(move |m| {
         if let Some(tls) = &tls {
             if let Ok(t) = not_after(&tls.cert) {
@@ -127,6 +129,14 @@ pub fn install(metrics: &Metrics, cfg: &Config, spool: &Spool) -> Result<()> {
         }
         if let Some(free) = free_bytes(&data_dir) {
             m.disk_free_bytes.set(clamp(free));
+        }
+        if let Some(k) = kek_ops() {
+            let version = k.kek_id.to_string();
+            for (op, total) in [("wrap", k.wrap), ("unwrap", k.unwrap), ("shred", k.shred)] {
+                let c = m.kek_operations.with_label_values(&[op, &version]);
+                // The spool counts; the counter follows (it only ever grows).
+                c.inc_by(total.saturating_sub(c.get()));
+            }
         }
         if let Some(s) = probe() {
             m.db_background_error

@@ -634,6 +634,30 @@ struct Inner {
     dek_cache: Mutex<DekCache>,
     /// Study keys in use by writers, and those committed to since the last key sweep.
     pins: Arc<Mutex<KeyPins>>,
+    /// Key-encryption-key operations since open, for `kek_operations_total`.
+    kek_ops: KekOps,
+}
+
+/// Counts of key-encryption-key operations: study keys wrapped (created), unwrapped
+/// (loaded into the cache) and shredded (deleted, counted once the deletion is written).
+#[derive(Debug, Default)]
+struct KekOps {
+    wrap: AtomicU64,
+    unwrap: AtomicU64,
+    shred: AtomicU64,
+}
+
+/// A snapshot of [`KekOps`], with the id of the KEK they used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KekOpCounts {
+    /// The KEK's id (`kek_version` in metrics).
+    pub kek_id: u32,
+    /// Study keys wrapped (created).
+    pub wrap: u64,
+    /// Study keys unwrapped.
+    pub unwrap: u64,
+    /// Study keys shredded.
+    pub shred: u64,
 }
 
 /// Study keys that the unused-key sweep must keep although no stored object uses them.
@@ -953,6 +977,7 @@ impl Spool {
             retention: opts.retention,
             dek_cache: Mutex::new(DekCache::default()),
             pins: Arc::new(Mutex::new(KeyPins::default())),
+            kek_ops: KekOps::default(),
         };
         let mut inner = inner;
         inner.recovery = Self::recover(&inner)?;
@@ -1183,6 +1208,20 @@ impl Spool {
     pub fn stats_probe(&self) -> impl Fn() -> Option<StoreStats> + Send + Sync + 'static {
         let inner = Arc::downgrade(&self.inner);
         move || inner.upgrade().map(|i| i.store.stats())
+    }
+
+    /// Key-encryption-key operation counts, for metrics; like [`Spool::stats_probe`], the
+    /// probe does not keep the spool open.
+    pub fn kek_ops_probe(&self) -> impl Fn() -> Option<KekOpCounts> + Send + Sync + 'static {
+        let inner = Arc::downgrade(&self.inner);
+        move || {
+            inner.upgrade().map(|i| KekOpCounts {
+                kek_id: i.kek.kek_id(),
+                wrap: i.kek_ops.wrap.load(Ordering::Relaxed),
+                unwrap: i.kek_ops.unwrap.load(Ordering::Relaxed),
+                shred: i.kek_ops.shred.load(Ordering::Relaxed),
+            })
+        }
     }
 
     /// Segment size in bytes.
@@ -1579,6 +1618,7 @@ impl Spool {
     fn load_study_key(&self, kid: [u8; 16], create: bool) -> Result<Dek, SpoolError> {
         let s = &self.inner.store;
         if let Some(w) = s.get(Cf::Keys, &kid)? {
+            self.inner.kek_ops.unwrap.fetch_add(1, Ordering::Relaxed);
             return self.inner.kek.unwrap(&w, &kid).map_err(SpoolError::Key);
         }
         if !create {
@@ -1589,6 +1629,7 @@ impl Spool {
         }
         let _g = self.commit_lock()?;
         if let Some(w) = s.get(Cf::Keys, &kid)? {
+            self.inner.kek_ops.unwrap.fetch_add(1, Ordering::Relaxed);
             return self.inner.kek.unwrap(&w, &kid).map_err(SpoolError::Key);
         }
         let dek = Dek::generate().map_err(SpoolError::Key)?;
@@ -1596,6 +1637,7 @@ impl Spool {
         let mut b = s.batch();
         b.put(Cf::Keys, &kid, &wrapped);
         s.commit(b, true)?;
+        self.inner.kek_ops.wrap.fetch_add(1, Ordering::Relaxed);
         Ok(dek)
     }
 
@@ -1697,6 +1739,7 @@ impl Spool {
         let _g = self.commit_lock()?;
         let id = entry.object;
         let qk = queue_key(dest, entry.seq);
+        let mut shredded = 0;
         let mut b = s.batch();
         b.delete(Cf::Queue, &qk);
         b.delete(Cf::Fail, &qk);
@@ -1727,13 +1770,19 @@ impl Spool {
                     .scan_prefix(Cf::Meta, &[], usize::MAX)?
                     .iter()
                     .any(|(k, v)| k[..] != id.0[..] && v.get(1..17) == Some(&kid[..]));
-                if !study_left {
+                // A key a writer holds stays; the unused-key sweep takes it later.
+                if !study_left && !lock_pins(&self.inner.pins).held.contains_key(&kid) {
                     b.delete(Cf::Keys, &kid);
                     self.uncache_key(&kid);
+                    shredded = 1;
                 }
             }
         }
         self.commit_batch(b)?;
+        self.inner
+            .kek_ops
+            .shred
+            .fetch_add(shredded, Ordering::Relaxed);
         Ok(deleted)
     }
 
@@ -2129,6 +2178,10 @@ impl Spool {
             return Ok(0);
         }
         self.commit_batch(b)?;
+        self.inner
+            .kek_ops
+            .shred
+            .fetch_add(shredded.len() as u64, Ordering::Relaxed);
         // A reader that raced the deletion may have cached one again.
         for kid in &shredded {
             self.uncache_key(kid);
@@ -3621,6 +3674,9 @@ mod tests {
         let ida = store(&spool, &a, &["x"]).await;
         let idc = store(&spool, &c, &["x"]).await;
         assert_eq!(spool.study_key_count().unwrap(), 2);
+        let kek_ops = spool.kek_ops_probe();
+        let before = kek_ops().unwrap();
+        assert_eq!((before.kek_id, before.wrap, before.shred), (1, 2, 0));
         assert_eq!(
             spool.shred_unused_keys_blocking().unwrap(),
             0,
@@ -3663,6 +3719,11 @@ mod tests {
         assert_eq!(spool.study_key_count().unwrap(), 2);
         assert_eq!(spool.shred_unused_keys_blocking().unwrap(), 2);
         assert_eq!(spool.study_key_count().unwrap(), 0);
+        assert_eq!(
+            kek_ops().unwrap().shred,
+            2,
+            "kek_operations_total counts shreds"
+        );
         let kid = spool.inner.index.id("study", b"1.3.1");
         assert!(spool.inner.dek_cache.lock().unwrap().get(&kid).is_none());
 
