@@ -10,25 +10,6 @@ use std::time::Duration;
 use dicom_gateway::node::Node;
 use dicom_gateway_testkit::*;
 
-/// Hold the `n`-th thread (counting from 1) that reaches fault point `name` until the
-/// returned sender is dropped; the receiver hears when it is reached.
-fn hold_at(name: &str, n: usize) -> (std::sync::mpsc::Receiver<()>, std::sync::mpsc::Sender<()>) {
-    let (reached_tx, reached) = std::sync::mpsc::channel();
-    let (release, release_rx) = std::sync::mpsc::channel::<()>();
-    let state = std::sync::Mutex::new((0usize, reached_tx, release_rx));
-    fail::cfg_callback(name, move || {
-        let mut s = state.lock().unwrap();
-        s.0 += 1;
-        if s.0 == n {
-            let _ = s.1.send(());
-            // Returns when the test drops `release`.
-            let _ = s.2.recv();
-        }
-    })
-    .unwrap();
-    (reached, release)
-}
-
 /// `GET /readyz` of a node's admin endpoint.
 async fn readyz(node: &Node) -> std::io::Result<(u16, String)> {
     http_get(node.http_addr.expect("admin HTTP configured"), "/readyz").await

@@ -224,25 +224,6 @@ async fn restart_of_site_b_mid_transfer_delivers_everything_exactly_once() {
     sites.stop().await;
 }
 
-/// Hold the `n`-th thread (counting from 1) that reaches fault point `name` until the
-/// returned sender is dropped; the receiver hears when it is reached.
-fn hold_at(name: &str, n: usize) -> (std::sync::mpsc::Receiver<()>, std::sync::mpsc::Sender<()>) {
-    let (reached_tx, reached) = std::sync::mpsc::channel();
-    let (release, release_rx) = std::sync::mpsc::channel::<()>();
-    let state = std::sync::Mutex::new((0usize, reached_tx, release_rx));
-    fail::cfg_callback(name, move || {
-        let mut s = state.lock().unwrap();
-        s.0 += 1;
-        if s.0 == n {
-            let _ = s.1.send(());
-            // Returns when the test drops `release`.
-            let _ = s.2.recv();
-        }
-    })
-    .unwrap();
-    (reached, release)
-}
-
 /// A restart of site A itself resumes its queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restart_of_site_a_resumes_its_queue() {

@@ -138,6 +138,8 @@ impl Board {
 struct Slot {
     entry: QueueEntry,
     length: u64,
+    /// Where its age counts from (ms since the epoch): its reception here, or for a resend
+    /// the moment this dispatcher took it up (after a restart, that restart).
     received_at_ms: u64,
     /// The object's study ([`crate::spool::study_tag`]), for `order = "study"`; an HL7
     /// message's patient.
@@ -592,9 +594,17 @@ fn pick(
 
 fn slot(q: Queued, failures: FailureRecord, now: Instant) -> Slot {
     Slot {
+        // An operator's resend of a retained object is new work: its age (max_age, the
+        // oldest-entry gauge, end-to-end latency) counts from now, not from when the study
+        // first arrived, or a resent study older than max_age would be a dead letter at its
+        // first failure and would make the queue look stuck.
+        received_at_ms: if q.entry.resend {
+            crate::spool::now_ms()
+        } else {
+            q.received_at_ms
+        },
         entry: q.entry,
         length: q.length,
-        received_at_ms: q.received_at_ms,
         study: q.study,
         serial: q.serial,
         failures,
@@ -1086,6 +1096,40 @@ mod tests {
         let samples: std::collections::HashSet<_> =
             (0..20).map(|_| backoff(i, 2.0, m, 3)).collect();
         assert!(samples.len() > 1, "no jitter");
+    }
+
+    /// A resend's age counts from when it was queued again, not from the study's first
+    /// arrival: an old study resent is not past max_age (sabotage: using the stored
+    /// reception time fails this), while the original entry of an equally old object is.
+    #[test]
+    fn a_resend_is_not_aged_by_its_first_arrival() {
+        let policy = RetryPolicy {
+            max_age: Duration::from_secs(3600),
+            ..RetryPolicy::default()
+        };
+        let week_ago = crate::spool::now_ms() - 7 * 24 * 3600 * 1000;
+        let queued = |resend| Queued {
+            entry: QueueEntry {
+                seq: 1,
+                object: crate::spool::ObjectId([1; 16]),
+                state: EntryState::Queued,
+                resend,
+            },
+            length: 1,
+            received_at_ms: week_ago,
+            study: 0,
+            serial: false,
+        };
+        let none = || FailureRecord {
+            attempts: 0,
+            history: Vec::new(),
+        };
+        let now = Instant::now();
+        assert!(age_spent(&policy, &slot(queued(false), none(), now)));
+        let resent = slot(queued(true), none(), now);
+        assert!(!age_spent(&policy, &resent));
+        // The oldest-entry gauge and end-to-end latency read the same clock.
+        assert!(crate::spool::now_ms().saturating_sub(resent.received_at_ms) < 60_000);
     }
 
     #[test]

@@ -28,6 +28,7 @@
 //! Everything is re-exported at the root, so a test says `use dicom_gateway_testkit::*;`.
 
 pub mod disk;
+pub mod faults;
 pub mod files;
 pub mod hl7;
 pub mod logs;
@@ -37,6 +38,7 @@ pub mod sites;
 pub mod storescp;
 
 pub use disk::*;
+pub use faults::*;
 pub use files::*;
 pub use hl7::*;
 pub use logs::*;
