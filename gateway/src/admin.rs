@@ -131,6 +131,10 @@ pub struct EntryView {
     pub attempts: u32,
     /// The last failure reason.
     pub last_reason: Option<String>,
+    /// The most recent failed attempts, oldest first (at most the spool's history bound;
+    /// `attempts` counts them all).
+    #[serde(default)]
+    pub history: Vec<AttemptView>,
     /// Stored bytes.
     pub size: u64,
     /// Study Instance UID.
@@ -139,6 +143,15 @@ pub struct EntryView {
     pub sop_instance_uid: String,
     /// When it was received here (ms since the epoch).
     pub received_at_ms: u64,
+}
+
+/// One failed delivery attempt of an entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AttemptView {
+    /// When it failed (ms since the epoch).
+    pub at_ms: u64,
+    /// Why (the gateway's own words and status codes, never a peer's free text).
+    pub reason: String,
 }
 
 /// Which entries a retry or purge applies to: exactly one of `id`, `study`, or
@@ -289,7 +302,8 @@ async fn route(req: Request<Incoming>, st: &AdminState) -> Response<Full<Bytes>>
             let sel = Selector {
                 destination: query.get("destination").cloned(),
                 dead: query.get("dead").is_some_and(|v| v == "1" || v == "true"),
-                ..Selector::default()
+                id: query.get("id").cloned(),
+                study: query.get("study").cloned(),
             };
             match list(st, &sel).await {
                 Ok(v) => json(StatusCode::OK, &v),
@@ -447,6 +461,14 @@ async fn selected(
                     state: e.state.as_str().to_owned(),
                     attempts: failures.attempts,
                     last_reason: failures.last_reason().map(str::to_owned),
+                    history: failures
+                        .history
+                        .iter()
+                        .map(|a| AttemptView {
+                            at_ms: a.at_ms,
+                            reason: a.reason.clone(),
+                        })
+                        .collect(),
                     size: meta.as_ref().map_or(0, |m| m.length),
                     study_uid: meta
                         .as_ref()

@@ -165,31 +165,63 @@ pub async fn queue_resend(
     Ok(())
 }
 
+/// What `queue list` shows: every entry, or those matching all the given filters.
+#[derive(Debug, Default, Clone)]
+pub struct ListFilter {
+    /// Only this destination.
+    pub destination: Option<String>,
+    /// Only dead letters.
+    pub dead: bool,
+    /// Only this object (hex id).
+    pub id: Option<String>,
+    /// Only this study.
+    pub study: Option<String>,
+}
+
 /// `dicom-gateway queue list`.
 pub async fn queue_list(
     config: &Path,
-    destination: Option<String>,
-    dead: bool,
+    filter: ListFilter,
+    history: bool,
     json: bool,
 ) -> anyhow::Result<()> {
     let sock = socket_of(config)?;
-    let mut path = "/v1/queue".to_owned();
     let mut q = Vec::new();
-    if let Some(d) = &destination {
-        if !d
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
-            anyhow::bail!("{d:?} is not a destination name");
+    // Each value goes into a query string, so it is checked against its own alphabet first.
+    let checked = |what: &str, v: &str, ok: fn(char) -> bool| -> anyhow::Result<String> {
+        if v.is_empty() || v.len() > 64 || !v.chars().all(ok) {
+            anyhow::bail!("{v:?} is not {what}; `dicom-gateway queue list` shows the entries");
         }
-        q.push(format!("destination={d}"));
+        Ok(v.to_owned())
+    };
+    if let Some(d) = &filter.destination {
+        q.push(format!(
+            "destination={}",
+            checked("a destination name", d, |c| c.is_ascii_alphanumeric()
+                || "-_.".contains(c))?
+        ));
     }
-    if dead {
+    if let Some(i) = &filter.id {
+        q.push(format!(
+            "id={}",
+            checked("an object id", i, |c| c.is_ascii_hexdigit())?
+        ));
+    }
+    if let Some(u) = &filter.study {
+        q.push(format!(
+            "study={}",
+            checked("a Study Instance UID", u, |c| c.is_ascii_digit()
+                || c == '.')?
+        ));
+    }
+    if filter.dead {
         q.push("dead=1".into());
     }
-    if !q.is_empty() {
-        path = format!("{path}?{}", q.join("&"));
-    }
+    let path = if q.is_empty() {
+        "/v1/queue".to_owned()
+    } else {
+        format!("/v1/queue?{}", q.join("&"))
+    };
     let v = admin::request(&sock, Method::GET, &path, None).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -220,6 +252,32 @@ pub async fn queue_list(
     }
     print_table(&rows);
     println!("{} entries", entries.len());
+    if history {
+        for e in entries.iter().filter(|e| e.attempts > 0) {
+            println!();
+            let shown = e.history.len() as u32;
+            println!(
+                "{} -> {}: {} failed attempts{}",
+                e.id,
+                e.destination,
+                e.attempts,
+                if shown < e.attempts {
+                    format!(" (the last {shown} kept)")
+                } else {
+                    String::new()
+                }
+            );
+            for (n, a) in e.history.iter().enumerate() {
+                let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(a.at_ms);
+                println!(
+                    "  #{:<4} {}  {}",
+                    e.attempts - shown + n as u32 + 1,
+                    humantime::format_rfc3339_seconds(at),
+                    a.reason
+                );
+            }
+        }
+    }
     Ok(())
 }
 

@@ -592,16 +592,18 @@ fn pick(
     out
 }
 
-fn slot(q: Queued, failures: FailureRecord, now: Instant) -> Slot {
+fn slot(q: Queued, mut failures: FailureRecord, now: Instant) -> Slot {
+    // An operator's replay or resend starts a fresh budget; keeping its start in the
+    // failure record keeps it fresh when a later failure is stored and read back.
+    failures.budget_from_ms = failures.budget_from_ms.or(q.budget_from_ms);
     Slot {
-        // An operator's resend of a retained object is new work: its age (max_age, the
-        // oldest-entry gauge, end-to-end latency) counts from now, not from when the study
-        // first arrived, or a resent study older than max_age would be a dead letter at its
-        // first failure and would make the queue look stuck.
-        received_at_ms: if q.entry.resend {
-            crate::spool::now_ms()
-        } else {
-            q.received_at_ms
+        // Where its age (max_age, the oldest-entry gauge, end-to-end latency) counts from:
+        // the fresh budget's start, or else its reception here. (A resend written before
+        // budgets were stored counts from now.)
+        received_at_ms: match failures.budget_from_ms {
+            Some(t) => t,
+            None if q.entry.resend => crate::spool::now_ms(),
+            None => q.received_at_ms,
         },
         entry: q.entry,
         length: q.length,
@@ -774,7 +776,7 @@ mod tests {
             serial: false,
             failures: FailureRecord {
                 attempts,
-                history: Vec::new(),
+                ..FailureRecord::default()
             },
             due,
             in_flight: false,
@@ -1101,14 +1103,17 @@ mod tests {
     /// A resend's age counts from when it was queued again, not from the study's first
     /// arrival: an old study resent is not past max_age (sabotage: using the stored
     /// reception time fails this), while the original entry of an equally old object is.
+    /// A replayed dead letter (a fresh budget stored by the spool) is not aged by its first
+    /// arrival either, and its slot keeps the budget's start in the failure record it will
+    /// store, so a restart after its next failure does not age it again.
     #[test]
-    fn a_resend_is_not_aged_by_its_first_arrival() {
+    fn a_resend_or_replay_is_not_aged_by_its_first_arrival() {
         let policy = RetryPolicy {
             max_age: Duration::from_secs(3600),
             ..RetryPolicy::default()
         };
         let week_ago = crate::spool::now_ms() - 7 * 24 * 3600 * 1000;
-        let queued = |resend| Queued {
+        let queued = |resend, budget_from_ms| Queued {
             entry: QueueEntry {
                 seq: 1,
                 object: crate::spool::ObjectId([1; 16]),
@@ -1117,19 +1122,28 @@ mod tests {
             },
             length: 1,
             received_at_ms: week_ago,
+            budget_from_ms,
             study: 0,
             serial: false,
         };
-        let none = || FailureRecord {
-            attempts: 0,
-            history: Vec::new(),
-        };
         let now = Instant::now();
-        assert!(age_spent(&policy, &slot(queued(false), none(), now)));
-        let resent = slot(queued(true), none(), now);
+        let none = FailureRecord::default;
+        assert!(age_spent(&policy, &slot(queued(false, None), none(), now)));
+        let resent = slot(queued(true, None), none(), now);
         assert!(!age_spent(&policy, &resent));
         // The oldest-entry gauge and end-to-end latency read the same clock.
         assert!(crate::spool::now_ms().saturating_sub(resent.received_at_ms) < 60_000);
+        // A replay, as the spool announces it (the event carries the fresh budget) ...
+        let fresh = FailureRecord::fresh_from_now();
+        let replayed = slot(queued(false, fresh.budget_from_ms), none(), now);
+        assert!(!age_spent(&policy, &replayed));
+        assert_eq!(replayed.failures.budget_from_ms, fresh.budget_from_ms);
+        // ... and as a restart reads it back from the stored failure record.
+        let mut stored = fresh.clone();
+        stored.push("peer unavailable");
+        let reread = slot(queued(false, None), stored, now);
+        assert!(!age_spent(&policy, &reread));
+        assert_eq!(reread.failures.attempts, 1);
     }
 
     #[test]

@@ -141,6 +141,15 @@ enum QueueCommand {
         /// Only dead letters.
         #[arg(long)]
         dead: bool,
+        /// Only this object (its hex id, as listed).
+        #[arg(long)]
+        id: Option<String>,
+        /// Only entries of this study.
+        #[arg(long)]
+        study: Option<String>,
+        /// Show each entry's failed attempts, with times and reasons (always in --json).
+        #[arg(long)]
+        history: bool,
         /// Print JSON for scripts.
         #[arg(long)]
         json: bool,
@@ -363,12 +372,20 @@ fn main() -> ExitCode {
                     config,
                     destination,
                     dead,
+                    id,
+                    study,
+                    history,
                     json,
                 },
         } => report(runtime.block_on(dicom_gateway::cli::queue_list(
             &config,
-            destination,
-            dead,
+            dicom_gateway::cli::ListFilter {
+                destination,
+                dead,
+                id,
+                study,
+            },
+            history,
             json,
         ))),
         Command::Queue {

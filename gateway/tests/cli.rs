@@ -737,6 +737,54 @@ fn queue_commands_of_the_binary_act_on_what_they_select_and_print_tables() {
     json_ids.sort();
     assert_eq!(ids, json_ids, "the table and --json list the same entries");
 
+    // `queue list --id ID --history`: that entry only, with its failed attempts (time and
+    // reason each), as `--json` has them.
+    let out = ok(&[
+        "queue",
+        "list",
+        "--config",
+        cfg,
+        "--id",
+        &ids[0],
+        "--history",
+    ]);
+    assert_eq!(table(&out, QUEUE_COLUMNS).len(), 1, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&ok(&[
+        "queue", "list", "--config", cfg, "--id", &ids[0], "--json",
+    ]))
+    .expect("JSON");
+    let entry = &v.as_array().expect("entries")[0];
+    let history = entry["history"].as_array().expect("history");
+    let attempts = entry["attempts"].as_u64().expect("attempts");
+    assert!(
+        attempts >= 1 && history.len() as u64 == attempts.min(8),
+        "{entry}"
+    );
+    let head = format!("{} -> site-b: {attempts} failed attempts", ids[0]);
+    let shown: Vec<&str> = out
+        .lines()
+        .skip_while(|l| *l != head)
+        .skip(1)
+        .take_while(|l| l.starts_with("  #"))
+        .collect();
+    assert_eq!(shown.len(), history.len(), "{out}");
+    for (line, a) in shown.iter().zip(history) {
+        let reason = a["reason"].as_str().expect("reason");
+        assert!(
+            reason.contains("unavailable") && line.ends_with(reason),
+            "{out}"
+        );
+        // An RFC 3339 UTC time, second precision.
+        let at = line.split_whitespace().nth(1).unwrap_or_default();
+        assert!(at.len() == 20 && at.ends_with('Z'), "{out}");
+    }
+    // A study filter that matches nothing lists nothing; a malformed id is refused before
+    // anything is asked.
+    let out = ok(&["queue", "list", "--config", cfg, "--study", "1.2.3.4.5"]);
+    assert!(out.trim_end().ends_with("0 entries"), "{out}");
+    let o = run(&["queue", "list", "--config", cfg, "--id", "../x"], &[]);
+    assert!(!o.status.success() && stderr(&o).contains("not an object id"));
+
     // `queue retry --id`: that entry only.
     let out = ok(&["queue", "retry", "--config", cfg, "--id", &ids[0]]);
     assert!(out.starts_with("1 matched, 1 replayed,"), "{out}");

@@ -376,6 +376,9 @@ pub struct Queued {
     pub length: u64,
     /// When the object was committed here (ms since the epoch).
     pub received_at_ms: u64,
+    /// For an operator's replay or resend: when it started a fresh retry budget, which
+    /// then counts from here rather than from `received_at_ms`.
+    pub budget_from_ms: Option<u64>,
     /// Its study, as a [`study_tag`] (for the dispatcher's in-study order); for an HL7
     /// message, its patient's.
     pub study: u64,
@@ -445,9 +448,21 @@ pub struct FailureRecord {
     pub attempts: u32,
     /// The most recent failures, oldest first (at most 8).
     pub history: Vec<Attempt>,
+    /// Where the retry time budget (`max_age`) counts from, when not from the object's
+    /// reception here: an operator's replay of a dead letter or resend of a retained study
+    /// starts a fresh budget, and storing its start keeps it fresh across a restart.
+    pub budget_from_ms: Option<u64>,
 }
 
 impl FailureRecord {
+    /// A fresh budget that counts from now (a replay or a resend).
+    pub fn fresh_from_now() -> FailureRecord {
+        FailureRecord {
+            budget_from_ms: Some(now_ms()),
+            ..FailureRecord::default()
+        }
+    }
+
     /// The last reason, if any.
     pub fn last_reason(&self) -> Option<&str> {
         self.history.last().map(|a| a.reason.as_str())
@@ -482,6 +497,10 @@ impl FailureRecord {
             out.extend_from_slice(&(a.reason.len() as u16).to_be_bytes());
             out.extend_from_slice(a.reason.as_bytes());
         }
+        // An optional trailer, so records written before it existed still decode.
+        if let Some(t) = self.budget_from_ms {
+            out.extend_from_slice(&t.to_be_bytes());
+        }
         out
     }
 
@@ -499,7 +518,15 @@ impl FailureRecord {
             let reason = String::from_utf8(r.take(len)?.to_vec()).ok()?;
             history.push(Attempt { at_ms, reason });
         }
-        Some(FailureRecord { attempts, history })
+        let budget_from_ms = match r.0.len() {
+            0 => None,
+            _ => Some(u64::from_be_bytes(r.take(8)?.try_into().ok()?)),
+        };
+        Some(FailureRecord {
+            attempts,
+            history,
+            budget_from_ms,
+        })
     }
 }
 
@@ -1419,6 +1446,7 @@ impl Spool {
                     entry,
                     length: meta.length,
                     received_at_ms: meta.received_at_ms,
+                    budget_from_ms: None,
                     study,
                     serial: true,
                 }),
@@ -1494,6 +1522,7 @@ impl Spool {
                 entry,
                 length: m.length,
                 received_at_ms: m.received_at_ms,
+                budget_from_ms: None,
                 study: study_tag(&m.study_uid),
                 serial: m.is_hl7(),
             },
@@ -1502,6 +1531,7 @@ impl Spool {
                 entry,
                 length: 0,
                 received_at_ms: now_ms(),
+                budget_from_ms: None,
                 serial: false,
             },
         }
@@ -1853,14 +1883,18 @@ impl Spool {
                 }
                 .flags(),
             );
+            // A fresh budget: no attempts, and max_age counts from now, not from the
+            // object's reception (which may be far past max_age by now).
+            let fresh = FailureRecord::fresh_from_now();
             let mut b = s.batch();
             b.put(Cf::Queue, &key, &v);
-            b.delete(Cf::Fail, &key);
+            b.put(Cf::Fail, &key, &fresh.encode());
             spool.commit_batch(b)?;
-            let q = spool.queued_blocking(QueueEntry {
+            let mut q = spool.queued_blocking(QueueEntry {
                 state: EntryState::Queued,
                 ..entry
             });
+            q.budget_from_ms = fresh.budget_from_ms;
             spool.notify(&d, QueueEvent::Added(q));
             Ok(())
         })
@@ -1952,6 +1986,9 @@ impl Spool {
             let mut b = s.batch();
             let mut out = Vec::new();
             let mut events = Vec::new();
+            // A resend is new work: its budget counts from now, stored with the entry.
+            let fresh = FailureRecord::fresh_from_now();
+            let fresh_value = fresh.encode();
             for (id, expiry, dests, length, received_at_ms) in found {
                 let ek = expiry_key(expiry, &id);
                 // Expired or resent meanwhile.
@@ -1970,6 +2007,7 @@ impl Spool {
                     let mut qv = id.0.to_vec();
                     qv.push(entry.flags());
                     b.put(Cf::Queue, &queue_key(dest, seq), &qv);
+                    b.put(Cf::Fail, &queue_key(dest, seq), &fresh_value);
                     b.put(Cf::Refs, &ref_key(&id, dest), &seq.to_be_bytes());
                     events.push((
                         dest.clone(),
@@ -1977,6 +2015,7 @@ impl Spool {
                             entry,
                             length,
                             received_at_ms,
+                            budget_from_ms: fresh.budget_from_ms,
                             study: tag,
                             serial: false,
                         },
@@ -2799,6 +2838,7 @@ impl CommitJob {
                     entry,
                     length: self.length,
                     received_at_ms: meta_received,
+                    budget_from_ms: None,
                     study,
                     serial: false,
                 }),
@@ -3629,11 +3669,33 @@ mod tests {
             EntryState::Dead,
             "dead letters survive a restart"
         );
-        assert_eq!(spool.failure("x", q[0].entry.seq).unwrap(), Some(rec));
+        assert_eq!(
+            spool.failure("x", q[0].entry.seq).unwrap(),
+            Some(rec.clone())
+        );
+        let (_, mut replays) = spool.subscribe("x").await.unwrap();
+        let before = now_ms();
         spool.replay("x", q[0].entry).await.unwrap();
+        // A replay is a fresh budget: no attempts, and max_age counting from the replay,
+        // announced to the dispatcher and stored, so a restart keeps it fresh.
+        let Ok(QueueEvent::Added(announced)) = replays.try_recv() else {
+            panic!("a replay is announced");
+        };
+        let from = announced.budget_from_ms.expect("a fresh budget");
+        assert!(from >= before && from <= now_ms());
+        drop(spool);
+        let spool = open(dir.path());
         let (q, mut rx2) = spool.subscribe("x").await.unwrap();
         assert_eq!(q[0].entry.state, EntryState::Queued);
-        assert_eq!(spool.failure("x", q[0].entry.seq).unwrap(), None);
+        let fresh = spool.failure("x", q[0].entry.seq).unwrap().expect("stored");
+        assert_eq!((fresh.attempts, fresh.history.len()), (0, 0));
+        assert_eq!(fresh.budget_from_ms, Some(from));
+        // A record written before budgets were stored still decodes, without one.
+        let old = rec.encode();
+        assert_eq!(FailureRecord::decode(&old).unwrap().budget_from_ms, None);
+        let mut with = rec.clone();
+        with.budget_from_ms = Some(from);
+        assert_eq!(FailureRecord::decode(&with.encode()), Some(with));
         // Purging both objects of the study deletes the objects and the study key.
         spool.purge("x", q[0].entry).await.unwrap();
         assert!(matches!(rx2.try_recv(), Ok(QueueEvent::Removed(_))));
