@@ -17,7 +17,8 @@ async fn readyz(node: &Node) -> std::io::Result<(u16, String)> {
 
 /// While a node drains for shutdown (here: site B, whose stop waits for a link request
 /// held in its commit), `/readyz` answers 503 "draining", as node.rs documents for phase 1
-/// of shutdown, so that a load balancer takes the node out before its listeners close.
+/// of shutdown, so that a load balancer takes the node out before its listeners close; and
+/// its link port refuses new connections (phase 2) while the held request still drains.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn readyz_answers_503_while_the_node_drains() {
     let Fixture {
@@ -42,12 +43,28 @@ async fn readyz_answers_503_while_the_node_drains() {
     assert!(held.is_ok(), "premise: B never committed the object");
     let b = sites.b.take().unwrap();
     let (readiness, http) = (b.readiness.clone(), b.http_addr.unwrap());
+    let link = b.link_addrs[dicom_gateway::twosite::B_LISTENER];
     let stopping = tokio::spawn(b.stop());
     assert!(eventually(Duration::from_secs(10), || readiness.is_draining()).await);
     let during = http_get(http, "/readyz").await;
+    // Phase 2: the link port refuses new connections while the held request drains (the
+    // socket is closed, not left to queue connections in the kernel's backlog).
+    let mut refused = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(link).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!stopping.is_finished(), "premise: B's drain is still held");
     drop(release);
     stopping.await.unwrap();
     fail::remove("spool::commit::synced");
+    assert!(
+        refused,
+        "B's link port still accepted connections while draining"
+    );
     match during {
         Ok((status, body)) => assert!(
             status == 503 && body.contains("draining"),

@@ -9,8 +9,10 @@
 //!
 //! Shutdown ([`Node::stop`]) runs the other way, in phases:
 //! 1. readiness goes false (`/readyz` answers 503 "draining");
-//! 2. the DICOM and link listeners and the admin socket stop accepting (the admin HTTP
-//!    endpoint stays up, answering `/readyz` 503 and `/metrics`, until phase 3); associations and link requests in flight get their grace
+//! 2. the DICOM and link listeners and the admin socket stop accepting and close their
+//!    sockets, so new connections are refused (the admin HTTP endpoint stays up, answering
+//!    `/readyz` 503 and `/metrics`, until phase 3); associations and link requests in
+//!    flight get their grace
 //!    (an association finishes its current object, a link connection drains for up to
 //!    30 s);
 //! 3. dispatchers start nothing new; in-flight sends get [`crate::dispatch::SHUTDOWN_GRACE`]

@@ -495,6 +495,8 @@ fn signal(child: &std::process::Child, sig: rustix::process::Signal) {
 struct LoggedNode {
     child: std::process::Child,
     dicom: String,
+    /// The admin HTTP endpoint (`/readyz`, `/metrics`).
+    admin: Option<String>,
     logs: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
@@ -512,19 +514,24 @@ impl LoggedNode {
         let mut lines = BufReader::new(child.stderr.take().expect("stderr"));
         let mut seen = String::new();
         let mut dicom = None;
+        let mut admin = None;
+        let address = |l: &str| {
+            let i = l.find("127.0.0.1:").expect("address in the log line");
+            l[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                .collect::<String>()
+        };
         loop {
             let mut l = String::new();
             let n = lines.read_line(&mut l).expect("read stderr");
             assert!(n > 0, "serve ended before it was ready: {seen}");
             seen.push_str(&l);
             if l.contains("DICOM listener up") {
-                let i = l.find("127.0.0.1:").expect("address in the log line");
-                dicom = Some(
-                    l[i..]
-                        .chars()
-                        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-                        .collect::<String>(),
-                );
+                dicom = Some(address(&l));
+            }
+            if l.contains("admin HTTP up") {
+                admin = Some(address(&l));
             }
             if l.contains("node ready") {
                 break;
@@ -543,9 +550,34 @@ impl LoggedNode {
         LoggedNode {
             child,
             dicom: dicom.expect("a DICOM listener"),
+            admin,
             logs,
         }
     }
+
+    fn logs(&self) -> String {
+        self.logs.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+}
+
+/// `GET path` of a node's admin endpoint: the status code and body.
+fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+    Ok((code, body))
 }
 
 impl Drop for LoggedNode {
@@ -1009,5 +1041,206 @@ fn check_reports_an_expired_or_expiring_certificate() {
             .iter()
             .any(|(level, m)| level == "warning" && m.contains("expires in")),
         "{report}"
+    );
+}
+
+/// An association that stops in the middle of an object: a C-STORE-RQ, then the start of
+/// its data set (the identity and the first 64 KiB of a 1 MiB Pixel Data), then silence.
+async fn stall_mid_object(
+    addr: &str,
+) -> dicom_ul::association::client::AsyncClientAssociation<tokio::net::TcpStream> {
+    use dicom_ul::Pdu;
+    use dicom_ul::pdu::{PDataValue, PDataValueType};
+    const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
+    let mut assoc = dicom_ul::ClientAssociationOptions::new()
+        .calling_ae_title("STALL_SCU")
+        .called_ae_title("GW_A")
+        .with_presentation_context(CT, vec!["1.2.840.10008.1.2.1"])
+        .read_timeout(std::time::Duration::from_secs(60))
+        .establish_async(addr.to_owned())
+        .await
+        .expect("association");
+    let ctx = assoc.presentation_contexts()[0].id;
+    let instance = "1.2.826.0.1.3680043.10.543.77.1";
+    let rq = dicom_gateway::dimse::Command::store_rq(1, CT, instance);
+    let el = |out: &mut Vec<u8>, g: u16, e: u16, vr: &[u8; 2], value: &[u8], len: u32| {
+        out.extend_from_slice(&g.to_le_bytes());
+        out.extend_from_slice(&e.to_le_bytes());
+        out.extend_from_slice(vr);
+        if vr == b"OB" {
+            out.extend_from_slice(&[0, 0]);
+            out.extend_from_slice(&len.to_le_bytes());
+        } else {
+            out.extend_from_slice(&(len as u16).to_le_bytes());
+        }
+        out.extend_from_slice(value);
+    };
+    let mut ds = Vec::new();
+    let ui = |s: &str| {
+        let mut v = s.as_bytes().to_vec();
+        if v.len() % 2 == 1 {
+            v.push(0);
+        }
+        v
+    };
+    for (g, e, v) in [
+        (0x0008, 0x0016, ui(CT)),
+        (0x0008, 0x0018, ui(instance)),
+        (0x0020, 0x000D, ui("1.2.826.0.1.3680043.10.543.77")),
+        (0x0020, 0x000E, ui("1.2.826.0.1.3680043.10.543.77.0")),
+    ] {
+        let n = v.len() as u32;
+        el(&mut ds, g, e, b"UI", &v, n);
+    }
+    el(&mut ds, 0x7FE0, 0x0010, b"OB", &[0x5A; 64 * 1024], 1 << 20);
+    for (kind, last, data) in [
+        (PDataValueType::Command, true, rq.encode()),
+        (PDataValueType::Data, false, ds),
+    ] {
+        assoc
+            .send(&Pdu::PData {
+                data: vec![PDataValue {
+                    presentation_context_id: ctx,
+                    value_type: kind,
+                    is_last: last,
+                    data,
+                }],
+            })
+            .await
+            .expect("send");
+    }
+    assoc
+}
+
+/// Shutdown as operations.md describes it, through the binary. One object is acknowledged
+/// (DCMTK's storescu; its destination is unreachable, so it stays queued). Another is
+/// stalled mid-transfer, which holds the drain (the listener waits for an object in
+/// progress, for up to its 300 s timeout). On SIGTERM: readiness goes false (/readyz 503
+/// "draining") while the node still runs, and the DICOM port stops accepting. A second
+/// SIGTERM aborts at once with exit status 130. The next start removes the half-received
+/// object (counted in its log) and still holds the acknowledged one.
+#[cfg(unix)]
+#[test]
+fn sigterm_drains_in_phases_and_a_second_signal_aborts_without_losing_an_acked_object() {
+    let s = Site::new();
+    let cfg_text = s.config().replace(
+        "route_to = [\"site-b\"]\n",
+        "route_to = [\"site-b\"]\ntimeout = \"300s\"\n",
+    );
+    s.write(&cfg_text);
+    let cfg = s.path();
+    let cfg = cfg.to_str().expect("utf-8");
+    let mut node = LoggedNode::spawn(&s);
+    let admin = node.admin.clone().expect("admin HTTP");
+    let files = part10_files(&s.dir.join("send"), 1);
+    let (host, port) = node.dicom.rsplit_once(':').expect("host:port");
+    let o = Command::new("/usr/bin/storescu")
+        .args(["-aet", "TEST_SCU", "-aec", "GW_A", host, port])
+        .arg(&files[0].0)
+        .output()
+        .expect("storescu (DCMTK)");
+    assert!(o.status.success(), "storescu: {}", stderr(&o));
+
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut stalled = rt.block_on(stall_mid_object(&node.dicom));
+    // Premise: the node has the stalled association (and so its object) in progress.
+    let active = || {
+        http_get(&admin, "/metrics").is_ok_and(|(_, m)| {
+            m.lines()
+                .any(|l| l == "dicom_gateway_associations_active{listener=\"lan\"} 1")
+        })
+    };
+    let mut tries = 0;
+    while !active() {
+        tries += 1;
+        assert!(
+            tries < 200,
+            "premise: the stalled association is not active"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(http_get(&admin, "/readyz").expect("readyz").0, 200);
+
+    signal(&node.child, rustix::process::Signal::TERM);
+    // Phase 1: readiness goes false, and /readyz says why (the endpoint stays up).
+    let mut draining = None;
+    for _ in 0..200 {
+        if let Ok((503, body)) = http_get(&admin, "/readyz") {
+            draining = Some(body);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let body = draining.unwrap_or_else(|| panic!("/readyz never went 503: {}", node.logs()));
+    assert!(body.contains("draining"), "{body}");
+    // Phase 2: the DICOM listener accepts no new association.
+    let mut refused = false;
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(&node.dicom).is_err() {
+            refused = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(refused, "the DICOM port still accepts while draining");
+    // The drain is held by the object in progress: the node still runs, and the stalled
+    // association has not been cut off.
+    assert!(
+        node.child.try_wait().expect("try_wait").is_none(),
+        "{}",
+        node.logs()
+    );
+    let cut = rt.block_on(async {
+        tokio::time::timeout(std::time::Duration::from_millis(500), stalled.receive()).await
+    });
+    assert!(cut.is_err(), "the object in progress was cut off: {cut:?}");
+
+    // A second signal aborts without waiting for the drain.
+    signal(&node.child, rustix::process::Signal::TERM);
+    let mut status = None;
+    for _ in 0..400 {
+        if let Some(st) = node.child.try_wait().expect("try_wait") {
+            status = Some(st);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let status =
+        status.unwrap_or_else(|| panic!("a second SIGTERM did not abort: {}", node.logs()));
+    assert_eq!(status.code(), Some(130), "{}", node.logs());
+    drop(stalled);
+    drop(rt);
+    let logs = node.logs();
+    assert!(
+        logs.contains("second signal: aborting without draining"),
+        "{logs}"
+    );
+    assert!(
+        !logs.contains("node stopped"),
+        "it aborted, it did not drain: {logs}"
+    );
+    drop(node);
+
+    // The next start removes the half-received object and keeps the acknowledged one.
+    let node = LoggedNode::spawn(&s);
+    let logs = node.logs();
+    let recovered = logs
+        .lines()
+        .find(|l| l.contains("removed partial objects left by an interrupted ingest"))
+        .unwrap_or_else(|| panic!("no recovery of the stalled object: {logs}"));
+    assert!(recovered.contains("count=1"), "{recovered}");
+    let o = run(&["queue", "list", "--config", cfg, "--json"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    let listed: Vec<&str> = v
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter_map(|e| e["sop_instance_uid"].as_str())
+        .collect();
+    assert_eq!(
+        listed,
+        vec![files[0].1.as_str()],
+        "the acknowledged object is still queued"
     );
 }

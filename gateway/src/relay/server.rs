@@ -206,6 +206,10 @@ impl LinkServer {
                     .await;
             });
         }
+        // Close the socket now, not when the drain ends: a new connection is refused at
+        // once (and its sender retries elsewhere or later) instead of waiting in the
+        // kernel's backlog for a node that will never accept it.
+        drop(listener);
         tasks.close();
         tasks.wait().await;
     }
