@@ -378,8 +378,9 @@ async fn queue_entries(node: &Node, path: &str) -> Vec<dicom_gateway::admin::Ent
 }
 
 /// Site B is down while A takes objects: A acknowledges them all, keeps them queued with
-/// its circuit open (status shows it, nothing is dead-lettered), and when B comes back the
-/// queue drains and every object arrives exactly once.
+/// its circuit open (status shows it, nothing is dead-lettered, and several probes charge
+/// no object's budget), and when B comes back the queue drains and every object arrives
+/// exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_link_outage_holds_the_queue_and_drains_when_the_peer_returns() {
     let Fixture {
@@ -417,6 +418,31 @@ async fn a_link_outage_holds_the_queue_and_drains_when_the_peer_returns() {
         "{st:?}"
     );
     assert_eq!(pacs.count(), 0);
+    // The outage goes on for several probes, and costs the objects nothing: each probe is
+    // counted as a failure of the destination, but no object's budget is charged (every
+    // entry still has 0 failed attempts), so nothing nears a dead letter before max_age.
+    let failures = || -> f64 {
+        a.metrics
+            .render()
+            .lines()
+            .filter(|l| {
+                l.starts_with("dicom_gateway_forward_failures_total{destination=\"site-b\",")
+            })
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    };
+    let before = failures();
+    assert!(
+        eventually(Duration::from_secs(30), || failures() >= before + 4.0).await,
+        "the destination is not probed: {} failures",
+        failures()
+    );
+    let entries = queue_entries(a, "/v1/queue?destination=site-b").await;
+    assert_eq!(entries.len(), objects.len());
+    assert!(
+        entries.iter().all(|e| e.attempts == 0 && e.state != "dead"),
+        "an outage charged the objects' budgets: {entries:?}"
+    );
 
     sites.start_b().await;
     let want = expected(&objects);
