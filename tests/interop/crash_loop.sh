@@ -91,7 +91,9 @@ while ((SECONDS < deadline)); do
 	[[ $(queued a) == 0 && $(queued b) == 0 ]] && break
 	sleep 0.5
 done
-sleep 1 # storescp closes its last file
+# No wait for storescp: with +B it writes each object straight into its file and closes
+# it before it sends the C-STORE response, and B empties its queue only after that
+# response, so every file is complete once both queues are empty.
 result=$("$PY" "$HERE/compare_acked.py" "$WORK")
 read -r n_acked n_sent n_lost n_corrupt n_dups <<<"$result"
 log "acknowledged $n_acked of $n_sent; lost $n_lost, corrupted $n_corrupt, identical duplicates $n_dups"

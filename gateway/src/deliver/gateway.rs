@@ -279,12 +279,7 @@ impl GatewaySender {
         }
         let resp = match result {
             Some(Ok(r)) => r,
-            Some(Err(e)) => {
-                if e.is_closed() || e.is_canceled() {
-                    self.conn.lock().await.send.take();
-                }
-                return Err(unavailable("link", format!("link request failed: {e}")));
-            }
+            Some(Err(e)) => return Err(self.request_failed(e).await),
             None => {
                 return Err(DeliveryError::transient(
                     "timeout",
@@ -295,6 +290,23 @@ impl GatewaySender {
                 ));
             }
         };
+        self.answer(resp).await
+    }
+
+    /// A request the connection did not carry: the link is unavailable, and a closed
+    /// connection is dropped so that the next request opens a new one.
+    async fn request_failed(&self, e: hyper::Error) -> DeliveryError {
+        if e.is_closed() || e.is_canceled() {
+            self.conn.lock().await.send.take();
+        }
+        unavailable("link", format!("link request failed: {e}"))
+    }
+
+    /// The peer's answer to a STOW or HL7 request, by the failure taxonomy ([`classify`]).
+    async fn answer(
+        &self,
+        resp: http::Response<hyper::body::Incoming>,
+    ) -> Result<(), DeliveryError> {
         let status = resp.status();
         let retry_after = resp
             .headers()
@@ -357,12 +369,7 @@ impl GatewaySender {
         })?;
         let resp = match tokio::time::timeout(self.send_timeout, sender.send_request(req)).await {
             Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                if e.is_closed() || e.is_canceled() {
-                    self.conn.lock().await.send.take();
-                }
-                return Err(unavailable("link", format!("link request failed: {e}")));
-            }
+            Ok(Err(e)) => return Err(self.request_failed(e).await),
             Err(_) => {
                 return Err(DeliveryError::transient(
                     "timeout",
@@ -373,28 +380,7 @@ impl GatewaySender {
                 ));
             }
         };
-        let status = resp.status();
-        let retry_after = resp
-            .headers()
-            .get(header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(|s| Duration::from_secs(s.min(3600)));
-        let body = tokio::time::timeout(
-            self.timeout,
-            http_body_util::Limited::new(resp.into_body(), 64 * 1024).collect(),
-        )
-        .await
-        .ok()
-        .and_then(|r| r.ok())
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-        let detail = String::from_utf8_lossy(&body)
-            .chars()
-            .filter(|c| !c.is_control())
-            .take(200)
-            .collect::<String>();
-        classify(status, retry_after, detail)
+        self.answer(resp).await
     }
 }
 
