@@ -66,12 +66,16 @@ async fn relays_byte_for_byte_and_leaves_no_plaintext_at_rest() {
         "{metrics}"
     );
     assert!(
-        metrics.contains("dicom_gateway_received_objects_total{listener=\"lan\"} 25"),
+        metrics.contains(
+            "dicom_gateway_received_objects_total{listener=\"lan\",protocol=\"dicom\"} 25"
+        ),
         "{metrics}"
     );
     let metrics_b = sites.b.as_ref().unwrap().metrics.render();
     assert!(
-        metrics_b.contains("dicom_gateway_received_objects_total{listener=\"wan\"} 25"),
+        metrics_b.contains(
+            "dicom_gateway_received_objects_total{listener=\"wan\",protocol=\"dicom\"} 25"
+        ),
         "{metrics_b}"
     );
     let values: Vec<String> = [&metrics, &metrics_b]

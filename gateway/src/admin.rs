@@ -4,7 +4,8 @@
 //! - `GET /v1/status`: the node's readiness and, per destination, queue depth, bytes, age
 //!   of the oldest entry, dead letters, in-flight sends, circuit state and last error;
 //! - `GET /v1/queue[?destination=D][&dead=1]`: the entries, with Study and SOP Instance
-//!   UIDs read from their sealed metadata;
+//!   UIDs read from their sealed metadata (for an HL7 message: its type, control id and
+//!   patient key instead);
 //! - `POST /v1/queue/retry` and `POST /v1/queue/purge` with a JSON [`Selector`]: replay
 //!   dead letters (a fresh retry budget) or delete entries for good (the object, and its
 //!   study key when nothing of the study is left, once no destination waits for it);
@@ -137,12 +138,29 @@ pub struct EntryView {
     pub history: Vec<AttemptView>,
     /// Stored bytes.
     pub size: u64,
-    /// Study Instance UID.
+    /// Study Instance UID (empty for an HL7 message).
     pub study_uid: String,
-    /// SOP Instance UID.
+    /// SOP Instance UID (empty for an HL7 message).
     pub sop_instance_uid: String,
     /// When it was received here (ms since the epoch).
     pub received_at_ms: u64,
+    /// `dicom` or `hl7`.
+    #[serde(default)]
+    pub protocol: String,
+    /// HL7 only: the message type (MSH-9, `ORM^O01`) and control id (MSH-10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hl7: Option<Hl7View>,
+}
+
+/// What `GET /v1/queue` shows of an HL7 message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Hl7View {
+    /// MSH-9.
+    pub message_type: String,
+    /// MSH-10.
+    pub control_id: String,
+    /// The patient key (PID-3.1 and ^PID-3.4), shown here only, as the DICOM rows' UIDs.
+    pub patient: String,
 }
 
 /// One failed delivery attempt of an entry.
@@ -454,6 +472,12 @@ async fn selected(
                     continue;
                 }
                 let failures = spool.failure(&d, e.seq)?.unwrap_or_default();
+                let hl7 = meta.as_ref().filter(|m| m.is_hl7()).map(|m| Hl7View {
+                    message_type: m.transfer_syntax.clone(),
+                    control_id: m.sop_instance_uid.clone(),
+                    patient: m.study_uid.clone(),
+                });
+                let dicom = meta.as_ref().filter(|m| !m.is_hl7());
                 let view = EntryView {
                     id: e.object.hex(),
                     destination: d.clone(),
@@ -470,15 +494,13 @@ async fn selected(
                         })
                         .collect(),
                     size: meta.as_ref().map_or(0, |m| m.length),
-                    study_uid: meta
-                        .as_ref()
-                        .map(|m| m.study_uid.clone())
-                        .unwrap_or_default(),
-                    sop_instance_uid: meta
-                        .as_ref()
+                    study_uid: dicom.map(|m| m.study_uid.clone()).unwrap_or_default(),
+                    sop_instance_uid: dicom
                         .map(|m| m.sop_instance_uid.clone())
                         .unwrap_or_default(),
                     received_at_ms: meta.as_ref().map_or(0, |m| m.received_at_ms),
+                    protocol: if hl7.is_some() { "hl7" } else { "dicom" }.to_owned(),
+                    hl7,
                 };
                 rows.push((d.clone(), e, view));
             }

@@ -245,8 +245,16 @@ pub async fn queue_list(
             e.state.clone(),
             e.attempts.to_string(),
             human_bytes(e.size),
-            e.study_uid.clone(),
-            e.sop_instance_uid.clone(),
+            // An HL7 message: its type and control id (no patient key in the table; it
+            // is in --json).
+            match &e.hl7 {
+                Some(h) => format!("HL7 {}", h.message_type),
+                None => e.study_uid.clone(),
+            },
+            match &e.hl7 {
+                Some(h) => h.control_id.clone(),
+                None => e.sop_instance_uid.clone(),
+            },
             e.last_reason.clone().unwrap_or_else(|| "-".into()),
         ]);
     }

@@ -6,8 +6,19 @@
 //!
 //! Invariant: label sets are bounded. A label value is a configuration name (listener,
 //! destination), one of the fixed words of this file (result, status, reason, stage,
-//! operation, certificate), or the build's version. Never a UID, an AE title or address from
-//! a peer, or anything read from a data set.
+//! operation, certificate, protocol), or the build's version. Never a UID, an AE title or
+//! address from a peer, or anything read from a data set or an HL7 message.
+//!
+//! The `protocol` label (`dicom`, `hl7`: [`PROTOCOLS`]) is on the ingest metrics a link
+//! listener shares between the protocols (`received_objects_total`, `received_bytes_total`,
+//! `store_duration_seconds`): their other labels cannot tell DICOM from HL7 there. It is
+//! not on metrics whose labels already say the protocol: the per-protocol ones
+//! (`cstore_responses_total`, `link_parts_total`, `uid_mismatch_total`: DICOM;
+//! `hl7_messages_total`: HL7), connection counts (one link connection carries both), and
+//! the per-destination ones of `dicom`, `folder` and `hl7` destinations, whose kind takes
+//! one protocol. (A `gateway` destination carries both; splitting its delivery metrics by
+//! protocol is the dispatcher's to do, which alone knows an entry's protocol when it
+//! counts.)
 //!
 //! Values that are cheap to read but not pushed by the code that owns them (disk space,
 //! RocksDB's counters) are refreshed at scrape time by the hooks registered with
@@ -16,9 +27,54 @@
 use std::sync::Mutex;
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+/// The values of the `protocol` label.
+pub const PROTOCOLS: &[&str] = &["dicom", "hl7"];
+
+/// A metric vector whose last label is `protocol`. [`ByProtocol::with_label_values`] takes
+/// the other labels and is the `dicom` series, so that the DICOM paths (C-STORE, STOW-RS)
+/// read as for any vector; HL7 paths name theirs with [`ByProtocol::protocol`].
+#[derive(Clone)]
+pub struct ByProtocol<V>(V);
+
+/// The vectors [`ByProtocol`] wraps.
+pub trait LabelledVec {
+    /// One series.
+    type Series;
+    /// The series of `labels` (all of them).
+    fn series(&self, labels: &[&str]) -> Self::Series;
+}
+
+impl LabelledVec for IntCounterVec {
+    type Series = IntCounter;
+    fn series(&self, labels: &[&str]) -> IntCounter {
+        self.with_label_values(labels)
+    }
+}
+
+impl LabelledVec for HistogramVec {
+    type Series = Histogram;
+    fn series(&self, labels: &[&str]) -> Histogram {
+        self.with_label_values(labels)
+    }
+}
+
+impl<V: LabelledVec> ByProtocol<V> {
+    /// The `protocol="dicom"` series of `labels` (the labels before `protocol`).
+    pub fn with_label_values(&self, labels: &[&str]) -> V::Series {
+        self.protocol("dicom", labels)
+    }
+
+    /// The series of `labels` and `protocol` (one of [`PROTOCOLS`]).
+    pub fn protocol(&self, protocol: &str, labels: &[&str]) -> V::Series {
+        let mut all = labels.to_vec();
+        all.push(protocol);
+        self.0.series(&all)
+    }
+}
 
 /// A hook run before each scrape to refresh gauges.
 type ScrapeHook = Box<dyn Fn(&Metrics) + Send + Sync>;
@@ -29,11 +85,12 @@ pub struct Metrics {
     hooks: Mutex<Vec<ScrapeHook>>,
 
     // ---------------------------------------------------------------- ingest
-    /// `received_objects_total{listener}`: objects accepted after a synced commit (DICOM and
-    /// link listeners; an identical link re-send is not counted twice).
-    pub received_objects: IntCounterVec,
-    /// `received_bytes_total{listener}`: bytes of those objects.
-    pub received_bytes: IntCounterVec,
+    /// `received_objects_total{listener,protocol}`: objects (DICOM) and messages (HL7)
+    /// accepted after a synced commit, by DICOM, HL7 and link listeners (an identical
+    /// re-send is not counted twice).
+    pub received_objects: ByProtocol<IntCounterVec>,
+    /// `received_bytes_total{listener,protocol}`: bytes of those objects and messages.
+    pub received_bytes: ByProtocol<IntCounterVec>,
     /// `cstore_responses_total{listener,status}`: C-STORE responses sent, by
     /// [`cstore_status`] word.
     pub cstore_responses: IntCounterVec,
@@ -52,9 +109,10 @@ pub struct Metrics {
     pub associations: IntCounterVec,
     /// `associations_active{listener}`: associations and link connections open now.
     pub associations_active: IntGaugeVec,
-    /// `store_duration_seconds{listener}`: from the last PDV (or the end of a link part) to
-    /// the response being sent: the ack latency, including the fsync.
-    pub store_duration: HistogramVec,
+    /// `store_duration_seconds{listener,protocol}`: from the last PDV (or the end of a link
+    /// part, or of an HL7 message) to the response being sent: the ack latency, including
+    /// the fsync.
+    pub store_duration: ByProtocol<HistogramVec>,
     /// `uid_mismatch_total{listener}`: objects refused because the data set's SOP Class or
     /// Instance UID differs from the C-STORE command (0xA900).
     pub uid_mismatch: IntCounterVec,
@@ -263,6 +321,23 @@ impl Metrics {
             reg(Box::new(h.clone()));
             h
         };
+        // The ingest metrics a link listener shares between the protocols.
+        let received_objects = cv(
+            "received_objects_total",
+            "Objects (DICOM) and messages (HL7) accepted after a synced commit",
+            &["listener", "protocol"],
+        );
+        let received_bytes = cv(
+            "received_bytes_total",
+            "Bytes of objects and messages accepted after a synced commit",
+            &["listener", "protocol"],
+        );
+        let store_duration = hv(
+            "store_duration_seconds",
+            "Seconds from the last data received to the response sent (ack latency, with fsync)",
+            &["listener", "protocol"],
+            STORE_BUCKETS,
+        );
         let forwarded_objects = cv(
             "forwarded_objects_total",
             "Objects the destination confirmed",
@@ -303,16 +378,8 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
         Metrics {
-            received_objects: cv(
-                "received_objects_total",
-                "Objects accepted after a synced commit",
-                &["listener"],
-            ),
-            received_bytes: cv(
-                "received_bytes_total",
-                "Bytes of objects accepted after a synced commit",
-                &["listener"],
-            ),
+            received_objects: ByProtocol(received_objects),
+            received_bytes: ByProtocol(received_bytes),
             cstore_responses: cv(
                 "cstore_responses_total",
                 "C-STORE responses sent",
@@ -338,12 +405,7 @@ impl Metrics {
                 "DICOM associations and link connections open now",
                 &["listener"],
             ),
-            store_duration: hv(
-                "store_duration_seconds",
-                "Seconds from the last data received to the response sent (ack latency, with fsync)",
-                &["listener"],
-                STORE_BUCKETS,
-            ),
+            store_duration: ByProtocol(store_duration),
             uid_mismatch: cv(
                 "uid_mismatch_total",
                 "Objects refused because the data set's SOP UIDs differ from the command",
@@ -481,13 +543,11 @@ mod tests {
     fn names_follow_prometheus_conventions() {
         let m = Metrics::new();
         // One series of each vector, so that every family is gathered.
-        for c in [
-            &m.received_objects,
-            &m.received_bytes,
-            &m.uid_mismatch,
-            &m.forwarded_objects,
-            &m.forwarded_bytes,
-        ] {
+        for c in [&m.received_objects, &m.received_bytes] {
+            c.with_label_values(&["x"]).inc();
+            c.protocol("hl7", &["x"]).inc();
+        }
+        for c in [&m.uid_mismatch, &m.forwarded_objects, &m.forwarded_bytes] {
             c.with_label_values(&["x"]).inc();
         }
         for c in [
@@ -518,7 +578,8 @@ mod tests {
         ] {
             g.with_label_values(&["x"]).set(1.0);
         }
-        for h in [&m.store_duration, &m.forward_duration, &m.end_to_end] {
+        m.store_duration.protocol("hl7", &["x"]).observe(1.0);
+        for h in [&m.forward_duration, &m.end_to_end] {
             h.with_label_values(&["x"]).observe(1.0);
         }
         let families = m.registry.gather();
@@ -535,6 +596,26 @@ mod tests {
                 "{n}: base units"
             );
         }
+    }
+
+    #[test]
+    fn the_protocol_label_defaults_to_dicom() {
+        let m = Metrics::new();
+        m.received_objects.with_label_values(&["lan"]).inc();
+        m.received_objects.protocol("hl7", &["wan"]).inc_by(2);
+        let text = m.render();
+        assert!(
+            text.contains(
+                r#"dicom_gateway_received_objects_total{listener="lan",protocol="dicom"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"dicom_gateway_received_objects_total{listener="wan",protocol="hl7"} 2"#
+            ),
+            "{text}"
+        );
     }
 
     #[test]

@@ -65,6 +65,9 @@ pub fn install(metrics: &Metrics, cfg: &Config, spool: &Spool) -> Result<()> {
         for r in crate::metrics::HL7_RESULTS {
             metrics.hl7_messages.with_label_values(&[n, r]);
         }
+        metrics.received_objects.protocol("hl7", &[n]);
+        metrics.received_bytes.protocol("hl7", &[n]);
+        metrics.store_duration.protocol("hl7", &[n]);
     }
     if !cfg.link_listener.is_empty() {
         metrics

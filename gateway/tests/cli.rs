@@ -491,10 +491,12 @@ fn signal(child: &std::process::Child, sig: rustix::process::Signal) {
 }
 
 /// A `serve` process whose logs are kept (drained by a thread, so the node never blocks
-/// on a full pipe), with the DICOM address it bound; killed on drop.
+/// on a full pipe), with the DICOM and HL7 addresses it bound (empty without such a
+/// listener); killed on drop.
 struct LoggedNode {
     child: std::process::Child,
     dicom: String,
+    hl7: String,
     /// The admin HTTP endpoint (`/readyz`, `/metrics`).
     admin: Option<String>,
     logs: std::sync::Arc<std::sync::Mutex<String>>,
@@ -514,24 +516,27 @@ impl LoggedNode {
         let mut lines = BufReader::new(child.stderr.take().expect("stderr"));
         let mut seen = String::new();
         let mut dicom = None;
+        let mut hl7 = None;
         let mut admin = None;
-        let address = |l: &str| {
-            let i = l.find("127.0.0.1:").expect("address in the log line");
-            l[i..]
-                .chars()
-                .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-                .collect::<String>()
-        };
         loop {
             let mut l = String::new();
             let n = lines.read_line(&mut l).expect("read stderr");
             assert!(n > 0, "serve ended before it was ready: {seen}");
             seen.push_str(&l);
-            if l.contains("DICOM listener up") {
-                dicom = Some(address(&l));
-            }
-            if l.contains("admin HTTP up") {
-                admin = Some(address(&l));
+            for (up, addr) in [
+                ("DICOM listener up", &mut dicom),
+                ("HL7 listener up", &mut hl7),
+                ("admin HTTP up", &mut admin),
+            ] {
+                if l.contains(up) {
+                    let i = l.find("127.0.0.1:").expect("address in the log line");
+                    *addr = Some(
+                        l[i..]
+                            .chars()
+                            .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                            .collect::<String>(),
+                    );
+                }
             }
             if l.contains("node ready") {
                 break;
@@ -549,7 +554,8 @@ impl LoggedNode {
         });
         LoggedNode {
             child,
-            dicom: dicom.expect("a DICOM listener"),
+            dicom: dicom.unwrap_or_default(),
+            hl7: hl7.unwrap_or_default(),
             admin,
             logs,
         }
@@ -1243,4 +1249,293 @@ fn sigterm_drains_in_phases_and_a_second_signal_aborts_without_losing_an_acked_o
         vec![files[0].1.as_str()],
         "the acknowledged object is still queued"
     );
+}
+
+/// python-hl7 as a receiving system (`tests/interop/hl7_peer.py serve`, see its answers by
+/// control id there), killed on drop. The gateway crate's tests cannot use the test kit
+/// (it depends on this crate), so this is the small part of its `Ris` the CLI needs.
+struct Hl7Peer {
+    child: std::process::Child,
+    port: u16,
+    log: PathBuf,
+}
+
+fn hl7_peer_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/interop/hl7_peer.py")
+}
+
+impl Hl7Peer {
+    fn start(dir: &Path) -> Hl7Peer {
+        std::fs::create_dir_all(dir).expect("mkdir");
+        let port_file = dir.join("peer.port");
+        let log = dir.join("peer.jsonl");
+        let mut child = Command::new("python3")
+            .arg(hl7_peer_script())
+            .args(["serve", "--port-file"])
+            .arg(&port_file)
+            .arg("--log")
+            .arg(&log)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("python3 with python-hl7 (pip install hl7)");
+        for _ in 0..400 {
+            if let Some(port) = std::fs::read_to_string(&port_file)
+                .ok()
+                .and_then(|p| p.trim().parse().ok())
+            {
+                return Hl7Peer { child, port, log };
+            }
+            assert!(
+                child.try_wait().expect("peer status").is_none(),
+                "hl7_peer.py exited"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("hl7_peer.py did not listen within 20 s");
+    }
+
+    /// `true`: messages whose control id starts with FIX are answered AE.
+    fn set_broken(&self, broken: bool) {
+        let flag = PathBuf::from(format!("{}.broken", self.log.display()));
+        if broken {
+            std::fs::write(flag, b"").expect("flag");
+        } else {
+            let _ = std::fs::remove_file(flag);
+        }
+    }
+
+    /// (control id, ACK code, message) of each message received, in order.
+    fn received(&self) -> Vec<(String, Option<String>, String)> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|v| {
+                (
+                    v["control_id"].as_str().unwrap_or_default().to_owned(),
+                    v["ack"].as_str().map(str::to_owned),
+                    v["raw"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    /// Send `messages` to `addr` with python-hl7's MLLP client; each one's ACK code.
+    fn send(dir: &Path, addr: &str, messages: &[String]) -> Vec<Option<String>> {
+        let list = dir.join("send.json");
+        std::fs::write(&list, serde_json::to_vec(messages).expect("json")).expect("write");
+        let (host, port) = addr.rsplit_once(':').expect("host:port");
+        let o = Command::new("python3")
+            .arg(hl7_peer_script())
+            .args(["send", host, port])
+            .arg(&list)
+            .output()
+            .expect("python3 with python-hl7");
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|v| v["ack"].as_str().map(str::to_owned))
+            .collect()
+    }
+}
+
+impl Drop for Hl7Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn orm(control: &str, patient: &str) -> String {
+    format!(
+        "MSH|^~\\&|RIS|HOSP_A|GW|TELE|20261203120000||ORM^O01^ORM_O01|{control}|P|2.5\r\
+         PID|1||{patient}^^^HOSP_A^MR||MUSTERFRAU^ERIKA||19700101|F\r\
+         ORC|NW|{control}-ORD\r\
+         OBR|1|{control}-ORD||CT^CT HEAD\r"
+    )
+}
+
+/// The operator commands on HL7 messages, through the real binary against a running
+/// node (an `[[hl7_listener]]` routed to an `hl7` destination, python-hl7 on both sides):
+/// messages the receiving system answers AE are dead letters; `status` shows them for the
+/// `hl7` destination and `queue list` lists them with their message type, control id and
+/// the ACK's coded reason (the patient key only in `--json`); once the receiving system is
+/// fixed, `queue retry --destination D --dead` delivers them byte for byte, and `queue
+/// purge --id` deletes the one still refused.
+#[test]
+fn queue_commands_show_replay_and_purge_hl7_dead_letters() {
+    let s = Site::new();
+    let peer = Hl7Peer::start(&s.dir.join("ris"));
+    peer.set_broken(true);
+    let base = s.config();
+    let base = base.split("[[dicom_listener]]").next().expect("config");
+    s.write(&format!(
+        r#"{base}[[hl7_listener]]
+name = "ris-in"
+listen = "127.0.0.1:0"
+route_to = ["ris"]
+[[destination]]
+name = "ris"
+kind = "hl7"
+address = "127.0.0.1:{}"
+send_timeout = "5s"
+retry = {{ initial = "100ms", max_delay = "200ms" }}
+"#,
+        peer.port
+    ));
+    let node = LoggedNode::spawn(&s);
+    let cfg = s.path();
+    let cfg = cfg.to_str().expect("utf-8");
+    let messages = vec![
+        orm("FIX-1", "PAT-1"),
+        orm("FIX-2", "PAT-2"),
+        orm("ERR-1", "PAT-3"),
+    ];
+    let acks = Hl7Peer::send(&s.dir, &node.hl7, &messages);
+    assert_eq!(acks, vec![Some("AA".to_owned()); 3], "stored: AA");
+
+    let ok = |args: &[&str]| -> String {
+        let o = run(args, &[]);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let dead = || -> Vec<serde_json::Value> {
+        let v: serde_json::Value =
+            serde_json::from_str(&ok(&["queue", "list", "--config", cfg, "--dead", "--json"]))
+                .expect("JSON");
+        v.as_array()
+            .expect("entries")
+            .iter()
+            .filter(|e| e["state"] == "dead")
+            .cloned()
+            .collect()
+    };
+    let wait = |what: &str, done: &dyn Fn() -> bool| {
+        for _ in 0..400 {
+            if done() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!(
+            "not {what}: {:?}\n{}",
+            dead(),
+            node.logs.lock().map(|l| l.clone()).unwrap_or_default()
+        );
+    };
+    wait("3 dead letters", &|| dead().len() == 3);
+
+    // `status`: the hl7 destination with its dead letters and the last reason.
+    let out = ok(&["status", "--config", cfg]);
+    let rows = table(&out, STATUS_COLUMNS);
+    assert_eq!(rows.len(), 1, "{out}");
+    let r = &rows[0];
+    assert_eq!(
+        (
+            r["DESTINATION"].as_str(),
+            r["KIND"].as_str(),
+            r["QUEUED"].as_str(),
+            r["DEAD"].as_str()
+        ),
+        ("ris", "hl7", "0", "3"),
+        "{out}"
+    );
+    assert!(r["LAST ERROR"].contains("answered AE"), "{out}");
+
+    // `queue list`: message type and control id in the UID columns, the coded reason.
+    let out = ok(&["queue", "list", "--config", cfg]);
+    let rows = table(&out, QUEUE_COLUMNS);
+    assert_eq!(rows.len(), 3, "{out}");
+    let mut controls: Vec<&str> = rows
+        .iter()
+        .map(|r| r["SOP INSTANCE UID"].as_str())
+        .collect();
+    controls.sort_unstable();
+    assert_eq!(controls, ["ERR-1", "FIX-1", "FIX-2"], "{out}");
+    for r in &rows {
+        assert_eq!(
+            (
+                r["DESTINATION"].as_str(),
+                r["STATE"].as_str(),
+                r["ATTEMPTS"].as_str(),
+                r["STUDY UID"].as_str()
+            ),
+            ("ris", "dead", "1", "HL7 ORM^O01"),
+            "{out}"
+        );
+        assert!(
+            r["LAST REASON"].contains("answered AE (application error): error 207"),
+            "{out}"
+        );
+    }
+    assert!(
+        !out.contains("PAT-") && !out.contains("MUSTERFRAU"),
+        "no patient data in the table: {out}"
+    );
+    // --json names the protocol and, for the operator, the patient key.
+    let entries = dead();
+    let err_id = entries
+        .iter()
+        .find(|e| e["hl7"]["control_id"] == "ERR-1")
+        .and_then(|e| e["id"].as_str())
+        .expect("ERR-1 listed")
+        .to_owned();
+    for e in &entries {
+        assert_eq!(e["protocol"], "hl7", "{e}");
+        assert_eq!(e["hl7"]["message_type"], "ORM^O01", "{e}");
+        assert_eq!(e["study_uid"], "", "{e}");
+        assert!(
+            e["hl7"]["patient"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("PAT-") && p.ends_with("^HOSP_A")),
+            "{e}"
+        );
+    }
+
+    // The receiving system is fixed: a replay of every dead letter delivers FIX-1 and
+    // FIX-2 byte for byte; ERR-1 is refused again and is a dead letter again.
+    peer.set_broken(false);
+    let out = ok(&[
+        "queue",
+        "retry",
+        "--config",
+        cfg,
+        "--destination",
+        "ris",
+        "--dead",
+    ]);
+    assert!(out.starts_with("3 matched, 3 replayed,"), "{out}");
+    let accepted = || -> Vec<String> {
+        peer.received()
+            .into_iter()
+            .filter(|r| r.1.as_deref() == Some("AA"))
+            .map(|r| r.2)
+            .collect()
+    };
+    wait("FIX-1 and FIX-2 delivered", &|| accepted().len() == 2);
+    let mut got = accepted();
+    got.sort();
+    assert_eq!(got, messages[..2].to_vec(), "delivered as sent");
+    wait("ERR-1 dead again", &|| {
+        let d = dead();
+        d.len() == 1 && d[0]["attempts"] == 1 && peer.received().len() == 6
+    });
+    assert_eq!(dead()[0]["id"], err_id.as_str());
+
+    // `queue purge --id`: gone, and nothing is left.
+    let out = ok(&["queue", "purge", "--config", cfg, "--id", &err_id]);
+    assert!(out.starts_with("1 matched, 1 purged,"), "{out}");
+    let out = ok(&["queue", "list", "--config", cfg]);
+    assert!(out.trim_end().ends_with("0 entries"), "{out}");
+    let rows = table(&ok(&["status", "--config", cfg]), STATUS_COLUMNS);
+    assert_eq!(
+        (rows[0]["DEAD"].as_str(), rows[0]["DELIVERED"].as_str()),
+        ("0", "2")
+    );
+    let logs = node.logs.lock().map(|l| l.clone()).unwrap_or_default();
+    assert!(
+        !logs.contains("MUSTERFRAU") && !logs.contains("PAT-"),
+        "no patient data in the logs at info level"
+    );
+    drop(node);
 }

@@ -15,10 +15,16 @@ Two modes:
       appended to --log as one JSON line {"control_id", "ack", "raw"} *before* it is answered;
       the answer is built by python-hl7's Message.create_ack. The ACK code depends on the
       message control id (MSH-10), so that a test can ask for each outcome:
-        - starts with "REJ": AR (application reject) every time;
-        - starts with "ERR": AE the first time that control id is seen, AA after;
+        - starts with "REJ": AR (application reject) every time, with an ERR segment
+          (code 204, unknown key identifier, at PID-3);
+        - starts with "ERR": AE (application error) every time, with an ERR segment
+          (code 207, application internal error);
+        - starts with "FIX": AE as for "ERR" while the file FILE.broken exists (FILE being
+          --log), AA once it is gone: a receiving system that an operator fixes;
         - starts with "NOACK": no answer the first time (the connection is closed), AA after;
         - anything else: AA.
+      Negative ACKs carry the patient's name (PID-5) in their free text (MSA-3, ERR-3.2 and
+      ERR-8), as some systems do, so that a test can check the gateway never keeps or logs it.
 """
 
 import asyncio
@@ -65,10 +71,14 @@ async def serve(port_file, log_path):
                 control = str(message.segment("MSH")(10))
                 first = control not in seen
                 seen.add(control)
+                broken = os.path.exists(log_path + ".broken")
+                err = None
                 if control.startswith("REJ"):
                     code = "AR"
-                elif control.startswith("ERR") and first:
+                    err = "PID^1^3|204"
+                elif control.startswith("ERR") or (control.startswith("FIX") and broken):
                     code = "AE"
+                    err = "MSH^1^10|207"
                 elif control.startswith("NOACK") and first:
                     code = None
                 else:
@@ -78,7 +88,19 @@ async def serve(port_file, log_path):
                 if code is None:
                     writer.close()
                     return
-                writer.writeblock(str(message.create_ack(code)).encode("utf-8"))
+                answer = str(message.create_ack(code))
+                if err is not None:
+                    name = str(message.segment("PID")(5))
+                    where, number = err.split("|")
+                    answer = (
+                        answer.rstrip("\r").replace(
+                            "MSA|" + code + "|" + control,
+                            "MSA|" + code + "|" + control + "|refused for " + name,
+                        )
+                        + "\rERR||" + where + "|" + number + "^refused for " + name
+                        + "^HL70357|E||||ask about " + name + "\r"
+                    )
+                writer.writeblock(answer.encode("utf-8"))
                 await writer.drain()
         finally:
             writer.close()

@@ -7,13 +7,18 @@
 //! Invariants:
 //! - [`Hl7Sender::send`] returns `Ok` only for an `AA` (or `CA`) whose MSA-2 is the
 //!   message's control id;
-//! - `AE` is a transient failure (retried within the destination's budget), `AR` a
-//!   permanent one (a dead letter at once, with the reason); no ACK within `send_timeout`,
-//!   a closed connection or an unreadable answer is transient, and the connection is
-//!   dropped so that no late ACK is taken for the next message;
+//! - `AE` and `AR` (and enhanced mode's `CE`, `CR`) are permanent failures: the receiving
+//!   system saw the message and refused it, so it becomes a dead letter at once, with the
+//!   ACK's reason, until an operator replays it (`queue retry`) once the receiving system
+//!   is fixed. No ACK within `send_timeout`, a closed connection, an unreadable answer or
+//!   one naming another control id is transient (retried within the budget), and the
+//!   connection is dropped so that no late ACK is taken for the next message;
 //! - every wait has a deadline (connect, write, the ACK) and what is read from the peer is
 //!   bounded ([`MAX_ACK`]);
-//! - a failure's detail carries our own words and the ACK code, never the peer's text.
+//! - a failure's detail carries our own words, the ACK code and the coded part of its
+//!   reason ([`hl7::AckReason`]: the table 0357 error code, severity and segment-field
+//!   location), never the peer's free text, which may name the patient: the detail is
+//!   logged at warn level and kept in the (unencrypted) failure record.
 
 use std::time::Duration;
 
@@ -27,6 +32,16 @@ use crate::spool::ObjectReader;
 
 /// Largest ACK read from a receiving system.
 pub const MAX_ACK: usize = 64 * 1024;
+
+/// A dead letter's detail for a negative ACK: `code` and the coded reason, if any.
+fn refusal(code: &str, reason: &hl7::AckReason) -> String {
+    let why = reason.to_string();
+    if why.is_empty() {
+        format!("the receiving system answered {code}")
+    } else {
+        format!("the receiving system answered {code}: {why}")
+    }
+}
 
 /// Sends messages to one receiving system.
 pub struct Hl7Sender {
@@ -98,13 +113,13 @@ impl Hl7Sender {
                 debug!(address = %self.address, "HL7 message accepted");
                 Ok(())
             }
-            AckCode::Error => Err(DeliveryError::transient(
+            AckCode::Error => Err(DeliveryError::permanent(
                 "ack_error",
-                "the receiving system answered AE (application error)",
+                refusal("AE (application error)", &ack.reason),
             )),
             AckCode::Reject => Err(DeliveryError::permanent(
                 "ack_reject",
-                "the receiving system answered AR (application reject)",
+                refusal("AR (application reject)", &ack.reason),
             )),
         }
     }

@@ -98,6 +98,8 @@ impl Hl7Server {
                 server.connection(socket, peer, shutdown).await;
             });
         }
+        // Close the socket now, not when the drain ends, so new connections are refused.
+        drop(listener);
         tasks.close();
         tasks.wait().await;
     }
@@ -210,6 +212,7 @@ impl Hl7Server {
         let dedup = self
             .spool
             .message_dedup_key(&self.cfg.name, &sender, &msg.control_id);
+        let bytes = raw.len() as u64;
         let ingest = MessageIngest {
             patient: msg.patient.clone(),
             control_id: msg.control_id.clone(),
@@ -219,8 +222,21 @@ impl Hl7Server {
             dedup: Some(dedup),
             bytes: raw,
         };
-        match self.spool.store_message(ingest).await {
+        // The frame is in and parsed: from here to the commit is the ack latency.
+        let started = std::time::Instant::now();
+        let committed = self.spool.store_message(ingest).await;
+        let name = self.cfg.name.as_str();
+        self.metrics
+            .store_duration
+            .protocol("hl7", &[name])
+            .observe(started.elapsed().as_secs_f64());
+        match committed {
             Ok(Committed::Stored(id)) => {
+                self.metrics.received_objects.protocol("hl7", &[name]).inc();
+                self.metrics
+                    .received_bytes
+                    .protocol("hl7", &[name])
+                    .inc_by(bytes);
                 debug!(listener = %self.cfg.name, object = %id, "HL7 message stored");
                 answer(AckCode::Accept, "", "accepted")
             }

@@ -438,26 +438,149 @@ pub struct ReceivedAck {
     pub code: AckCode,
     /// MSA-2: the control id it acknowledges.
     pub control_id: String,
+    /// Why, as far as the ACK says it in codes (see [`AckReason`]).
+    pub reason: AckReason,
 }
 
-/// Read an ACK's MSH separators and its MSA segment; `None` if it is not an ACK we can read.
+/// The coded part of a negative ACK's reason: what can be kept in a dead letter's reason,
+/// shown to an operator and logged. Free text (MSA-3, ERR-3.2, ERR-7, ERR-8) is never
+/// taken: a receiving system may well write a patient's name or id there.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AckReason {
+    /// The error code: ERR-3.1 (v2.5 and later), else ERR-1.4.1 or MSA-6.1 (v2.3 and
+    /// v2.4). Only a number of at most 4 digits is taken (HL7 table 0357 and the
+    /// site-defined ranges are numeric); anything else is left out.
+    pub code: Option<u16>,
+    /// ERR-4, the severity: `E`, `W`, `I` or `F`.
+    pub severity: Option<char>,
+    /// Where the receiving system found the error (ERR-2, else ERR-1): segment id and
+    /// field position, e.g. `PID-3`.
+    pub location: Option<String>,
+}
+
+/// The meaning of an HL7 table 0357 code (message error condition codes).
+pub fn error_code_meaning(code: u16) -> Option<&'static str> {
+    Some(match code {
+        0 => "message accepted",
+        100 => "segment sequence error",
+        101 => "required field missing",
+        102 => "data type error",
+        103 => "table value not found",
+        104 => "value too long",
+        200 => "unsupported message type",
+        201 => "unsupported event code",
+        202 => "unsupported processing id",
+        203 => "unsupported version id",
+        204 => "unknown key identifier",
+        205 => "duplicate key identifier",
+        206 => "application record locked",
+        207 => "application internal error",
+        _ => return None,
+    })
+}
+
+impl std::fmt::Display for AckReason {
+    /// `error 204 (unknown key identifier), severity E, at PID-3`; empty when the ACK said
+    /// nothing coded.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(c) = self.code {
+            parts.push(match error_code_meaning(c) {
+                Some(m) => format!("error {c} ({m})"),
+                None => format!("error {c}"),
+            });
+        }
+        if let Some(s) = self.severity {
+            parts.push(format!("severity {s}"));
+        }
+        if let Some(l) = &self.location {
+            parts.push(format!("at {l}"));
+        }
+        f.write_str(&parts.join(", "))
+    }
+}
+
+/// A numeric code of at most 4 digits.
+fn numeric_code(b: &[u8]) -> Option<u16> {
+    let b = b.trim_ascii();
+    if b.is_empty() || b.len() > 4 || !b.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(b).ok()?.parse().ok()
+}
+
+/// `SEG-n` from a segment id and a field position, both checked.
+fn location(segment: &[u8], field: &[u8]) -> Option<String> {
+    let seg_ok = segment.len() == 3
+        && segment
+            .iter()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit());
+    if !seg_ok {
+        return None;
+    }
+    let seg = String::from_utf8_lossy(segment);
+    match numeric_code(field) {
+        Some(n) => Some(format!("{seg}-{n}")),
+        None if field.is_empty() => Some(seg.into_owned()),
+        None => None,
+    }
+}
+
+/// Read an ACK's MSH separators, its MSA segment and the coded part of its ERR segments;
+/// `None` if it is not an ACK we can read.
 pub fn parse_ack(raw: &[u8]) -> Option<ReceivedAck> {
     if raw.len() < 8 || !raw.starts_with(b"MSH") {
         return None;
     }
     let sep = raw[3];
-    let msa = raw
-        .split(|&b| b == CR || b == b'\n')
-        .find(|s| s.starts_with(b"MSA") && s.get(3) == Some(&sep))?;
-    let mut f = msa.split(|&b| b == sep).skip(1);
-    let code = match f.next()? {
+    // MSH-2: component, repetition, escape, subcomponent; the usual ones if unreadable.
+    let enc = raw.get(4..8).unwrap_or(&b"^~\\&"[..]);
+    let (comp, sub) = (enc[0], enc.get(3).copied().unwrap_or(b'&'));
+    let segments = || raw.split(|&b| b == CR || b == b'\n');
+    let msa = segments().find(|s| s.starts_with(b"MSA") && s.get(3) == Some(&sep))?;
+    let msa: Vec<&[u8]> = msa.split(|&b| b == sep).collect();
+    let code = match msa.get(1).copied()? {
         b"AA" | b"CA" => AckCode::Accept,
         b"AE" | b"CE" => AckCode::Error,
         b"AR" | b"CR" => AckCode::Reject,
         _ => return None,
     };
-    let control_id = text(f.next().unwrap_or_default());
-    Some(ReceivedAck { code, control_id })
+    let control_id = text(msa.get(2).copied().unwrap_or_default());
+    let first = |f: &[u8], c: u8| f.split(|&b| b == c).next().unwrap_or_default().to_vec();
+    let component =
+        |f: &[u8], n: usize| f.split(|&b| b == comp).nth(n).unwrap_or_default().to_vec();
+    let mut reason = AckReason {
+        // MSA-6 (v2.3, v2.4): the error condition, a CE.
+        code: msa.get(6).and_then(|f| numeric_code(&first(f, comp))),
+        ..AckReason::default()
+    };
+    // The first ERR segment that says anything coded.
+    for err in segments().filter(|s| s.starts_with(b"ERR") && s.get(3) == Some(&sep)) {
+        let f: Vec<&[u8]> = err.split(|&b| b == sep).collect();
+        let field = |n: usize| f.get(n).copied().unwrap_or_default();
+        // ERR-1 (v2.3 style): segment^sequence^field^code&text&system.
+        let err1 = first(field(1), b'~');
+        let err2 = first(field(2), b'~');
+        let code = numeric_code(&first(field(3), comp))
+            .or_else(|| numeric_code(&first(&component(&err1, 3), sub)));
+        let severity = match field(4) {
+            [s @ (b'E' | b'W' | b'I' | b'F')] => Some(*s as char),
+            _ => None,
+        };
+        let loc = location(&component(&err2, 0), &component(&err2, 2))
+            .or_else(|| location(&component(&err1, 0), &component(&err1, 2)));
+        if code.is_some() || severity.is_some() || loc.is_some() {
+            reason.code = code.or(reason.code);
+            reason.severity = severity;
+            reason.location = loc;
+            break;
+        }
+    }
+    Some(ReceivedAck {
+        code,
+        control_id,
+        reason,
+    })
 }
 
 /// Why a frame could not be read.
@@ -699,7 +822,8 @@ OBR|1|ORD1||CT^CT HEAD\r";
                 parse_ack(&a),
                 Some(ReceivedAck {
                     code,
-                    control_id: "MSG00001".into()
+                    control_id: "MSG00001".into(),
+                    reason: AckReason::default(),
                 })
             );
         }
@@ -722,6 +846,47 @@ OBR|1|ORD1||CT^CT HEAD\r";
         assert_eq!(parse_ack(&a).unwrap().control_id, "MSG00001");
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(20_790), (2026, 12, 3));
+    }
+
+    #[test]
+    fn a_negative_ack_gives_its_codes_and_never_its_text() {
+        // v2.5: ERR-2 location, ERR-3 code with text, ERR-4 severity, ERR-8 user message.
+        let v25 = "MSH|^~\\&|RIS|B|GW|A|20261203||ACK^O01^ACK|R1|P|2.5\r\
+                   MSA|AE|MSG1|Patient DOE^JANE (PAT123) is unknown\r\
+                   ERR||PID^1^3^1|204^Unknown key PAT123^HL70357|E||||call DOE\r";
+        let a = parse_ack(v25.as_bytes()).unwrap();
+        assert_eq!(a.code, AckCode::Error);
+        assert_eq!(a.control_id, "MSG1");
+        assert_eq!(
+            a.reason.to_string(),
+            "error 204 (unknown key identifier), severity E, at PID-3"
+        );
+        // v2.3: ERR-1 (segment^seq^field^code&text&system), MSA-6.
+        let v23 = "MSH|^~\\&|RIS|B|GW|A|20261203||ACK|R2|P|2.3\r\
+                   MSA|AR|MSG2|bad|||101^Required field missing\r\
+                   ERR|OBR^1^4^101&Required field missing&HL70357\r";
+        let a = parse_ack(v23.as_bytes()).unwrap();
+        assert_eq!(a.code, AckCode::Reject);
+        assert_eq!(
+            a.reason.to_string(),
+            "error 101 (required field missing), at OBR-4"
+        );
+        // Codes that are not small numbers, and locations that are not segment ids, are
+        // left out (they could be anything).
+        let odd = "MSH|^~\\&|R|B|G|A|1||ACK|R3|P|2.5\r\
+                   MSA|AE|MSG3\r\
+                   ERR||SMITH^1^3|PAT123456^x|Q\r";
+        let a = parse_ack(odd.as_bytes()).unwrap();
+        assert_eq!(a.reason, AckReason::default());
+        assert_eq!(a.reason.to_string(), "");
+        // A site-defined code has no meaning of ours.
+        let own = "MSH|^~\\&|R|B|G|A|1||ACK|R4|P|2.5\r\
+                   MSA|AE|MSG4\r\
+                   ERR|||9001|W\r";
+        assert_eq!(
+            parse_ack(own.as_bytes()).unwrap().reason.to_string(),
+            "error 9001, severity W"
+        );
     }
 
     #[tokio::test]

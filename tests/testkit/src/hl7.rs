@@ -1,8 +1,9 @@
 //! HL7 v2 fixtures: two sites carrying HL7 ([`Hl7Sites`]: an `[[hl7_listener]]` at site A,
 //! relayed over the link to site B, delivered by an `hl7` destination), the receiving
 //! system ([`Ris`], python-hl7 as an MLLP server), python-hl7 as the sender
-//! ([`send_with_python_hl7`]) and a raw MLLP exchange for malformed input
-//! ([`mllp_exchange`]).
+//! ([`send_with_python_hl7`]), a raw MLLP exchange for malformed input
+//! ([`mllp_exchange`]), and site B in a child process that a test can SIGKILL at a fault
+//! point ([`Hl7Sites::spawn_b_process`], [`run_site_b_process`]).
 //!
 //! The python-hl7 peer is `tests/interop/hl7_peer.py` (nobody here wrote python-hl7's MLLP
 //! framing or its ACK builder). Ports are read from what each process bound, never guessed;
@@ -29,6 +30,17 @@ pub fn orm(control: &str, patient: &str, name: &str, note: &str) -> String {
          ORC|NW|{control}-ORD\r\
          OBR|1|{control}-ORD||CT^CT HEAD\r\
          NTE|1||{note}\r"
+    )
+}
+
+/// An ORU^R01 report for `patient` with control id `control`, from the reading site's RIS:
+/// `text` is the report (an OBX segment).
+pub fn oru(control: &str, patient: &str, name: &str, text: &str) -> String {
+    format!(
+        "MSH|^~\\&|READING_RIS|TELE|RIS|HOSP_A|20261203130000||ORU^R01^ORU_R01|{control}|P|2.5\r\
+         PID|1||{patient}^^^HOSP_A^MR||{name}^JANE||19700101|F\r\
+         OBR|1|{control}-ORD||CT^CT HEAD|||20261203120000||||||||||||||||F\r\
+         OBX|1|TX|IMP^Impression||{text}||||||F\r"
     )
 }
 
@@ -125,6 +137,17 @@ impl Ris {
                 raw: v["raw"].as_str().unwrap_or_default().to_owned(),
             })
             .collect()
+    }
+
+    /// Break the receiving system (`true`: messages whose control id starts with `FIX` are
+    /// answered AE) or fix it again (`false`).
+    pub fn set_broken(&self, broken: bool) {
+        let flag = PathBuf::from(format!("{}.broken", self.log.display()));
+        if broken {
+            std::fs::write(&flag, b"").expect("write the broken flag");
+        } else {
+            let _ = std::fs::remove_file(&flag);
+        }
     }
 
     /// The messages it accepted (answered AA), in order.
@@ -224,7 +247,10 @@ pub fn ack_code(ack: &[u8]) -> Option<String> {
 }
 
 /// Two sites carrying HL7: A's `[[hl7_listener]]` `ris-in` routes to the gateway
-/// destination `site-b`; B's link listener routes to the `hl7` destination `ris`.
+/// destination `site-b`; B's link listener routes to the `hl7` destination `ris`. With
+/// [`Hl7Options::reports_to`], reports come back the other way too: B's `[[hl7_listener]]`
+/// `reports-in` routes to the gateway destination `site-a`, and A's link listener `wan`
+/// to the `hl7` destination `ris-a` (the set-up of `deploy/examples/`).
 pub struct Hl7Sites {
     /// The work folder.
     pub dir: tempfile::TempDir,
@@ -236,6 +262,8 @@ pub struct Hl7Sites {
     pub a_failpoints: bool,
     /// B's link address (kept across B's restarts).
     pub link: SocketAddr,
+    /// A's link address, when reports come back (kept across A's restarts).
+    pub a_link: Option<SocketAddr>,
 }
 
 /// Options of [`Hl7Sites::start`].
@@ -249,6 +277,8 @@ pub struct Hl7Options {
     pub b_retry: String,
     /// Start A with failpoints.
     pub a_failpoints: bool,
+    /// Reports come back: the port of site A's receiving system (the ordering RIS).
+    pub reports_to: Option<u16>,
 }
 
 impl Hl7Options {
@@ -259,6 +289,7 @@ impl Hl7Options {
             a_listener_extra: String::new(),
             b_retry: r#"initial = "100ms", max_delay = "500ms", max_attempts = 20"#.to_owned(),
             a_failpoints: false,
+            reports_to: None,
         }
     }
 }
@@ -294,8 +325,27 @@ impl Hl7Sites {
             b: None,
             a_failpoints: opts.a_failpoints,
             link: SocketAddr::from(([127, 0, 0, 1], 0)),
+            a_link: None,
         };
-        let b = |link: SocketAddr| {
+        // The way back, once A's link address is known.
+        let back = |a_link: Option<SocketAddr>| match opts.reports_to {
+            None => String::new(),
+            Some(_) => format!(
+                r#"[[hl7_listener]]
+name = "reports-in"
+listen = "127.0.0.1:0"
+route_to = ["site-a"]
+[[destination]]
+name = "site-a"
+kind = "gateway"
+url = "https://{}"
+peer_name = "site-a"
+retry = {{ initial = "100ms", max_delay = "1s" }}
+"#,
+                a_link.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9)))
+            ),
+        };
+        let b = |link: SocketAddr, a_link: Option<SocketAddr>| {
             format!(
                 r#"{}[[link_listener]]
 name = "wan"
@@ -308,18 +358,39 @@ kind = "hl7"
 address = "127.0.0.1:{}"
 send_timeout = "5s"
 retry = {{ {} }}
-"#,
+{}"#,
                 common("b", "127.0.0.1:0"),
                 opts.ris_port,
-                opts.b_retry
+                opts.b_retry,
+                back(a_link)
             )
         };
-        std::fs::write(sites.path("b"), b(sites.link)).expect("write b");
+        std::fs::write(sites.path("b"), b(sites.link, None)).expect("write b");
         sites.start_b().await;
         sites.link = sites.b.as_ref().expect("b").link_addrs["wan"];
-        std::fs::write(sites.path("b"), b(sites.link)).expect("write b");
-        let a = format!(
-            r#"{}[[hl7_listener]]
+        std::fs::write(sites.path("b"), b(sites.link, None)).expect("write b");
+        let a_back = |a_link: SocketAddr| match opts.reports_to {
+            None => String::new(),
+            Some(port) => format!(
+                r#"[[link_listener]]
+name = "wan"
+listen = "{a_link}"
+allowed_peers = ["site-b"]
+route_to = ["ris-a"]
+[[destination]]
+name = "ris-a"
+kind = "hl7"
+address = "127.0.0.1:{port}"
+send_timeout = "5s"
+retry = {{ {} }}
+"#,
+                opts.b_retry
+            ),
+        };
+        let b_link = sites.link;
+        let a = |a_link: SocketAddr| {
+            format!(
+                r#"{}[[hl7_listener]]
 name = "ris-in"
 listen = "127.0.0.1:0"
 route_to = ["site-b"]
@@ -330,13 +401,25 @@ kind = "gateway"
 url = "https://{}"
 peer_name = "site-b"
 retry = {{ initial = "100ms", max_delay = "1s" }}
-"#,
-            common("a", "127.0.0.1:0"),
-            opts.a_listener_extra,
-            sites.link
-        );
-        std::fs::write(sites.path("a"), a).expect("write a");
+{}"#,
+                common("a", "127.0.0.1:0"),
+                opts.a_listener_extra,
+                b_link,
+                a_back(a_link)
+            )
+        };
+        std::fs::write(sites.path("a"), a(SocketAddr::from(([127, 0, 0, 1], 0)))).expect("write a");
         sites.start_a().await;
+        if opts.reports_to.is_some() {
+            // A's link port is known now: name it in both configs (A's restarts keep it),
+            // and start B again towards it.
+            let a_link = sites.a.as_ref().expect("a").link_addrs["wan"];
+            sites.a_link = Some(a_link);
+            std::fs::write(sites.path("a"), a(a_link)).expect("write a");
+            std::fs::write(sites.path("b"), b(sites.link, Some(a_link))).expect("write b");
+            sites.stop_b().await;
+            sites.start_b().await;
+        }
         sites
     }
 
@@ -392,6 +475,11 @@ retry = {{ initial = "100ms", max_delay = "1s" }}
         self.stop_b().await;
     }
 
+    /// B's HL7 listener for reports (with [`Hl7Options::reports_to`]).
+    pub fn b_hl7(&self) -> SocketAddr {
+        self.b.as_ref().expect("b running").hl7_addrs["reports-in"]
+    }
+
     /// A's HL7 listener.
     pub fn a_hl7(&self) -> SocketAddr {
         self.a.as_ref().expect("a running").hl7_addrs["ris-in"]
@@ -410,5 +498,114 @@ retry = {{ initial = "100ms", max_delay = "1s" }}
     pub fn metrics(&self, site: &str) -> String {
         let n = if site == "a" { &self.a } else { &self.b };
         n.as_ref().expect("site running").metrics.render()
+    }
+}
+
+/// The environment of a site B child process (see [`run_site_b_process`]).
+const CHILD_CONFIG: &str = "DICOM_GATEWAY_TEST_B_CONFIG";
+const CHILD_HOLD: &str = "DICOM_GATEWAY_TEST_B_HOLD";
+const CHILD_HOLD_N: &str = "DICOM_GATEWAY_TEST_B_HOLD_N";
+const CHILD_REACHED: &str = "DICOM_GATEWAY_TEST_B_REACHED";
+
+/// The body of a test function that [`Hl7Sites::spawn_b_process`] runs in a child process
+/// (the test binary again, that test alone): site B from its config, with its spool's
+/// fault points live; the `n`-th thread to reach the fault point writes the `reached` file
+/// and stops there for good, so that the process can be killed at exactly that point.
+/// Returns at once, doing nothing, when not run as such a child.
+pub async fn run_site_b_process() {
+    let Ok(config) = std::env::var(CHILD_CONFIG) else {
+        return;
+    };
+    let hold = std::env::var(CHILD_HOLD).expect("fault point");
+    let n: usize = std::env::var(CHILD_HOLD_N)
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .expect("the n-th arrival");
+    let reached = PathBuf::from(std::env::var(CHILD_REACHED).expect("reached file"));
+    let _scenario = fail::FailScenario::setup();
+    let count = std::sync::Mutex::new(0usize);
+    fail::cfg_callback(&hold, move || {
+        let mut c = count.lock().unwrap_or_else(|e| e.into_inner());
+        *c += 1;
+        if *c == n {
+            std::fs::write(&reached, b"").expect("write the reached file");
+            // Held until the parent kills the process.
+            loop {
+                std::thread::park();
+            }
+        }
+    })
+    .expect("a valid fault point");
+    let cfg = Config::load(Path::new(&config)).expect("config b");
+    let opts = dicom_gateway::spool::SpoolOptions {
+        failpoints: true,
+        ..Node::spool_options(&cfg)
+    };
+    let _node = Node::start_with(cfg, opts).await.expect("start b");
+    std::future::pending::<()>().await;
+}
+
+/// Site B as a child process ([`Hl7Sites::spawn_b_process`]); SIGKILLed on drop.
+pub struct SiteBProcess {
+    child: Child,
+    reached: PathBuf,
+}
+
+impl SiteBProcess {
+    /// Wait (at most `deadline`) until the child held at its fault point.
+    pub fn wait_reached(&mut self, deadline: Duration) -> bool {
+        let until = Instant::now() + deadline;
+        while Instant::now() < until {
+            if self.reached.exists() {
+                return true;
+            }
+            if self.child.try_wait().ok().flatten().is_some() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// SIGKILL it and reap it.
+    pub fn kill_9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for SiteBProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Hl7Sites {
+    /// Run site B (stopped here first) in a child process: the test binary again, running
+    /// only the test `test`, whose body is [`run_site_b_process`]. Its spool's fault point
+    /// `hold` stops the `n`-th thread that reaches it, for good.
+    pub async fn spawn_b_process(&mut self, test: &str, hold: &str, n: usize) -> SiteBProcess {
+        self.stop_b().await;
+        let reached = self.dir.path().join("b-reached");
+        let _ = std::fs::remove_file(&reached);
+        let child = Command::new(std::env::current_exe().expect("the test binary"))
+            .args([
+                test,
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
+            .env(CHILD_CONFIG, self.path("b"))
+            .env(CHILD_HOLD, hold)
+            .env(CHILD_HOLD_N, n.to_string())
+            .env(CHILD_REACHED, &reached)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn site B");
+        SiteBProcess { child, reached }
     }
 }
