@@ -58,10 +58,12 @@ SECTIONS = {
     "log": "LogSection",
     "spool": "RawSpoolSection",
     "dicom_listener": "RawDicomListener",
+    "dicom_listener.tls": "DicomListenerTls",
     "link_listener": "LinkListener",
     "hl7_listener": "Hl7Listener",
     "destination": "RawDestination",
     "destination.retry": "RawRetry",
+    "destination.tls": "DestinationTls",
     "route": "Route",
 }
 

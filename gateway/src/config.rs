@@ -323,6 +323,9 @@ pub struct DicomListener {
     /// progress is discarded and the sender retries). Key `max_association_time`, default
     /// `"4h"`.
     pub max_association_secs: u64,
+    /// DICOM TLS (PS3.15 Annex B) on this listener (`[dicom_listener.tls]`); plaintext
+    /// without it.
+    pub tls: Option<DicomListenerTls>,
     /// Deprecated keys this listener was written with, as `(old, new)`.
     pub deprecated_keys: Vec<(&'static str, &'static str)>,
 }
@@ -355,6 +358,7 @@ struct RawDicomListener {
     negotiation_timeout: std::time::Duration,
     #[serde(default = "default_max_association_time", with = "humantime_serde")]
     max_association_time: std::time::Duration,
+    tls: Option<DicomListenerTls>,
 }
 
 impl TryFrom<RawDicomListener> for DicomListener {
@@ -383,9 +387,87 @@ impl TryFrom<RawDicomListener> for DicomListener {
             max_negotiating: r.max_negotiating,
             negotiation_timeout_secs: r.negotiation_timeout.as_secs(),
             max_association_secs: r.max_association_time.as_secs(),
+            tls: r.tls,
             deprecated_keys: deprecated,
         })
     }
+}
+
+/// Which TLS versions a DICOM TLS endpoint speaks (`min_version`): `"1.2"` is TLS 1.2 with
+/// the ECDHE AES-GCM suites of BCP 195, or TLS 1.3; `"1.3"` is TLS 1.3 only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum TlsMinVersion {
+    /// TLS 1.2 (ECDHE with AES-GCM only) or TLS 1.3.
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    /// TLS 1.3 only.
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+/// Whether a DICOM TLS listener asks for client certificates (`client_auth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// Every peer must present a certificate that chains to `ca` (the default).
+    #[default]
+    Required,
+    /// A peer may present one (it is then verified, and a bad one fails the handshake);
+    /// a peer without one is served too, unless its AE title is bound to a certificate.
+    Optional,
+    /// No client certificate is asked for: TLS gives confidentiality only.
+    None,
+}
+
+/// `[dicom_listener.tls]`: DICOM TLS (PS3.15 Annex B, BCP 195) for modalities and PACS
+/// that connect directly.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DicomListenerTls {
+    /// PEM certificate chain the listener presents (from the hospital PKI).
+    pub cert: PathBuf,
+    /// PEM private key for `cert`.
+    pub key: PathBuf,
+    /// PEM CA bundle client certificates must chain to (needed unless
+    /// `client_auth = "none"`).
+    pub ca: Option<PathBuf>,
+    /// PEM CRL files of that CA; with any given, a client certificate's revocation status
+    /// must be known from a CRL that has not expired (fail closed).
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
+    /// `"required"` (default), `"optional"` or `"none"`.
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+    /// `"1.2"` (default: TLS 1.2 with ECDHE AES-GCM, or 1.3) or `"1.3"`.
+    #[serde(default)]
+    pub min_version: TlsMinVersion,
+    /// Calling AE title → the DNS SAN (or `spiffe://` URI SAN) its client certificate must
+    /// carry exactly. With any listed, only the listed AE titles may call, each only with
+    /// its certificate; others get A-ASSOCIATE-RJ (calling AE title not recognized).
+    #[serde(default)]
+    pub bind_ae_titles: std::collections::BTreeMap<String, String>,
+}
+
+/// `[destination.tls]` of a `kind = "dicom"` destination: DICOM TLS towards the PACS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationTls {
+    /// PEM CA bundle the PACS's certificate must chain to.
+    pub ca: PathBuf,
+    /// The DNS SAN the PACS's certificate must carry exactly (default: the host of
+    /// `address`, which must then be a DNS name).
+    pub server_name: Option<String>,
+    /// PEM client certificate chain to present, for a PACS that requires one (with `key`).
+    pub cert: Option<PathBuf>,
+    /// PEM private key for `cert`.
+    pub key: Option<PathBuf>,
+    /// PEM CRL files of the CA (fail closed, as for `[tls]`).
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
+    /// `"1.2"` (default) or `"1.3"`.
+    #[serde(default)]
+    pub min_version: TlsMinVersion,
 }
 
 fn default_max_negotiating() -> usize {
@@ -636,6 +718,8 @@ pub enum DestinationKind {
         max_pdu_length: u32,
         /// Seconds to wait for the peer on connect, reads and writes.
         timeout_secs: u64,
+        /// DICOM TLS towards the node (`[destination.tls]`); plaintext without it.
+        tls: Option<DestinationTls>,
     },
     /// Part-10 files in a folder, for hand-off. Plaintext by design.
     Folder {
@@ -717,6 +801,7 @@ struct RawDestination {
     max_pdu_length: Option<u32>,
     timeout_secs: Option<u64>,
     path: Option<PathBuf>,
+    tls: Option<DestinationTls>,
 }
 
 impl TryFrom<RawDestination> for Destination {
@@ -739,6 +824,7 @@ impl TryFrom<RawDestination> for Destination {
             ("timeout_secs", r.timeout_secs.is_some()),
             ("path", r.path.is_some()),
             ("send_timeout", r.send_timeout.is_some()),
+            ("tls", r.tls.is_some()),
         ];
         let allowed: &[&str] = match r.kind.as_str() {
             "gateway" => &["url", "peer_name", "max_in_flight", "send_timeout"],
@@ -749,6 +835,7 @@ impl TryFrom<RawDestination> for Destination {
                 "associations",
                 "max_pdu_length",
                 "timeout_secs",
+                "tls",
             ],
             "folder" => &["path"],
             "hl7" => &["address", "send_timeout"],
@@ -777,6 +864,7 @@ impl TryFrom<RawDestination> for Destination {
                 associations: r.associations.unwrap_or_else(default_associations),
                 max_pdu_length: r.max_pdu_length.unwrap_or_else(default_max_pdu),
                 timeout_secs: r.timeout_secs.unwrap_or_else(default_timeout_secs),
+                tls: r.tls,
             },
             "hl7" => DestinationKind::Hl7 {
                 address: need(r.address, "address")?,
@@ -901,9 +989,24 @@ impl Config {
             r(&mut tls.ca);
             tls.crls.iter_mut().for_each(r);
         }
+        for l in &mut self.dicom_listener {
+            if let Some(t) = &mut l.tls {
+                r(&mut t.cert);
+                r(&mut t.key);
+                t.ca.iter_mut().for_each(r);
+                t.crls.iter_mut().for_each(r);
+            }
+        }
         for d in &mut self.destination {
-            if let DestinationKind::Folder { path } = &mut d.kind {
-                r(path);
+            match &mut d.kind {
+                DestinationKind::Folder { path } => r(path),
+                DestinationKind::Dicom { tls: Some(t), .. } => {
+                    r(&mut t.ca);
+                    t.cert.iter_mut().for_each(r);
+                    t.key.iter_mut().for_each(r);
+                    t.crls.iter_mut().for_each(r);
+                }
+                _ => {}
             }
         }
     }
@@ -1014,9 +1117,20 @@ impl Config {
                     associations,
                     max_pdu_length,
                     timeout_secs,
+                    tls,
                 } => {
                     if address.is_empty() || !address.contains(':') {
                         return Err(self.invalid(key("address"), "must be host:port"));
+                    }
+                    if let Some(t) = tls {
+                        dicom_server_name(address, t)
+                            .map_err(|m| self.invalid(key("tls.server_name"), m))?;
+                        if t.cert.is_some() != t.key.is_some() {
+                            return Err(self.invalid(
+                                key("tls.cert"),
+                                "tls.cert and tls.key go together: give both or neither",
+                            ));
+                        }
                     }
                     check_ae(ae_title).map_err(|m| self.invalid(key("ae_title"), m))?;
                     check_ae(calling_ae_title)
@@ -1087,6 +1201,34 @@ impl Config {
             }
             check_routes(key("route_to"), &l.route_to)?;
             check_pdu(l.max_pdu_length).map_err(|m| self.invalid(key("max_pdu_length"), m))?;
+            if let Some(t) = &l.tls {
+                if t.client_auth != ClientAuth::None && t.ca.is_none() {
+                    return Err(self.invalid(
+                        key("tls.ca"),
+                        "client certificates are verified against tls.ca: give the CA bundle, \
+                         or set tls.client_auth = \"none\"",
+                    ));
+                }
+                if !t.bind_ae_titles.is_empty() && t.client_auth == ClientAuth::None {
+                    return Err(self.invalid(
+                        key("tls.bind_ae_titles"),
+                        "binding AE titles to certificates needs client certificates: \
+                         tls.client_auth must be \"required\" or \"optional\"",
+                    ));
+                }
+                for (ae, name) in &t.bind_ae_titles {
+                    check_ae(ae).map_err(|m| self.invalid(key("tls.bind_ae_titles"), m))?;
+                    if !is_dns_name(name) && !is_spiffe_id(name) {
+                        return Err(self.invalid(
+                            key("tls.bind_ae_titles"),
+                            format!(
+                                "{ae:?} = {name:?}: must be a DNS name or a spiffe:// ID \
+                                 (wildcards never match)"
+                            ),
+                        ));
+                    }
+                }
+            }
             for c in &l.sop_classes {
                 if !crate::sop::may_be_stored(c) {
                     return Err(self.invalid(
@@ -1324,6 +1466,27 @@ pub fn is_dns_name(s: &str) -> bool {
         })
 }
 
+/// The name a `kind = "dicom"` destination's TLS peer must carry: `tls.server_name`, or the
+/// host of `address` when that is a DNS name.
+pub fn dicom_server_name(address: &str, tls: &DestinationTls) -> Result<String, String> {
+    if let Some(n) = &tls.server_name {
+        return if is_dns_name(n) {
+            Ok(n.clone())
+        } else {
+            Err(format!("{n:?} must be a DNS name"))
+        };
+    }
+    let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+    if is_dns_name(host) && host.parse::<std::net::Ipv4Addr>().is_err() {
+        Ok(host.to_owned())
+    } else {
+        Err(format!(
+            "address {address:?} is not a DNS name: set tls.server_name to the DNS SAN of the \
+             node's certificate"
+        ))
+    }
+}
+
 /// A SPIFFE ID (`spiffe://trust-domain/path`), as a URI SAN of a peer's certificate: a
 /// lower-case trust domain, non-empty path segments of `[A-Za-z0-9._-]` that are not `.`
 /// or `..`, no query or fragment, at most 2048 bytes.
@@ -1481,6 +1644,69 @@ path = "received"
 
     fn err(text: &str) -> String {
         parse(text).expect_err("must be rejected").to_string()
+    }
+
+    /// `GOOD` with `[dicom_listener.tls]` lines after the listener and
+    /// `[destination.tls]` lines after the `pacs` destination.
+    fn with_dicom_tls(listener: &str, destination: &str) -> String {
+        GOOD.replace(
+            "route_to = [\"site-b\"]\n[[link_listener]]",
+            &format!(
+                "route_to = [\"site-b\"]\n[dicom_listener.tls]\n{listener}\n[[link_listener]]"
+            ),
+        )
+        .replace(
+            "calling_ae_title = \"GW_B\"\n",
+            &format!("calling_ae_title = \"GW_B\"\n[destination.tls]\n{destination}\n"),
+        )
+    }
+
+    #[test]
+    fn dicom_tls_sections_parse_resolve_and_refuse_what_cannot_work() {
+        let listener = "cert = \"d/gw.crt\"\nkey = \"d/gw.key\"\nca = \"d/ca.crt\"\n\
+                        bind_ae_titles = { CT1 = \"ct1.example.org\" }";
+        let dest = "ca = \"d/ca.crt\"\nserver_name = \"pacs.example.org\"";
+        let c = parse(&with_dicom_tls(listener, dest)).expect("valid DICOM TLS");
+        let t = c.dicom_listener[0].tls.as_ref().expect("listener tls");
+        assert_eq!(t.cert, Path::new("/etc/gw/d/gw.crt"));
+        assert_eq!(t.ca.as_deref(), Some(Path::new("/etc/gw/d/ca.crt")));
+        assert_eq!(t.client_auth, ClientAuth::Required);
+        assert_eq!(t.min_version, TlsMinVersion::Tls12);
+        assert_eq!(t.bind_ae_titles["CT1"], "ct1.example.org");
+        match &c.destination[1].kind {
+            DestinationKind::Dicom { tls: Some(t), .. } => {
+                assert_eq!(t.ca, Path::new("/etc/gw/d/ca.crt"));
+                assert_eq!(t.server_name.as_deref(), Some("pacs.example.org"));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // An IP address names no certificate: server_name is then needed.
+        let e = err(&with_dicom_tls(listener, "ca = \"d/ca.crt\""));
+        assert!(e.contains("tls.server_name"), "{e}");
+        // Client certificates need a CA to be verified against.
+        let e = err(&with_dicom_tls("cert = \"a\"\nkey = \"b\"", dest));
+        assert!(e.contains("tls.ca"), "{e}");
+        // A binding needs client certificates.
+        let e = err(&with_dicom_tls(
+            &format!("{listener}\nclient_auth = \"none\""),
+            dest,
+        ));
+        assert!(e.contains("bind_ae_titles"), "{e}");
+        // A wildcard is no identity.
+        let e = err(&with_dicom_tls(
+            &listener.replace("ct1.example.org", "*.example.org"),
+            dest,
+        ));
+        assert!(e.contains("bind_ae_titles"), "{e}");
+        // A client certificate without its key.
+        let e = err(&with_dicom_tls(listener, &format!("{dest}\ncert = \"c\"")));
+        assert!(e.contains("tls.cert"), "{e}");
+        // Only TLS 1.2 and 1.3 exist here.
+        let e = err(&with_dicom_tls(
+            &format!("{listener}\nmin_version = \"1.0\""),
+            dest,
+        ));
+        assert!(e.contains("1.0") || e.contains("min_version"), "{e}");
     }
 
     #[test]

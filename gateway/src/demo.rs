@@ -170,6 +170,7 @@ pub async fn send_objects(
                     &p,
                     64 * 1024,
                     Duration::from_secs(30),
+                    None,
                 )
                 .await?,
             );

@@ -105,7 +105,8 @@ pub struct Metrics {
     /// now, e.g. the disk under its watermark).
     pub hl7_messages: IntCounterVec,
     /// `associations_total{listener,result}`: DICOM associations and link connections
-    /// (`accepted`, `rejected`, `timeout`, `over_limit`, `handshake_failed`).
+    /// (`accepted`, `rejected`, `timeout`, `over_limit`, `handshake_failed`: a link or
+    /// DICOM TLS handshake that failed).
     pub associations: IntCounterVec,
     /// `associations_active{listener}`: associations and link connections open now.
     pub associations_active: IntGaugeVec,
@@ -147,7 +148,7 @@ pub struct Metrics {
 
     // -------------------------------------------------------------- security
     /// `tls_handshake_failures_total{listener,reason}`: failed TLS handshakes on a link
-    /// listener, by [`tls_failure_reason`] word.
+    /// listener or a DICOM TLS listener, by [`tls_failure_reason`] word.
     pub tls_handshake_failures: IntCounterVec,
     /// `certificate_expiry_timestamp_seconds{certificate}`: notAfter of the node's certificate
     /// (`node`) and of each CA certificate it trusts (`ca`, the earliest).
@@ -434,7 +435,7 @@ impl Metrics {
             ),
             tls_handshake_failures: cv(
                 "tls_handshake_failures_total",
-                "Failed TLS handshakes on link listeners",
+                "Failed TLS handshakes on link and DICOM TLS listeners",
                 &["listener", "reason"],
             ),
             certificate_expiry: fgv(

@@ -145,7 +145,9 @@ impl Node {
             let addr = listener.local_addr()?;
             dicom_addrs.insert(l.name.clone(), addr);
             let server = DicomServer::new(l.clone(), spool.clone(), metrics.clone())
-                .with_router(router.clone());
+                .with_router(router.clone())
+                .with_tls()
+                .with_context(|| format!("{file}: dicom_listener[{}].tls", l.name))?;
             dicom_servers.push((l, addr, listener, server));
         }
         let mut link_addrs = HashMap::new();
@@ -194,6 +196,14 @@ impl Node {
         let worker_tasks = TaskTracker::new();
         let board = Board::default();
         for (dest, sender) in senders {
+            if let Some(r) = sender.take_tls_reloader() {
+                worker_tasks.spawn(crate::tls::reload(
+                    r,
+                    dest.name.clone(),
+                    metrics.clone(),
+                    workers_stop.clone(),
+                ));
+            }
             worker_tasks.spawn(crate::dispatch::run(
                 dest,
                 sender,

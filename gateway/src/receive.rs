@@ -4,6 +4,11 @@
 //! Invariants:
 //! - called and calling AE titles are checked during negotiation; a mismatch is an
 //!   A-ASSOCIATE-RJ;
+//! - with `[dicom_listener.tls]` (DICOM TLS, PS3.15 Annex B) every connection starts with
+//!   a TLS handshake (plaintext is refused), counted within `negotiation_timeout` and
+//!   `max_negotiating`; a calling AE title bound to a certificate identity
+//!   (`bind_ae_titles`) is accepted only when this connection's verified client
+//!   certificate carries it, checked in the same AE title check (A-ASSOCIATE-RJ otherwise);
 //! - PDUs are read in strict mode with a bounded max length, command fragments are bounded
 //!   by [`dimse::MAX_COMMAND_BYTES`], and data PDVs go straight into the spool writer, so
 //!   memory per association is bounded by the PDU and segment sizes, never the object size;
@@ -43,11 +48,15 @@ use crate::config::DicomListener;
 use crate::dimse::{self, Command, field, status};
 use crate::metrics::{ActiveGuard, Metrics, cstore_status};
 use crate::spool::{Ingest, ObjectWriter, Spool, SpoolError};
+use crate::tls::{ConfigReloader, Current, DicomServerTls, PeerCert};
 
-/// Checks the called AE title against ours and the calling AE title against the allow-list.
+/// Checks the called AE title against ours and the calling AE title against the allow-list
+/// and, on a DICOM TLS connection, against the certificate its handshake verified.
 #[derive(Debug, Clone)]
 struct AeAccess {
     allowed_calling: Vec<String>,
+    /// The listener's TLS material and the client certificate of this connection.
+    tls: Option<(Arc<DicomServerTls>, PeerCert)>,
 }
 
 impl AccessControl for AeAccess {
@@ -69,6 +78,15 @@ impl AccessControl for AeAccess {
         {
             return Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized);
         }
+        if let Some((tls, cert)) = &self.tls
+            && !tls.may_call(calling_ae_title, cert.get())
+        {
+            info!(
+                calling_ae = ?calling_ae_title.trim(),
+                "calling AE title refused: not in bind_ae_titles, or the client certificate does not carry its bound name"
+            );
+            return Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized);
+        }
         Ok(())
     }
 }
@@ -80,6 +98,9 @@ pub struct DicomServer {
     spool: Spool,
     metrics: Arc<Metrics>,
     router: crate::routing::Router,
+    /// DICOM TLS material for new handshakes (replaced by the reloader when files change).
+    tls: Option<Current<DicomServerTls>>,
+    reloader: Option<ConfigReloader<DicomServerTls>>,
 }
 
 impl DicomServer {
@@ -89,6 +110,7 @@ impl DicomServer {
         let mut options = ServerAssociationOptions::new()
             .ae_access_control(AeAccess {
                 allowed_calling: cfg.allowed_calling_ae_titles.clone(),
+                tls: None,
             })
             .ae_title(cfg.ae_title.clone())
             .strict(true)
@@ -118,7 +140,22 @@ impl DicomServer {
             spool,
             metrics,
             router: crate::routing::Router::default(),
+            tls: None,
+            reloader: None,
         }
+    }
+
+    /// Load `[dicom_listener.tls]`, if the listener has it, and reload it whenever its
+    /// files change (checked every [`crate::tls::RELOAD_INTERVAL`]): new handshakes use the
+    /// new certificate, associations in progress go on, and a broken file keeps the old
+    /// material (logged and counted in `tls_reloads_total{listener}`).
+    pub fn with_tls(mut self) -> Result<DicomServer, crate::tls::TlsError> {
+        if let Some(t) = &self.cfg.tls {
+            let (reloader, rx) = ConfigReloader::dicom_listener(t)?;
+            self.tls = Some(rx);
+            self.reloader = Some(reloader);
+        }
+        Ok(self)
     }
 
     /// Apply the `[[route]]` rules to what this listener receives.
@@ -128,13 +165,21 @@ impl DicomServer {
     }
 
     /// Accept associations until `shutdown`; each runs in its own task.
-    pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) {
+    pub async fn run(mut self, listener: TcpListener, shutdown: CancellationToken) {
+        let tasks = tokio_util::task::TaskTracker::new();
+        if let Some(r) = self.reloader.take() {
+            tasks.spawn(crate::tls::reload(
+                r,
+                self.cfg.name.clone(),
+                self.metrics.clone(),
+                shutdown.clone(),
+            ));
+        }
         let server = Arc::new(self);
         // A connection holds a negotiation slot until negotiated, then an association
         // permit: a peer that never finishes negotiating cannot keep others out for long.
         let negotiating = Arc::new(Semaphore::new(server.cfg.max_negotiating));
         let permits = Arc::new(Semaphore::new(server.cfg.max_associations));
-        let tasks = tokio_util::task::TaskTracker::new();
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -187,17 +232,79 @@ impl DicomServer {
             .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
         let _ = socket.set_nodelay(true);
         let timeout = Duration::from_secs(self.cfg.negotiation_timeout_secs);
-        let negotiated = tokio::time::timeout(timeout, self.options.establish_async(socket)).await;
-        drop(slot);
-        let mut assoc = match negotiated {
-            Ok(Ok(a)) => a,
+        // The whole negotiation, TLS handshake included, runs under one deadline:
+        // dicom-ul's read timeout starts only after the handshake.
+        match &self.tls {
+            None => {
+                let negotiated =
+                    tokio::time::timeout(timeout, self.options.establish_async(socket)).await;
+                drop(slot);
+                if let Some(assoc) = self.negotiated(&peer, negotiated) {
+                    self.serve(assoc, &peer, started, permits, shutdown).await;
+                }
+            }
+            Some(current) => {
+                let material = current.borrow().clone();
+                let cert = PeerCert::default();
+                let config = match material.config(cert.clone()) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!(listener = %name, error = %e, "DICOM TLS configuration failed; closing connection");
+                        return;
+                    }
+                };
+                let options = self
+                    .options
+                    .clone()
+                    .ae_access_control(AeAccess {
+                        allowed_calling: self.cfg.allowed_calling_ae_titles.clone(),
+                        tls: Some((material, cert)),
+                    })
+                    .tls_config(config);
+                let negotiated =
+                    tokio::time::timeout(timeout, options.establish_tls_async(socket)).await;
+                drop(slot);
+                if let Some(assoc) = self.negotiated(&peer, negotiated) {
+                    self.serve(assoc, &peer, started, permits, shutdown).await;
+                }
+            }
+        }
+    }
+
+    /// The association of a negotiation that succeeded; a failure is logged and counted
+    /// (`rejected`, `handshake_failed` or `timeout`).
+    fn negotiated<S>(
+        &self,
+        peer: &str,
+        negotiated: Result<
+            Result<AsyncServerAssociation<S>, dicom_ul::association::Error>,
+            tokio::time::error::Elapsed,
+        >,
+    ) -> Option<AsyncServerAssociation<S>> {
+        let name = &self.cfg.name;
+        match negotiated {
+            Ok(Ok(a)) => Some(a),
             Ok(Err(e)) => {
-                info!(listener = %name, %peer, error = %e, "association refused");
+                let outcome = match &e {
+                    dicom_ul::association::Error::TlsHandshake { source, .. } => {
+                        let reason = crate::metrics::tls_failure_reason(source);
+                        info!(listener = %name, %peer, %reason, error = %source, "DICOM TLS handshake failed");
+                        self.metrics
+                            .tls_handshake_failures
+                            .with_label_values(&[name, reason])
+                            .inc();
+                        "handshake_failed"
+                    }
+                    _ => {
+                        info!(listener = %name, %peer, error = %e, "association refused");
+                        "rejected"
+                    }
+                };
                 self.metrics
                     .associations
-                    .with_label_values(&[name, "rejected"])
+                    .with_label_values(&[name, outcome])
                     .inc();
-                return;
+                None
             }
             Err(_) => {
                 info!(listener = %name, %peer, "association negotiation timed out");
@@ -205,9 +312,23 @@ impl DicomServer {
                     .associations
                     .with_label_values(&[name, "timeout"])
                     .inc();
-                return;
+                None
             }
-        };
+        }
+    }
+
+    /// Run a negotiated association to its end.
+    async fn serve<S>(
+        &self,
+        mut assoc: AsyncServerAssociation<S>,
+        peer: &str,
+        started: Instant,
+        permits: &Arc<Semaphore>,
+        shutdown: CancellationToken,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+    {
+        let name = &self.cfg.name;
         let Ok(_permit) = permits.clone().try_acquire_owned() else {
             warn!(listener = %name, %peer, "too many associations; aborting the new one");
             self.metrics
@@ -297,9 +418,9 @@ enum Outcome {
     Shutdown,
 }
 
-struct Session<'a> {
+struct Session<'a, S> {
     server: &'a DicomServer,
-    assoc: AsyncServerAssociation<TcpStream>,
+    assoc: AsyncServerAssociation<S>,
     command: Vec<u8>,
     state: State,
     /// Objects stored on this association (for its log line).
@@ -310,7 +431,10 @@ struct Session<'a> {
     refused: u64,
 }
 
-impl Session<'_> {
+impl<S> Session<'_, S>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+{
     async fn run(&mut self, shutdown: CancellationToken) -> Outcome {
         let cfg = &self.server.cfg;
         let end_of_life =

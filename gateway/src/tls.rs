@@ -1,7 +1,15 @@
-//! TLS for the site link: rustls configurations and peer identity.
+//! TLS for the site link and for DICOM TLS: rustls configurations and peer identity.
+//!
+//! The site link is TLS 1.3 with mutual authentication. DICOM TLS (PS3.15 Annex B) on a
+//! `[dicom_listener.tls]` or a `dicom` destination's `[destination.tls]` speaks TLS 1.3,
+//! or TLS 1.2 with only the ECDHE AES-GCM suites of BCP 195 ([`dicom_provider`]), since
+//! modalities often lack 1.3; client certificates there are required, optional or not
+//! asked for, and an AE title can be bound to a certificate identity
+//! ([`DicomServerTls::may_call`]).
 //!
 //! Invariants:
-//! - TLS 1.3 only, with the aws-lc-rs provider chosen explicitly (no process-wide default);
+//! - TLS 1.3 only on the site link, with the aws-lc-rs provider chosen explicitly (no
+//!   process-wide default);
 //! - both sides present certificates that chain to the configured CA;
 //! - a server accepts a client only if its certificate carries a DNS SAN listed in
 //!   `allowed_peers` (or a listed SPIFFE ID as a URI SAN); the check happens inside the
@@ -29,7 +37,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 
-use crate::config::TlsSection;
+use crate::config::{ClientAuth, DestinationTls, DicomListenerTls, TlsMinVersion, TlsSection};
 
 /// A TLS setup error, naming the file.
 #[derive(Debug, thiserror::Error)]
@@ -308,28 +316,34 @@ fn stamp(path: &Path) -> FileStamp {
     Some(h.finish())
 }
 
-fn stamps(tls: &TlsSection) -> Vec<FileStamp> {
+fn stamps(files: &[std::path::PathBuf]) -> Vec<FileStamp> {
+    files.iter().map(|p| stamp(p)).collect()
+}
+
+/// The files of a `[tls]` section, in the order their stamps are kept.
+fn section_files(tls: &TlsSection) -> Vec<std::path::PathBuf> {
     [&tls.cert, &tls.key, &tls.ca]
         .into_iter()
         .chain(tls.crls.iter())
-        .map(|p| stamp(p))
+        .cloned()
         .collect()
 }
 
-/// Builds a config of type `T` from the `[tls]` section.
-type BuildFn<T> = dyn Fn(&TlsSection) -> Result<T, TlsError> + Send + Sync;
+/// Builds a config of type `T` from its files.
+type BuildFn<T> = dyn Fn() -> Result<T, TlsError> + Send + Sync;
 
 /// A TLS config rebuilt when its certificate, key, CA bundle or CRL files change (as
 /// cert-manager rotates them through a Kubernetes Secret): the link listener's server
-/// config ([`ServerConfigReloader`]) and the node's client config towards peer gateways
-/// ([`ClientConfigReloader`]).
+/// config ([`ServerConfigReloader`]), the node's client config towards peer gateways
+/// ([`ClientConfigReloader`]), and the DICOM TLS configs of listeners
+/// ([`DicomServerTls`]) and `dicom` destinations.
 ///
 /// Invariants: listeners and senders read the current config for each new handshake, so
 /// sessions in flight go on with the config they started with; a change that does not
 /// build (a broken or half-written file, a key that does not match its certificate) keeps
 /// the previous config, and is reported by [`ConfigReloader::poll`].
 pub struct ConfigReloader<T> {
-    tls: TlsSection,
+    files: Vec<std::path::PathBuf>,
     build: Box<BuildFn<T>>,
     /// The files' versions at the last rebuild attempt.
     stamps: Vec<FileStamp>,
@@ -338,8 +352,10 @@ pub struct ConfigReloader<T> {
 
 /// The link listener's server config, reloaded.
 pub type ServerConfigReloader = ConfigReloader<rustls::ServerConfig>;
-/// The client config towards peer gateways, reloaded.
+/// The client config towards peer gateways (or a DICOM TLS node), reloaded.
 pub type ClientConfigReloader = ConfigReloader<rustls::ClientConfig>;
+/// The config in use, as a [`ConfigReloader`] keeps it.
+pub type Current<T> = tokio::sync::watch::Receiver<Arc<T>>;
 
 impl ConfigReloader<rustls::ServerConfig> {
     /// Build the first server config (an error here is a start-up error) and a receiver
@@ -347,15 +363,13 @@ impl ConfigReloader<rustls::ServerConfig> {
     pub fn new(
         tls: &TlsSection,
         allowed: &[String],
-    ) -> Result<
-        (
-            ServerConfigReloader,
-            tokio::sync::watch::Receiver<Arc<rustls::ServerConfig>>,
-        ),
-        TlsError,
-    > {
+    ) -> Result<(ServerConfigReloader, Current<rustls::ServerConfig>), TlsError> {
         let allowed = allowed.to_vec();
-        Self::with(tls, Box::new(move |t| server_config(t, &allowed)))
+        let t = tls.clone();
+        Self::with(
+            section_files(tls),
+            Box::new(move || server_config(&t, &allowed)),
+        )
     }
 }
 
@@ -364,29 +378,53 @@ impl ConfigReloader<rustls::ClientConfig> {
     /// that always holds the config in use.
     pub fn client(
         tls: &TlsSection,
-    ) -> Result<
-        (
-            ClientConfigReloader,
-            tokio::sync::watch::Receiver<Arc<rustls::ClientConfig>>,
-        ),
-        TlsError,
-    > {
-        Self::with(tls, Box::new(client_config))
+    ) -> Result<(ClientConfigReloader, Current<rustls::ClientConfig>), TlsError> {
+        let t = tls.clone();
+        Self::with(section_files(tls), Box::new(move || client_config(&t)))
+    }
+
+    /// The client config of a `dicom` destination's `[destination.tls]`, reloaded.
+    pub fn dicom(
+        tls: &DestinationTls,
+    ) -> Result<(ClientConfigReloader, Current<rustls::ClientConfig>), TlsError> {
+        let files = std::iter::once(&tls.ca)
+            .chain(tls.cert.iter())
+            .chain(tls.key.iter())
+            .chain(tls.crls.iter())
+            .cloned()
+            .collect();
+        let t = tls.clone();
+        Self::with(files, Box::new(move || dicom_client_config(&t)))
+    }
+}
+
+impl ConfigReloader<DicomServerTls> {
+    /// The DICOM TLS material of a `[dicom_listener.tls]`, reloaded.
+    pub fn dicom_listener(
+        tls: &DicomListenerTls,
+    ) -> Result<(ConfigReloader<DicomServerTls>, Current<DicomServerTls>), TlsError> {
+        let files = [&tls.cert, &tls.key]
+            .into_iter()
+            .chain(tls.ca.iter())
+            .chain(tls.crls.iter())
+            .cloned()
+            .collect();
+        let t = tls.clone();
+        Self::with(files, Box::new(move || DicomServerTls::load(&t)))
     }
 }
 
 impl<T> ConfigReloader<T> {
-    #[allow(clippy::type_complexity)]
     fn with(
-        tls: &TlsSection,
-        build: Box<dyn Fn(&TlsSection) -> Result<T, TlsError> + Send + Sync>,
-    ) -> Result<(ConfigReloader<T>, tokio::sync::watch::Receiver<Arc<T>>), TlsError> {
-        let stamps = stamps(tls);
-        let cfg = Arc::new(build(tls)?);
+        files: Vec<std::path::PathBuf>,
+        build: Box<BuildFn<T>>,
+    ) -> Result<(ConfigReloader<T>, Current<T>), TlsError> {
+        let stamps = stamps(&files);
+        let cfg = Arc::new(build()?);
         let (tx, rx) = tokio::sync::watch::channel(cfg);
         Ok((
             ConfigReloader {
-                tls: tls.clone(),
+                files,
                 build,
                 stamps,
                 tx,
@@ -399,12 +437,12 @@ impl<T> ConfigReloader<T> {
     /// config is in use; `Ok(false)`: nothing changed; `Err`: the change did not build and
     /// the previous config stays in use (the same change is not retried).
     pub fn poll(&mut self) -> Result<bool, TlsError> {
-        let now = stamps(&self.tls);
+        let now = stamps(&self.files);
         if now == self.stamps {
             return Ok(false);
         }
         self.stamps = now;
-        let cfg = (self.build)(&self.tls)?;
+        let cfg = (self.build)()?;
         self.tx.send_replace(Arc::new(cfg));
         Ok(true)
     }
@@ -414,8 +452,9 @@ impl<T> ConfigReloader<T> {
 pub const RELOAD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Check the TLS files every [`RELOAD_INTERVAL`] until `shutdown`, logging and counting
-/// each reload in `tls_reloads_total{listener=label}` (`label` is the link listener's
-/// name, or `sender` for the client config towards peer gateways).
+/// each reload in `tls_reloads_total{listener=label}` (`label` is the link or DICOM
+/// listener's name, `sender` for the client config towards peer gateways, or the name of
+/// a `dicom` destination with `[destination.tls]`).
 pub async fn reload<T: Send + Sync + 'static>(
     mut r: ConfigReloader<T>,
     label: String,
@@ -474,6 +513,230 @@ pub fn client_config(tls: &TlsSection) -> Result<rustls::ClientConfig, TlsError>
         .with_client_auth_cert(load_certs(&tls.cert)?, load_key(&tls.key)?)?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(cfg)
+}
+
+/// The provider of DICOM TLS endpoints: the node's provider ([`provider`]), its TLS 1.2
+/// suites narrowed to ECDHE with AES-GCM (BCP 195, as PS3.15 Annex B.9 asks); TLS 1.3
+/// suites as they are.
+pub fn dicom_provider() -> Arc<CryptoProvider> {
+    use rustls::CipherSuite as S;
+    let mut p = (*provider()).clone();
+    p.cipher_suites.retain(|cs| match cs {
+        rustls::SupportedCipherSuite::Tls13(_) => true,
+        rustls::SupportedCipherSuite::Tls12(_) => matches!(
+            cs.suite(),
+            S::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+                | S::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
+                | S::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+                | S::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384
+        ),
+    });
+    Arc::new(p)
+}
+
+/// The TLS versions of a DICOM TLS endpoint.
+fn dicom_versions(min: TlsMinVersion) -> &'static [&'static rustls::SupportedProtocolVersion] {
+    static BOTH: [&rustls::SupportedProtocolVersion; 2] =
+        [&rustls::version::TLS13, &rustls::version::TLS12];
+    static ONLY_13: [&rustls::SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
+    match min {
+        TlsMinVersion::Tls12 => &BOTH,
+        TlsMinVersion::Tls13 => &ONLY_13,
+    }
+}
+
+/// The client certificate a DICOM TLS handshake verified, for the AE title check that
+/// follows it on the same connection (empty: none was presented).
+pub type PeerCert = Arc<std::sync::OnceLock<CertificateDer<'static>>>;
+
+/// The DICOM TLS material of a `[dicom_listener.tls]`: the listener's certificate and key
+/// (loaded once per file change), the client verifier (CA and CRLs), and the policy.
+///
+/// Invariants: a [`rustls::ServerConfig`] is made from it for each connection
+/// ([`DicomServerTls::config`]), whose verifier records the client certificate it
+/// verified, so the AE title check (`bind_ae_titles`) reads the identity of exactly that
+/// connection; the key lives only inside rustls's signing key, never in this type's
+/// `Debug`; no 0-RTT (rustls's default, never changed here).
+pub struct DicomServerTls {
+    key: Arc<rustls::sign::CertifiedKey>,
+    verifier: Option<Arc<dyn ClientCertVerifier>>,
+    provider: Arc<CryptoProvider>,
+    versions: &'static [&'static rustls::SupportedProtocolVersion],
+    /// Calling AE title → the SAN its certificate must carry.
+    bindings: std::collections::BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for DicomServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DicomServerTls")
+            .field("client_auth", &self.verifier.is_some())
+            .field("bound_ae_titles", &self.bindings.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DicomServerTls {
+    /// Load the files of `t` and check that a config builds from them.
+    pub fn load(t: &DicomListenerTls) -> Result<DicomServerTls, TlsError> {
+        let provider = dicom_provider();
+        let key = rustls::sign::CertifiedKey::from_der(
+            load_certs(&t.cert)?,
+            load_key(&t.key)?,
+            &provider,
+        )
+        .map_err(|e| {
+            file_err(
+                &t.key,
+                format!("key does not fit {}: {e}", t.cert.display()),
+            )
+        })?;
+        let verifier = match (t.client_auth, &t.ca) {
+            (ClientAuth::None, _) => None,
+            (_, None) => return Err(file_err(&t.cert, "tls.ca is needed to verify clients")),
+            (auth, Some(ca)) => {
+                let b =
+                    WebPkiClientVerifier::builder_with_provider(load_roots(ca)?, provider.clone())
+                        .with_crls(load_crls(&t.crls)?)
+                        .enforce_revocation_expiration();
+                let b = if auth == ClientAuth::Optional {
+                    b.allow_unauthenticated()
+                } else {
+                    b
+                };
+                Some(
+                    b.build()
+                        .map_err(|e| file_err(ca, format!("client verifier: {e}")))?,
+                )
+            }
+        };
+        let tls = DicomServerTls {
+            key: Arc::new(key),
+            verifier,
+            provider,
+            versions: dicom_versions(t.min_version),
+            bindings: t.bind_ae_titles.clone(),
+        };
+        tls.config(PeerCert::default())?;
+        Ok(tls)
+    }
+
+    /// A server config for one connection; the client certificate it verifies lands in
+    /// `peer`.
+    pub fn config(&self, peer: PeerCert) -> Result<rustls::ServerConfig, TlsError> {
+        let b = rustls::ServerConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(self.versions)?;
+        let b = match &self.verifier {
+            Some(v) => b.with_client_cert_verifier(Arc::new(Recording {
+                inner: v.clone(),
+                peer,
+            })),
+            None => b.with_no_client_auth(),
+        };
+        Ok(b.with_cert_resolver(Arc::new(FixedCert(self.key.clone()))))
+    }
+
+    /// Whether `calling` may call with the client certificate `cert` (`None`: none
+    /// presented). Without bindings any AE title may (the certificate, if asked for, was
+    /// verified in the handshake); with bindings only a listed AE title, presenting a
+    /// certificate that carries its SAN exactly.
+    pub fn may_call(&self, calling: &str, cert: Option<&CertificateDer<'_>>) -> bool {
+        if self.bindings.is_empty() {
+            return true;
+        }
+        match self.bindings.get(calling.trim()) {
+            Some(name) => cert.is_some_and(|c| cert_has_name(c, name)),
+            None => false,
+        }
+    }
+}
+
+/// The listener's certificate, whatever the client hello asks for.
+#[derive(Debug)]
+struct FixedCert(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for FixedCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// A client verifier that records the certificate it verified.
+#[derive(Debug)]
+struct Recording {
+    inner: Arc<dyn ClientCertVerifier>,
+    peer: PeerCert,
+}
+
+impl ClientCertVerifier for Recording {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let _ = self.peer.set(end_entity.clone().into_owned());
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The client config of a `dicom` destination with `[destination.tls]`: the PACS's
+/// certificate must chain to `ca` and carry the server name exactly (a wildcard never
+/// matches); our client certificate if configured; TLS 1.2 (ECDHE AES-GCM) or 1.3.
+pub fn dicom_client_config(t: &DestinationTls) -> Result<rustls::ClientConfig, TlsError> {
+    let provider = dicom_provider();
+    let inner = WebPkiServerVerifier::builder_with_provider(load_roots(&t.ca)?, provider.clone())
+        .with_crls(load_crls(&t.crls)?)
+        .enforce_revocation_expiration()
+        .build()
+        .map_err(|e| file_err(&t.ca, format!("server verifier: {e}")))?;
+    let b = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(dicom_versions(t.min_version))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ExactServerName { inner }));
+    Ok(match (&t.cert, &t.key) {
+        (Some(c), Some(k)) => b.with_client_auth_cert(load_certs(c)?, load_key(k)?)?,
+        _ => b.with_no_client_auth(),
+    })
 }
 
 #[cfg(test)]

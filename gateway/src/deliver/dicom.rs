@@ -23,11 +23,18 @@
 //!   many SCPs (DCMTK's `storescp` among them) reject the whole association when none of
 //!   its contexts is acceptable, and that must not look like an outage (it would be retried
 //!   forever): with Verification accepted, an object whose own context was rejected is
-//!   plainly refused.
+//!   plainly refused;
+//! - with `[destination.tls]` every association runs over DICOM TLS (PS3.15 Annex B): the
+//!   node's certificate must chain to the configured CA and carry the server name exactly,
+//!   and each new association uses the TLS config current at its start (reloaded when its
+//!   files change), so pooled associations go on with the one they started with. A failed
+//!   handshake is the destination's failure (unavailable), never an object's.
 
 use std::time::{Duration, Instant};
 
-use dicom_ul::association::client::AsyncClientAssociation;
+use std::sync::Arc;
+
+use dicom_ul::association::client::{AsyncClientAssociation, AsyncTlsStream};
 use dicom_ul::pdu::{AbortRQSource, PDataValue, PDataValueType, PresentationContextResultReason};
 use dicom_ul::{ClientAssociationOptions, Pdu};
 use tokio::net::TcpStream;
@@ -71,9 +78,35 @@ impl Chunks for Bytes {
     }
 }
 
+/// An association over plain TCP or over DICOM TLS.
+enum Link {
+    Plain(AsyncClientAssociation<TcpStream>),
+    Tls(Box<AsyncClientAssociation<AsyncTlsStream>>),
+}
+
+/// `$body` with `$a` bound to the association, whichever its transport.
+macro_rules! on_link {
+    ($link:expr, $a:ident => $body:expr) => {
+        match $link {
+            Link::Plain($a) => $body,
+            Link::Tls($a) => $body,
+        }
+    };
+}
+
+/// What a DICOM TLS association needs: the client config in use and the name the
+/// node's certificate must carry.
+#[derive(Clone)]
+pub struct ScuTls {
+    /// The client config (current at the association's start).
+    pub config: Arc<rustls::ClientConfig>,
+    /// The DNS SAN the node's certificate must carry.
+    pub server_name: String,
+}
+
 /// One open association as a storage SCU.
 pub struct Scu {
-    assoc: AsyncClientAssociation<TcpStream>,
+    assoc: Link,
     /// (abstract syntax, transfer syntax, context id) accepted by the peer.
     contexts: Vec<(String, String, u8)>,
     ids: MessageIds,
@@ -94,6 +127,10 @@ pub struct DicomSender {
     max_pdu_length: u32,
     timeout: Duration,
     idle: Mutex<Vec<Pooled>>,
+    /// DICOM TLS: the client config in use (reloaded) and the server name.
+    tls: Option<(crate::tls::Current<rustls::ClientConfig>, String)>,
+    /// The reloader of that config, until the node takes it to run it.
+    reloader: std::sync::Mutex<Option<crate::tls::ClientConfigReloader>>,
 }
 
 /// A failure of the connection during an object: this object's attempt.
@@ -119,7 +156,29 @@ impl DicomSender {
             max_pdu_length,
             timeout,
             idle: Mutex::new(Vec::new()),
+            tls: None,
+            reloader: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Speak DICOM TLS to the node as `tls` says: its files are loaded now (an error is a
+    /// start-up error) and reloaded by the task [`DicomSender::take_reloader`] hands out.
+    pub fn with_tls(
+        mut self,
+        tls: &crate::config::DestinationTls,
+    ) -> Result<DicomSender, anyhow::Error> {
+        let server_name =
+            crate::config::dicom_server_name(&self.address, tls).map_err(anyhow::Error::msg)?;
+        let (reloader, current) = crate::tls::ClientConfigReloader::dicom(tls)?;
+        self.tls = Some((current, server_name));
+        self.reloader = std::sync::Mutex::new(Some(reloader));
+        Ok(self)
+    }
+
+    /// The reloader of the DICOM TLS config, once (for the node to run with
+    /// [`crate::tls::reload`]); `None` without `[destination.tls]`.
+    pub fn take_reloader(&self) -> Option<crate::tls::ClientConfigReloader> {
+        self.reloader.lock().ok()?.take()
     }
 
     /// Parallel associations.
@@ -136,6 +195,10 @@ impl DicomSender {
     }
 
     async fn establish(&self, wanted: Vec<(String, String)>) -> Result<Pooled, DeliveryError> {
+        let tls = self.tls.as_ref().map(|(current, server_name)| ScuTls {
+            config: current.borrow().clone(),
+            server_name: server_name.clone(),
+        });
         let scu = Scu::connect(
             &self.address,
             &self.calling_ae_title,
@@ -143,6 +206,7 @@ impl DicomSender {
             &wanted,
             self.max_pdu_length,
             self.timeout,
+            tls,
         )
         .await?;
         Ok(Pooled {
@@ -305,7 +369,7 @@ impl Stored {
 
 impl Scu {
     /// Open an association proposing each (SOP class, transfer syntax) pair in its own
-    /// presentation context (at most [`MAX_CONTEXTS`]).
+    /// presentation context (at most [`MAX_CONTEXTS`]), over DICOM TLS with `tls`.
     pub async fn connect(
         address: &str,
         calling_ae_title: &str,
@@ -313,6 +377,7 @@ impl Scu {
         pairs: &[(String, String)],
         max_pdu_length: u32,
         timeout: Duration,
+        tls: Option<ScuTls>,
     ) -> Result<Scu, DeliveryError> {
         let mut opts = ClientAssociationOptions::new()
             .calling_ae_title(calling_ae_title.to_owned())
@@ -328,13 +393,36 @@ impl Scu {
         for (class, ts) in pairs.iter().take(MAX_CONTEXTS - 1) {
             opts = opts.with_presentation_context(class.clone(), vec![ts.clone()]);
         }
-        let mut assoc = tokio::time::timeout(timeout, opts.establish_async(address))
-            .await
-            .map_err(|_| DeliveryError::unavailable("timeout", "association timed out"))?
-            .map_err(|e| DeliveryError::unavailable("association", format!("association: {e}")))?;
-        let _ = assoc.inner_stream().set_nodelay(true);
-        let contexts = assoc
-            .presentation_contexts()
+        let timed_out = |_| DeliveryError::unavailable("timeout", "association timed out");
+        let refused = |e: dicom_ul::association::Error| match &e {
+            dicom_ul::association::Error::TlsHandshake { source, .. } => {
+                DeliveryError::unavailable("tls", format!("DICOM TLS handshake: {source}"))
+            }
+            _ => DeliveryError::unavailable("association", format!("association: {e}")),
+        };
+        // The deadline covers the TCP connect, the TLS handshake and the negotiation.
+        let mut assoc = match tls {
+            None => {
+                let a = tokio::time::timeout(timeout, opts.establish_async(address))
+                    .await
+                    .map_err(timed_out)?
+                    .map_err(refused)?;
+                Link::Plain(a)
+            }
+            Some(t) => {
+                let opts = opts.tls_config(t.config).server_name(&t.server_name);
+                let a = tokio::time::timeout(timeout, opts.establish_tls_async(address))
+                    .await
+                    .map_err(timed_out)?
+                    .map_err(refused)?;
+                Link::Tls(Box::new(a))
+            }
+        };
+        let _ = match &mut assoc {
+            Link::Plain(a) => a.inner_stream().set_nodelay(true),
+            Link::Tls(a) => a.inner_stream().get_ref().0.set_nodelay(true),
+        };
+        let contexts = on_link!(&assoc, a => a.presentation_contexts())
             .iter()
             .filter(|pc| pc.reason == PresentationContextResultReason::Acceptance)
             .map(|pc| {
@@ -364,18 +452,17 @@ impl Scu {
 
     /// Release the association gracefully.
     pub async fn release(self) {
-        let _ = tokio::time::timeout(self.timeout, self.assoc.release()).await;
+        let _ = on_link!(self.assoc, a => tokio::time::timeout(self.timeout, a.release()).await);
     }
 
     /// Abort the association (A-ABORT from the service user).
     pub async fn abort(&mut self) {
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            self.assoc.send(&Pdu::AbortRQ {
-                source: AbortRQSource::ServiceUser,
-            }),
-        )
-        .await;
+        let abort = Pdu::AbortRQ {
+            source: AbortRQSource::ServiceUser,
+        };
+        let _ = on_link!(&mut self.assoc, a => {
+            tokio::time::timeout(Duration::from_secs(2), a.send(&abort)).await
+        });
     }
 
     /// C-STORE one data set from `chunks`, skipping its first `skip` bytes (the Part-10
@@ -408,7 +495,7 @@ impl Scu {
         self.send_pdv(ctx, PDataValueType::Command, true, rq.encode())
             .await?;
 
-        let peer_max = self.assoc.acceptor_max_pdu_length();
+        let peer_max = on_link!(&self.assoc, a => a.acceptor_max_pdu_length());
         let limit = if peer_max == 0 {
             MAX_SEND_PDU
         } else {
@@ -443,8 +530,7 @@ impl Scu {
         let answered = |e: DeliveryError| Stored::Answered(e);
         let mut command = Vec::new();
         loop {
-            let pdu = tokio::time::timeout(self.timeout, self.assoc.receive())
-                .await
+            let pdu = on_link!(&mut self.assoc, a => tokio::time::timeout(self.timeout, a.receive()).await)
                 .map_err(|_| {
                     answered(DeliveryError::transient(
                         "timeout",
@@ -482,8 +568,7 @@ impl Scu {
                     )));
                 }
                 Pdu::ReleaseRQ => {
-                    let _ =
-                        tokio::time::timeout(self.timeout, self.assoc.send(&Pdu::ReleaseRP)).await;
+                    let _ = on_link!(&mut self.assoc, a => tokio::time::timeout(self.timeout, a.send(&Pdu::ReleaseRP)).await);
                     return Err(answered(DeliveryError::transient(
                         "released",
                         "peer released the association before responding",
@@ -514,8 +599,7 @@ impl Scu {
                 data,
             }],
         };
-        tokio::time::timeout(self.timeout, self.assoc.send(&pdu))
-            .await
+        on_link!(&mut self.assoc, a => tokio::time::timeout(self.timeout, a.send(&pdu)).await)
             .map_err(|_| DeliveryError::transient("timeout", "send timed out"))?
             .map_err(|e| transient("send", e))
     }

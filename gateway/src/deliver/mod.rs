@@ -184,19 +184,34 @@ impl Sender {
                 associations,
                 max_pdu_length,
                 timeout_secs,
-            } => Sender::Dicom(dicom::DicomSender::new(
-                address,
-                ae_title,
-                calling_ae_title,
-                *associations,
-                *max_pdu_length,
-                Duration::from_secs(*timeout_secs),
-            )),
+                tls,
+            } => {
+                let sender = dicom::DicomSender::new(
+                    address,
+                    ae_title,
+                    calling_ae_title,
+                    *associations,
+                    *max_pdu_length,
+                    Duration::from_secs(*timeout_secs),
+                );
+                Sender::Dicom(match tls {
+                    Some(t) => sender.with_tls(t).context("[destination.tls]")?,
+                    None => sender,
+                })
+            }
             DestinationKind::Folder { path } => Sender::Folder(folder::FolderSender::new(path)),
             DestinationKind::Hl7 { address } => {
                 Sender::Hl7(hl7::Hl7Sender::new(address, dest.send_timeout))
             }
         })
+    }
+
+    /// The reloader of a `dicom` destination's TLS config, once (the node runs it).
+    pub fn take_tls_reloader(&self) -> Option<crate::tls::ClientConfigReloader> {
+        match self {
+            Sender::Dicom(d) => d.take_reloader(),
+            _ => None,
+        }
     }
 
     /// How many sends may run at once.

@@ -16,7 +16,8 @@
 //! - [`peers`]: independent tools (pynetdicom, DCMTK's `dcmconv`);
 //! - [`disk`]: small disks (a tmpfs) and filling them;
 //! - [`hl7`]: HL7 v2 over two sites, python-hl7 as sender and receiving system, raw MLLP;
-//! - [`logs`]: capturing what the nodes of the test process log.
+//! - [`logs`]: capturing what the nodes of the test process log;
+//! - [`openssl`]: certificates made by the `openssl` command (a hospital PKI), for DICOM TLS.
 //!
 //! Invariants:
 //! - no node listener is given a guessed port: the configs say port 0 and the fixture reads
@@ -33,6 +34,7 @@ pub mod files;
 pub mod hl7;
 pub mod logs;
 pub mod objects;
+pub mod openssl;
 pub mod peers;
 pub mod sites;
 pub mod storescp;
@@ -43,6 +45,7 @@ pub use files::*;
 pub use hl7::*;
 pub use logs::*;
 pub use objects::*;
+pub use openssl::*;
 pub use peers::*;
 pub use sites::*;
 pub use storescp::*;

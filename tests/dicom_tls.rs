@@ -1,0 +1,273 @@
+//! DICOM TLS (PS3.15 Annex B) at both ends of a node, against DCMTK: `storescu +tls` sends
+//! to a `[dicom_listener.tls]`, and a `dicom` destination with `[destination.tls]` delivers
+//! to `storescp +tls`, with certificates made by `openssl` (a hospital PKI), not by the
+//! gateway's `pki` command.
+//!
+//! The PACS (`storescp +tls`) speaks nothing but TLS and requires a client certificate, so
+//! an object it holds crossed the second hop over authenticated TLS. Every refused case
+//! checks where it was refused: the listener's `associations_total{result}` counts a
+//! failed handshake (`handshake_failed`) apart from a refused association (`rejected`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use dicom_gateway::config::Config;
+use dicom_gateway::node::Node;
+use dicom_gateway_testkit::*;
+
+/// DCMTK's storescu (pynetdicom installs its own `storescu` earlier on PATH).
+const STORESCU: &str = "/usr/bin/storescu";
+
+/// The PKI of the test hospital, and a CA nobody trusts.
+struct Pki {
+    ca: OpensslCa,
+    gateway: Issued,
+    pacs: Issued,
+    ct1: Issued,
+    mr1: Issued,
+    rogue: Issued,
+}
+
+fn pki(dir: &Path) -> Pki {
+    let ca = OpensslCa::new(&dir.join("hospital"), "hospital");
+    let rogue_ca = OpensslCa::new(&dir.join("rogue"), "rogue");
+    let both = "serverAuth,clientAuth";
+    Pki {
+        gateway: ca.issue("gateway", &["DNS:gateway.hospital.test"], both),
+        pacs: ca.issue("pacs", &["DNS:pacs.hospital.test"], "serverAuth"),
+        ct1: ca.issue("ct1", &["DNS:ct1.hospital.test"], "clientAuth"),
+        mr1: ca.issue("mr1", &["DNS:mr1.hospital.test"], "clientAuth"),
+        // The same name as CT1, from another CA.
+        rogue: rogue_ca.issue("ct1", &["DNS:ct1.hospital.test"], "clientAuth"),
+        ca,
+    }
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 temp path")
+}
+
+/// One node: DICOM TLS listener `modalities` (AE title GATEWAY, CT1 bound to
+/// ct1.hospital.test) → `dicom` destination `pacs` over DICOM TLS.
+async fn start_node(dir: &Path, pki: &Pki, pacs_port: u16) -> Node {
+    keystore::Kek::generate_file(&dir.join("kek.key")).expect("KEK");
+    let toml = format!(
+        r#"[node]
+name = "gateway.hospital.test"
+data_dir = "data"
+[keystore]
+kek_file = "kek.key"
+[[dicom_listener]]
+name = "modalities"
+listen = "127.0.0.1:0"
+ae_title = "GATEWAY"
+route_to = ["pacs"]
+[dicom_listener.tls]
+cert = "{gw_crt}"
+key = "{gw_key}"
+ca = "{ca}"
+client_auth = "required"
+bind_ae_titles = {{ CT1 = "ct1.hospital.test", MR1 = "mr1.hospital.test" }}
+[[destination]]
+name = "pacs"
+kind = "dicom"
+address = "127.0.0.1:{pacs_port}"
+ae_title = "STORESCP"
+calling_ae_title = "GATEWAY"
+retry = {{ initial = "100ms", max_delay = "1s" }}
+[destination.tls]
+ca = "{ca}"
+server_name = "pacs.hospital.test"
+cert = "{gw_crt}"
+key = "{gw_key}"
+"#,
+        gw_crt = p(&pki.gateway.cert),
+        gw_key = p(&pki.gateway.key),
+        ca = p(&pki.ca.cert),
+    );
+    let file = dir.join("gateway.toml");
+    std::fs::write(&file, toml).expect("config");
+    let cfg = Config::load(&file).expect("config loads");
+    Node::start(cfg).await.expect("node starts")
+}
+
+/// `storescu` (DCMTK) calling GATEWAY as `calling` with `tls` options, in a blocking task.
+async fn storescu(
+    addr: std::net::SocketAddr,
+    calling: &str,
+    tls: Vec<String>,
+    file: PathBuf,
+) -> Output {
+    let calling = calling.to_owned();
+    tokio::task::spawn_blocking(move || {
+        Command::new(STORESCU)
+            .args([
+                "-aet", &calling, "-aec", "GATEWAY", "-to", "10", "-ta", "10",
+            ])
+            .args(&tls)
+            .arg(addr.ip().to_string())
+            .arg(addr.port().to_string())
+            .arg(&file)
+            .output()
+            .expect("run DCMTK storescu")
+    })
+    .await
+    .expect("storescu task")
+}
+
+fn with_cert(id: &Issued, ca: &Path) -> Vec<String> {
+    vec![
+        "+tls".into(),
+        p(&id.key).into(),
+        p(&id.cert).into(),
+        "+cf".into(),
+        p(ca).into(),
+    ]
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A modality with its own certificate reaches the PACS over DICOM TLS on both hops; a
+/// plaintext sender, a certificate from another CA, a missing certificate, and an AE title
+/// presented with another modality's certificate are all refused where they should be,
+/// and nothing they sent is stored or delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dcmtk_over_dicom_tls_on_both_hops_and_each_wrong_peer_refused_where_it_should_be() {
+    init_logging();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let pki = pki(tmp.path());
+    let pacs = Storescp::start_args(
+        &tmp.path().join("pacs"),
+        &[
+            "+xa",
+            "+tls",
+            p(&pki.pacs.key),
+            p(&pki.pacs.cert),
+            "+cf",
+            p(&pki.ca.cert),
+        ],
+    );
+    let node = start_node(tmp.path(), &pki, pacs.port).await;
+    let addr = node.dicom_addrs["modalities"];
+    let count = |result: &str| {
+        node.metrics
+            .associations
+            .with_label_values(&["modalities", result])
+            .get()
+    };
+    let reason = |r: &str| {
+        node.metrics
+            .tls_handshake_failures
+            .with_label_values(&["modalities", r])
+            .get()
+    };
+    let file = pydicom_file("CT_small.dcm");
+    let ca = pki.ca.cert.clone();
+
+    // Plaintext on the TLS port: the handshake fails.
+    let o = storescu(addr, "CT1", vec![], file.clone()).await;
+    assert!(!o.status.success(), "plaintext must fail: {}", text(&o));
+    assert_eq!(count("handshake_failed"), 1, "{}", text(&o));
+    assert_eq!(reason("protocol_error"), 1);
+
+    // A certificate for the right name from a CA the listener does not trust.
+    let o = storescu(addr, "CT1", with_cert(&pki.rogue, &ca), file.clone()).await;
+    assert!(!o.status.success(), "a foreign CA must fail: {}", text(&o));
+    assert_eq!(count("handshake_failed"), 2, "{}", text(&o));
+    assert_eq!(reason("unknown_ca"), 1);
+
+    // No client certificate at all, while one is required.
+    let o = storescu(
+        addr,
+        "CT1",
+        vec!["+tla".into(), "+cf".into(), p(&ca).into()],
+        file.clone(),
+    )
+    .await;
+    assert!(
+        !o.status.success(),
+        "no certificate must fail: {}",
+        text(&o)
+    );
+    assert_eq!(count("handshake_failed"), 3, "{}", text(&o));
+    assert_eq!(reason("no_certificate"), 1);
+
+    // A valid certificate, but MR1's, calling as CT1: the handshake passes and the
+    // association is rejected (calling AE title not recognized).
+    let o = storescu(addr, "CT1", with_cert(&pki.mr1, &ca), file.clone()).await;
+    assert!(
+        !o.status.success(),
+        "CT1 with MR1's certificate must fail: {}",
+        text(&o)
+    );
+    assert_eq!(
+        count("handshake_failed"),
+        3,
+        "the handshake itself passed: {}",
+        text(&o)
+    );
+    assert_eq!(count("rejected"), 1, "{}", text(&o));
+    assert!(
+        text(&o)
+            .to_lowercase()
+            .contains("calling ae title not recognized"),
+        "{}",
+        text(&o)
+    );
+    // An AE title bound to no certificate at all.
+    let o = storescu(addr, "US1", with_cert(&pki.ct1, &ca), file.clone()).await;
+    assert!(
+        !o.status.success(),
+        "an unbound AE title must fail: {}",
+        text(&o)
+    );
+    assert_eq!(count("rejected"), 2, "{}", text(&o));
+    assert_eq!(count("accepted"), 0);
+
+    // CT1 with its own certificate: stored, and delivered to the TLS-only PACS.
+    let o = storescu(addr, "CT1", with_cert(&pki.ct1, &ca), file.clone()).await;
+    assert!(o.status.success(), "CT1 must be accepted: {}", text(&o));
+    assert_eq!(count("accepted"), 1);
+    assert!(
+        eventually(Duration::from_secs(30), || pacs.count() >= 1).await,
+        "the object never reached storescp +tls"
+    );
+    // One object was stored in all, and what the PACS holds is the data set sent.
+    let stored = node
+        .metrics
+        .received_objects
+        .with_label_values(&["modalities"])
+        .get();
+    assert_eq!(stored, 1, "only CT1's association may store anything");
+    // storescu re-encodes the data set it reads, so the reference is what storescu sends
+    // to a plaintext storescp directly, with no gateway between them.
+    let direct = Storescp::start(&tmp.path().join("direct"));
+    let o = tokio::task::spawn_blocking({
+        let file = file.clone();
+        let port = direct.port.to_string();
+        move || {
+            Command::new(STORESCU)
+                .args(["-aet", "CT1", "-aec", "STORESCP", "127.0.0.1", &port])
+                .arg(&file)
+                .output()
+                .expect("run DCMTK storescu")
+        }
+    })
+    .await
+    .expect("storescu task");
+    assert!(o.status.success(), "direct send: {}", text(&o));
+    assert_eq!(direct.count(), 1, "{}", text(&o));
+    assert_eq!(
+        pacs.received(),
+        direct.received(),
+        "the gateway must deliver the data set exactly as the modality sent it"
+    );
+    node.stop().await;
+}
