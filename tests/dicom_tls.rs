@@ -50,7 +50,8 @@ fn p(path: &Path) -> &str {
 
 /// One node: DICOM TLS listener `modalities` (AE title GATEWAY, CT1 bound to
 /// ct1.hospital.test) → `dicom` destination `pacs` over DICOM TLS.
-async fn start_node(dir: &Path, pki: &Pki, pacs_port: u16) -> Node {
+/// `listener_extra`: more lines of `[dicom_listener.tls]` (e.g. `crls = [...]`).
+async fn start_node(dir: &Path, pki: &Pki, pacs_port: u16, listener_extra: &str) -> Node {
     keystore::Kek::generate_file(&dir.join("kek.key")).expect("KEK");
     let toml = format!(
         r#"[node]
@@ -69,6 +70,7 @@ key = "{gw_key}"
 ca = "{ca}"
 client_auth = "required"
 bind_ae_titles = {{ CT1 = "ct1.hospital.test", MR1 = "mr1.hospital.test" }}
+{listener_extra}
 [[destination]]
 name = "pacs"
 kind = "dicom"
@@ -90,6 +92,21 @@ key = "{gw_key}"
     std::fs::write(&file, toml).expect("config");
     let cfg = Config::load(&file).expect("config loads");
     Node::start(cfg).await.expect("node starts")
+}
+
+/// DCMTK's `storescp +tls` as the PACS: TLS only, client certificates required.
+fn tls_pacs(dir: &Path, pki: &Pki) -> Storescp {
+    Storescp::start_args(
+        &dir.join("pacs"),
+        &[
+            "+xa",
+            "+tls",
+            p(&pki.pacs.key),
+            p(&pki.pacs.cert),
+            "+cf",
+            p(&pki.ca.cert),
+        ],
+    )
 }
 
 /// `storescu` (DCMTK) calling GATEWAY as `calling` with `tls` options, in a blocking task.
@@ -114,6 +131,12 @@ async fn storescu(
     })
     .await
     .expect("storescu task")
+}
+
+/// Whether `f` holds within 10 s. A counter is read this way after a peer was refused: the
+/// peer may see the refusal (and exit) before the listener has counted it.
+async fn settled(f: impl FnMut() -> bool) -> bool {
+    eventually(Duration::from_secs(10), f).await
 }
 
 fn with_cert(id: &Issued, ca: &Path) -> Vec<String> {
@@ -143,18 +166,8 @@ async fn dcmtk_over_dicom_tls_on_both_hops_and_each_wrong_peer_refused_where_it_
     init_logging();
     let tmp = tempfile::tempdir().expect("temp dir");
     let pki = pki(tmp.path());
-    let pacs = Storescp::start_args(
-        &tmp.path().join("pacs"),
-        &[
-            "+xa",
-            "+tls",
-            p(&pki.pacs.key),
-            p(&pki.pacs.cert),
-            "+cf",
-            p(&pki.ca.cert),
-        ],
-    );
-    let node = start_node(tmp.path(), &pki, pacs.port).await;
+    let pacs = tls_pacs(tmp.path(), &pki);
+    let node = start_node(tmp.path(), &pki, pacs.port, "").await;
     let addr = node.dicom_addrs["modalities"];
     let count = |result: &str| {
         node.metrics
@@ -174,14 +187,28 @@ async fn dcmtk_over_dicom_tls_on_both_hops_and_each_wrong_peer_refused_where_it_
     // Plaintext on the TLS port: the handshake fails.
     let o = storescu(addr, "CT1", vec![], file.clone()).await;
     assert!(!o.status.success(), "plaintext must fail: {}", text(&o));
-    assert_eq!(count("handshake_failed"), 1, "{}", text(&o));
-    assert_eq!(reason("protocol_error"), 1);
+    assert!(
+        settled(|| count("handshake_failed") == 1).await,
+        "{}",
+        text(&o)
+    );
+    assert!(
+        settled(|| reason("protocol_error") == 1).await,
+        "reason protocol_error != 1"
+    );
 
     // A certificate for the right name from a CA the listener does not trust.
     let o = storescu(addr, "CT1", with_cert(&pki.rogue, &ca), file.clone()).await;
     assert!(!o.status.success(), "a foreign CA must fail: {}", text(&o));
-    assert_eq!(count("handshake_failed"), 2, "{}", text(&o));
-    assert_eq!(reason("unknown_ca"), 1);
+    assert!(
+        settled(|| count("handshake_failed") == 2).await,
+        "{}",
+        text(&o)
+    );
+    assert!(
+        settled(|| reason("unknown_ca") == 1).await,
+        "reason unknown_ca != 1"
+    );
 
     // No client certificate at all, while one is required.
     let o = storescu(
@@ -196,8 +223,15 @@ async fn dcmtk_over_dicom_tls_on_both_hops_and_each_wrong_peer_refused_where_it_
         "no certificate must fail: {}",
         text(&o)
     );
-    assert_eq!(count("handshake_failed"), 3, "{}", text(&o));
-    assert_eq!(reason("no_certificate"), 1);
+    assert!(
+        settled(|| count("handshake_failed") == 3).await,
+        "{}",
+        text(&o)
+    );
+    assert!(
+        settled(|| reason("no_certificate") == 1).await,
+        "reason no_certificate != 1"
+    );
 
     // A valid certificate, but MR1's, calling as CT1: the handshake passes and the
     // association is rejected (calling AE title not recognized).
@@ -207,13 +241,13 @@ async fn dcmtk_over_dicom_tls_on_both_hops_and_each_wrong_peer_refused_where_it_
         "CT1 with MR1's certificate must fail: {}",
         text(&o)
     );
+    assert!(settled(|| count("rejected") == 1).await, "{}", text(&o));
     assert_eq!(
         count("handshake_failed"),
         3,
         "the handshake itself passed: {}",
         text(&o)
     );
-    assert_eq!(count("rejected"), 1, "{}", text(&o));
     assert!(
         text(&o)
             .to_lowercase()
@@ -228,13 +262,19 @@ async fn dcmtk_over_dicom_tls_on_both_hops_and_each_wrong_peer_refused_where_it_
         "an unbound AE title must fail: {}",
         text(&o)
     );
-    assert_eq!(count("rejected"), 2, "{}", text(&o));
-    assert_eq!(count("accepted"), 0);
+    assert!(settled(|| count("rejected") == 2).await, "{}", text(&o));
+    assert!(
+        settled(|| count("accepted") == 0).await,
+        "count accepted != 0"
+    );
 
     // CT1 with its own certificate: stored, and delivered to the TLS-only PACS.
     let o = storescu(addr, "CT1", with_cert(&pki.ct1, &ca), file.clone()).await;
     assert!(o.status.success(), "CT1 must be accepted: {}", text(&o));
-    assert_eq!(count("accepted"), 1);
+    assert!(
+        settled(|| count("accepted") == 1).await,
+        "count accepted != 1"
+    );
     assert!(
         eventually(Duration::from_secs(30), || pacs.count() >= 1).await,
         "the object never reached storescp +tls"
@@ -269,5 +309,104 @@ async fn dcmtk_over_dicom_tls_on_both_hops_and_each_wrong_peer_refused_where_it_
         direct.received(),
         "the gateway must deliver the data set exactly as the modality sent it"
     );
+    node.stop().await;
+}
+
+/// Client certificates from the hospital's own CA that must still not pass: expired, not
+/// yet valid, revoked (the listener has the CA's CRL), without the clientAuth usage, and a
+/// wildcard for a bound AE title. Each is refused for its own reason, nothing is stored,
+/// and the control (CT1's valid certificate, with the same CRL in force) is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_client_certificates_are_refused_on_the_dicom_port_each_for_its_reason() {
+    init_logging();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let pki = pki(tmp.path());
+    let day = 86_400;
+    let ct1 = ["DNS:ct1.hospital.test"];
+    let expired = pki.ca.issue_with(
+        "ct1-expired",
+        &ct1,
+        "clientAuth",
+        &Validity::relative(-3 * day, -day),
+    );
+    let future = pki.ca.issue_with(
+        "ct1-future",
+        &ct1,
+        "clientAuth",
+        &Validity::relative(day, 2 * day),
+    );
+    let server_only = pki.ca.issue("ct1-server-only", &ct1, "serverAuth");
+    let revoked = pki.ca.issue("ct1-revoked", &ct1, "clientAuth");
+    let wildcard = pki
+        .ca
+        .issue("wildcard", &["DNS:*.hospital.test"], "clientAuth");
+    pki.ca.revoke(&revoked);
+    let crl = pki.ca.crl();
+    let pacs = tls_pacs(tmp.path(), &pki);
+    let node = start_node(
+        tmp.path(),
+        &pki,
+        pacs.port,
+        &format!("crls = [\"{}\"]", p(&crl)),
+    )
+    .await;
+    let addr = node.dicom_addrs["modalities"];
+    let count = |result: &str| {
+        node.metrics
+            .associations
+            .with_label_values(&["modalities", result])
+            .get()
+    };
+    let reason = |r: &str| {
+        node.metrics
+            .tls_handshake_failures
+            .with_label_values(&["modalities", r])
+            .get()
+    };
+    let file = pydicom_file("CT_small.dcm");
+    let ca = pki.ca.cert.clone();
+    let cases = [
+        (&expired, "certificate_expired", 1),
+        (&future, "certificate_expired", 2),
+        (&revoked, "certificate_revoked", 1),
+        (&server_only, "bad_certificate", 1),
+    ];
+    for (i, (cert, why, n)) in cases.into_iter().enumerate() {
+        let o = storescu(addr, "CT1", with_cert(cert, &ca), file.clone()).await;
+        assert!(!o.status.success(), "{why} must fail: {}", text(&o));
+        assert!(settled(|| reason(why) == n).await, "{why}: {}", text(&o));
+        assert!(
+            settled(|| count("handshake_failed") == i as u64 + 1).await,
+            "{}",
+            text(&o)
+        );
+    }
+    // A wildcard certificate chains to the CA, so its handshake passes, but it names no
+    // AE title: the association is rejected.
+    let o = storescu(addr, "CT1", with_cert(&wildcard, &ca), file.clone()).await;
+    assert!(!o.status.success(), "a wildcard must fail: {}", text(&o));
+    assert!(settled(|| count("rejected") == 1).await, "{}", text(&o));
+    assert!(
+        settled(|| count("handshake_failed") == 4).await,
+        "{}",
+        text(&o)
+    );
+    assert!(
+        settled(|| count("accepted") == 0).await,
+        "count accepted != 0"
+    );
+    // The control: CT1's valid certificate, its status known from the same CRL.
+    let o = storescu(addr, "CT1", with_cert(&pki.ct1, &ca), file.clone()).await;
+    assert!(o.status.success(), "CT1 must be accepted: {}", text(&o));
+    assert!(
+        eventually(Duration::from_secs(30), || pacs.count() >= 1).await,
+        "the object never reached storescp +tls"
+    );
+    let stored = node
+        .metrics
+        .received_objects
+        .with_label_values(&["modalities"])
+        .get();
+    assert_eq!(stored, 1, "only the control may store anything");
     node.stop().await;
 }
