@@ -22,7 +22,11 @@ const STORESCU: &str = "/usr/bin/storescu";
 /// The PKI of the test hospital, and a CA nobody trusts.
 struct Pki {
     ca: OpensslCa,
+    /// The gateway's certificate (its client certificate towards the PACS).
     gateway: Issued,
+    /// The same certificate and key at the paths the DICOM listener reads, which a test
+    /// may rotate without touching the destination's.
+    listener: Issued,
     pacs: Issued,
     ct1: Issued,
     mr1: Issued,
@@ -33,8 +37,16 @@ fn pki(dir: &Path) -> Pki {
     let ca = OpensslCa::new(&dir.join("hospital"), "hospital");
     let rogue_ca = OpensslCa::new(&dir.join("rogue"), "rogue");
     let both = "serverAuth,clientAuth";
+    let gateway = ca.issue("gateway", &["DNS:gateway.hospital.test"], both);
+    let listener = Issued {
+        cert: dir.join("listener.crt"),
+        key: dir.join("listener.key"),
+    };
+    std::fs::copy(&gateway.cert, &listener.cert).expect("copy certificate");
+    std::fs::copy(&gateway.key, &listener.key).expect("copy key");
     Pki {
-        gateway: ca.issue("gateway", &["DNS:gateway.hospital.test"], both),
+        gateway,
+        listener,
         pacs: ca.issue("pacs", &["DNS:pacs.hospital.test"], "serverAuth"),
         ct1: ca.issue("ct1", &["DNS:ct1.hospital.test"], "clientAuth"),
         mr1: ca.issue("mr1", &["DNS:mr1.hospital.test"], "clientAuth"),
@@ -65,8 +77,8 @@ listen = "127.0.0.1:0"
 ae_title = "GATEWAY"
 route_to = ["pacs"]
 [dicom_listener.tls]
-cert = "{gw_crt}"
-key = "{gw_key}"
+cert = "{l_crt}"
+key = "{l_key}"
 ca = "{ca}"
 client_auth = "required"
 bind_ae_titles = {{ CT1 = "ct1.hospital.test", MR1 = "mr1.hospital.test" }}
@@ -84,6 +96,8 @@ server_name = "pacs.hospital.test"
 cert = "{gw_crt}"
 key = "{gw_key}"
 "#,
+        l_crt = p(&pki.listener.cert),
+        l_key = p(&pki.listener.key),
         gw_crt = p(&pki.gateway.cert),
         gw_key = p(&pki.gateway.key),
         ca = p(&pki.ca.cert),
@@ -131,6 +145,24 @@ async fn storescu(
     })
     .await
     .expect("storescu task")
+}
+
+/// `openssl s_client` to the listener with CT1's certificate and `args`: whether the
+/// handshake completed, and what it printed.
+async fn s_client(addr: std::net::SocketAddr, pki: &Pki, args: &[&str]) -> (bool, String) {
+    let mut cmd = Command::new("openssl");
+    cmd.args(["s_client", "-connect", &addr.to_string()])
+        .args(["-cert", p(&pki.ct1.cert), "-key", p(&pki.ct1.key)])
+        .args(["-CAfile", p(&pki.ca.cert), "-verify_return_error"])
+        .args(args)
+        .stdin(std::process::Stdio::null());
+    let o = tokio::task::spawn_blocking(move || cmd.output().expect("run openssl s_client"))
+        .await
+        .expect("s_client task");
+    let out = text(&o);
+    // A completed handshake names its cipher; a failed one says `(NONE)` or nothing.
+    let ok = o.status.success() && out.contains("Cipher is ") && !out.contains("Cipher is (NONE)");
+    (ok, out)
 }
 
 /// Whether `f` holds within 10 s. A counter is read this way after a peer was refused: the
@@ -309,6 +341,27 @@ async fn dcmtk_over_dicom_tls_on_both_hops_and_each_wrong_peer_refused_where_it_
         direct.received(),
         "the gateway must deliver the data set exactly as the modality sent it"
     );
+
+    // TLS 1.2 is spoken with the ECDHE AES-GCM suites of BCP 195 only, checked with
+    // OpenSSL's own client. (rustls has no CBC suite and no TLS below 1.2 at all; the
+    // one TLS 1.2 family it has that BCP 195 does not name is CHACHA20-POLY1305.)
+    let (ok, out) = s_client(
+        addr,
+        &pki,
+        &["-tls1_2", "-cipher", "ECDHE-RSA-AES128-GCM-SHA256"],
+    )
+    .await;
+    assert!(
+        ok && out.contains("TLSv1.2") && out.contains("ECDHE-RSA-AES128-GCM-SHA256"),
+        "TLS 1.2 with ECDHE-RSA-AES128-GCM-SHA256 must be served: {out}"
+    );
+    let (ok, out) = s_client(
+        addr,
+        &pki,
+        &["-tls1_2", "-cipher", "ECDHE-RSA-CHACHA20-POLY1305"],
+    )
+    .await;
+    assert!(!ok, "TLS 1.2 with CHACHA20-POLY1305 must be refused: {out}");
     node.stop().await;
 }
 
@@ -408,5 +461,95 @@ async fn bad_client_certificates_are_refused_on_the_dicom_port_each_for_its_reas
         .with_label_values(&["modalities"])
         .get();
     assert_eq!(stored, 1, "only the control may store anything");
+    node.stop().await;
+}
+
+/// Replace `to` with the content of `from` the way a Kubernetes Secret update does: a new
+/// file renamed over the old, so a reader never sees half of it.
+fn swap_in(from: &Path, to: &Path) {
+    let tmp = to.with_extension("new");
+    std::fs::copy(from, &tmp).expect("copy");
+    std::fs::rename(&tmp, to).expect("rename");
+}
+
+/// cert-manager rotates the listener's certificate (here to one from another CA, so a
+/// client can tell which one it was served): a broken file first keeps the old
+/// certificate (counted as a failed reload), then the new pair is used by new
+/// associations, with no restart; the delivery side is untouched throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_listener_certificate_serves_new_associations_without_a_restart() {
+    init_logging();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let pki = pki(tmp.path());
+    let next_ca = OpensslCa::new(&tmp.path().join("next"), "next");
+    let next = next_ca.issue(
+        "gateway",
+        &["DNS:gateway.hospital.test"],
+        "serverAuth,clientAuth",
+    );
+    let pacs = tls_pacs(tmp.path(), &pki);
+    // TLS 1.3 only on this listener: DCMTK's default profile speaks it too.
+    let node = start_node(tmp.path(), &pki, pacs.port, "min_version = \"1.3\"").await;
+    let addr = node.dicom_addrs["modalities"];
+    let reloads = |result: &str| {
+        node.metrics
+            .tls_reloads
+            .with_label_values(&["modalities", result])
+            .get()
+    };
+    let file = pydicom_file("CT_small.dcm");
+    // CT1's certificate, trusting only the old CA or only the new one for the server.
+    let trusting = |ca: &Path| with_cert(&pki.ct1, ca);
+    let o = storescu(addr, "CT1", trusting(&pki.ca.cert), file.clone()).await;
+    assert!(o.status.success(), "before the rotation: {}", text(&o));
+
+    // A half-written certificate: the reload fails and the old certificate stays.
+    std::fs::write(
+        tmp.path().join("broken.crt"),
+        b"-----BEGIN CERTIFICATE-----\nMIIB",
+    )
+    .expect("broken file");
+    swap_in(&tmp.path().join("broken.crt"), &pki.listener.cert);
+    assert!(
+        eventually(Duration::from_secs(20), || reloads("failed") >= 1).await,
+        "a broken certificate file must be counted as a failed reload"
+    );
+    let o = storescu(addr, "CT1", trusting(&pki.ca.cert), file.clone()).await;
+    assert!(
+        o.status.success(),
+        "the old certificate must stay: {}",
+        text(&o)
+    );
+
+    // The new pair (key first, then the certificate: each alone does not build).
+    swap_in(&next.key, &pki.listener.key);
+    swap_in(&next.cert, &pki.listener.cert);
+    assert!(
+        eventually(Duration::from_secs(20), || reloads("ok") >= 1).await,
+        "the new certificate was never loaded"
+    );
+    let o = storescu(addr, "CT1", trusting(&next_ca.cert), file.clone()).await;
+    assert!(
+        o.status.success(),
+        "the new certificate must serve: {}",
+        text(&o)
+    );
+    let o = storescu(addr, "CT1", trusting(&pki.ca.cert), file.clone()).await;
+    assert!(
+        !o.status.success(),
+        "a client trusting only the old CA must now fail: {}",
+        text(&o)
+    );
+    // Three objects crossed, and the PACS (whose side never changed) has them all.
+    assert!(
+        eventually(Duration::from_secs(30), || pacs.count() >= 1).await,
+        "nothing reached the PACS"
+    );
+    let stored = node
+        .metrics
+        .received_objects
+        .with_label_values(&["modalities"])
+        .get();
+    assert_eq!(stored, 3);
     node.stop().await;
 }

@@ -176,8 +176,8 @@ pub struct Metrics {
     /// `db_pending_compaction_bytes`: bytes RocksDB estimates compaction still has to rewrite.
     pub db_pending_compaction_bytes: IntGauge,
     /// `tls_reloads_total{listener,result}`: reloads of the certificate, key, CA and CRL
-    /// files (`ok`, `failed`), by a link listener (its name) or the sender towards peer
-    /// gateways (`sender`).
+    /// files (`ok`, `failed`), by a link or DICOM TLS listener (its name), the sender
+    /// towards peer gateways (`sender`), or a `dicom` destination with TLS (its name).
     pub tls_reloads: IntCounterVec,
     /// `build_info{version}`: always 1.
     pub build_info: IntGaugeVec,

@@ -39,7 +39,9 @@ start_sites "$WORK" "$WORK/"
 wait_sites_ready 60 0.2 || { show_tail "$WORK/site-a.log"; show_tail "$WORK/site-b.log"; exit 1; }
 log "sites up; sending $OBJECTS objects, killing site $VICTIM $KILLS times"
 
-start_bg "$WORK/sender.log" "$PY" "$HERE/crash_sender.py" 127.0.0.1 "$P_A_DICOM" GW_A "$OBJECTS" "$WORK"
+# The flow is spread over at least 4 s per kill (a kill, a restart and the pause before the
+# next take about 2.5 s), so the kills hit a live flow however fast this machine sends.
+start_bg "$WORK/sender.log" "$PY" "$HERE/crash_sender.py" 127.0.0.1 "$P_A_DICOM" GW_A "$OBJECTS" "$WORK" $((KILLS * 4))
 SENDER=$LAST_PID
 
 queued() { # site: objects queued at that site (empty if it does not answer)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The sender of the crash loop: C-STORE generated objects until every one is acknowledged.
 
-    crash_sender.py HOST PORT CALLED_AE COUNT WORKDIR
+    crash_sender.py HOST PORT CALLED_AE COUNT WORKDIR [SPREAD_SECONDS]
 
 Writes COUNT small CT objects (one study, random pixels, patient CRASH^LOOP) as Part-10
 files under WORKDIR/send, then sends them in order with pynetdicom, each file's data set
@@ -9,6 +9,10 @@ bytes unchanged on the wire. An object is retried (on a new association if need 
 the gateway answers Success, so a node killed mid-transfer only delays it. Each
 acknowledged object is appended to WORKDIR/acked.tsv (SOP Instance UID, SHA-256 of the data
 set) and flushed before the next one starts. Prints `crash_sender: N/N acknowledged`.
+
+SPREAD_SECONDS paces the flow: object i is not sent before i/COUNT of that time has
+passed, so the flow lasts at least as long as the crash loop's kills (which must hit a
+live flow) however fast the machine sends.
 """
 
 import hashlib
@@ -67,14 +71,19 @@ def dataset_sha(path):
 
 def main():
     host, port, called, count, work = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
+    spread = float(sys.argv[6]) if len(sys.argv) > 6 else 0.0
     paths = write_objects(count, os.path.join(work, "send"))
     ae = AE(ae_title="CRASHSCU")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
     ae.add_requested_context(CT, ExplicitVRLittleEndian)
     assoc = None
     acked = 0
+    start = time.monotonic()
     with open(os.path.join(work, "acked.tsv"), "a") as log:
-        for path, uid in paths:
+        for i, (path, uid) in enumerate(paths):
+            wait = start + spread * i / count - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
             while True:
                 if assoc is None or not assoc.is_established:
                     assoc = ae.associate(host, port, ae_title=called)
@@ -95,8 +104,6 @@ def main():
                     assoc.abort()
                 assoc = None
                 time.sleep(0.1)
-            # Keep the flow going for the whole kill loop.
-            time.sleep(0.01)
     if assoc is not None and assoc.is_established:
         assoc.release()
     print("crash_sender: %d/%d acknowledged" % (acked, count))
