@@ -123,6 +123,72 @@ fn tls_pacs(dir: &Path, pki: &Pki) -> Storescp {
     )
 }
 
+/// The node of a test, and what the tests read of its DICOM listener `modalities`.
+struct Gateway {
+    node: Node,
+    addr: std::net::SocketAddr,
+}
+
+impl Gateway {
+    async fn start(dir: &Path, pki: &Pki, pacs_port: u16, listener_extra: &str) -> Gateway {
+        let node = start_node(dir, pki, pacs_port, listener_extra).await;
+        let addr = node.dicom_addrs["modalities"];
+        Gateway { node, addr }
+    }
+
+    /// `associations_total{listener="modalities",result}`.
+    fn count(&self, result: &str) -> u64 {
+        let m = &self.node.metrics;
+        m.associations
+            .with_label_values(&["modalities", result])
+            .get()
+    }
+
+    /// `tls_handshake_failures_total{listener="modalities",reason}`.
+    fn reason(&self, reason: &str) -> u64 {
+        let m = &self.node.metrics;
+        m.tls_handshake_failures
+            .with_label_values(&["modalities", reason])
+            .get()
+    }
+
+    /// Send `file` with `storescu` as `calling` with `tls` options, which must fail (`what`
+    /// says why), then wait until `associations_total{result}` reaches its count, and
+    /// `tls_handshake_failures_total{reason}` too when given. Returns what storescu printed.
+    async fn refuses(
+        &self,
+        what: &str,
+        calling: &str,
+        tls: Vec<String>,
+        file: &Path,
+        (result, n): (&str, u64),
+        reason: Option<(&str, u64)>,
+    ) -> String {
+        let o = storescu(self.addr, calling, tls, file.to_owned()).await;
+        let out = text(&o);
+        assert!(!o.status.success(), "{what} must fail: {out}");
+        assert!(
+            settled(|| self.count(result) == n).await,
+            "{what}: associations_total{{result={result:?}}} is {}, not {n}: {out}",
+            self.count(result)
+        );
+        if let Some((reason, n)) = reason {
+            assert!(
+                settled(|| self.reason(reason) == n).await,
+                "{what}: tls_handshake_failures_total{{reason={reason:?}}} is {}, not {n}: {out}",
+                self.reason(reason)
+            );
+        }
+        out
+    }
+
+    /// Objects the listener stored.
+    fn stored(&self) -> u64 {
+        let m = &self.node.metrics;
+        m.received_objects.with_label_values(&["modalities"]).get()
+    }
+}
+
 /// `storescu` (DCMTK) calling GATEWAY as `calling` with `tls` options, in a blocking task.
 async fn storescu(
     addr: std::net::SocketAddr,
@@ -199,112 +265,82 @@ async fn dcmtk_over_dicom_tls_on_both_hops_and_each_wrong_peer_refused_where_it_
     let tmp = tempfile::tempdir().expect("temp dir");
     let pki = pki(tmp.path());
     let pacs = tls_pacs(tmp.path(), &pki);
-    let node = start_node(tmp.path(), &pki, pacs.port, "").await;
-    let addr = node.dicom_addrs["modalities"];
-    let count = |result: &str| {
-        node.metrics
-            .associations
-            .with_label_values(&["modalities", result])
-            .get()
-    };
-    let reason = |r: &str| {
-        node.metrics
-            .tls_handshake_failures
-            .with_label_values(&["modalities", r])
-            .get()
-    };
+    let gw = Gateway::start(tmp.path(), &pki, pacs.port, "").await;
+    let addr = gw.addr;
     let file = pydicom_file("CT_small.dcm");
     let ca = pki.ca.cert.clone();
 
     // Plaintext on the TLS port: the handshake fails.
-    let o = storescu(addr, "CT1", vec![], file.clone()).await;
-    assert!(!o.status.success(), "plaintext must fail: {}", text(&o));
-    assert!(
-        settled(|| count("handshake_failed") == 1).await,
-        "{}",
-        text(&o)
-    );
-    assert!(
-        settled(|| reason("protocol_error") == 1).await,
-        "reason protocol_error != 1"
-    );
-
-    // A certificate for the right name from a CA the listener does not trust.
-    let o = storescu(addr, "CT1", with_cert(&pki.rogue, &ca), file.clone()).await;
-    assert!(!o.status.success(), "a foreign CA must fail: {}", text(&o));
-    assert!(
-        settled(|| count("handshake_failed") == 2).await,
-        "{}",
-        text(&o)
-    );
-    assert!(
-        settled(|| reason("unknown_ca") == 1).await,
-        "reason unknown_ca != 1"
-    );
-
-    // No client certificate at all, while one is required.
-    let o = storescu(
-        addr,
+    gw.refuses(
+        "plaintext",
         "CT1",
-        vec!["+tla".into(), "+cf".into(), p(&ca).into()],
-        file.clone(),
+        vec![],
+        &file,
+        ("handshake_failed", 1),
+        Some(("protocol_error", 1)),
     )
     .await;
-    assert!(
-        !o.status.success(),
-        "no certificate must fail: {}",
-        text(&o)
-    );
-    assert!(
-        settled(|| count("handshake_failed") == 3).await,
-        "{}",
-        text(&o)
-    );
-    assert!(
-        settled(|| reason("no_certificate") == 1).await,
-        "reason no_certificate != 1"
-    );
-
+    // A certificate for the right name from a CA the listener does not trust.
+    let foreign = with_cert(&pki.rogue, &ca);
+    gw.refuses(
+        "a foreign CA",
+        "CT1",
+        foreign,
+        &file,
+        ("handshake_failed", 2),
+        Some(("unknown_ca", 1)),
+    )
+    .await;
+    // No client certificate at all, while one is required.
+    let anonymous = vec!["+tla".into(), "+cf".into(), p(&ca).into()];
+    gw.refuses(
+        "no certificate",
+        "CT1",
+        anonymous,
+        &file,
+        ("handshake_failed", 3),
+        Some(("no_certificate", 1)),
+    )
+    .await;
     // A valid certificate, but MR1's, calling as CT1: the handshake passes and the
     // association is rejected (calling AE title not recognized).
-    let o = storescu(addr, "CT1", with_cert(&pki.mr1, &ca), file.clone()).await;
-    assert!(
-        !o.status.success(),
-        "CT1 with MR1's certificate must fail: {}",
-        text(&o)
-    );
-    assert!(settled(|| count("rejected") == 1).await, "{}", text(&o));
+    let out = gw
+        .refuses(
+            "CT1 with MR1's certificate",
+            "CT1",
+            with_cert(&pki.mr1, &ca),
+            &file,
+            ("rejected", 1),
+            None,
+        )
+        .await;
     assert_eq!(
-        count("handshake_failed"),
+        gw.count("handshake_failed"),
         3,
-        "the handshake itself passed: {}",
-        text(&o)
+        "the handshake itself passed: {out}"
     );
     assert!(
-        text(&o)
-            .to_lowercase()
+        out.to_lowercase()
             .contains("calling ae title not recognized"),
-        "{}",
-        text(&o)
+        "{out}"
     );
     // An AE title bound to no certificate at all.
-    let o = storescu(addr, "US1", with_cert(&pki.ct1, &ca), file.clone()).await;
-    assert!(
-        !o.status.success(),
-        "an unbound AE title must fail: {}",
-        text(&o)
-    );
-    assert!(settled(|| count("rejected") == 2).await, "{}", text(&o));
-    assert!(
-        settled(|| count("accepted") == 0).await,
-        "count accepted != 0"
-    );
+    gw.refuses(
+        "an unbound AE title",
+        "US1",
+        with_cert(&pki.ct1, &ca),
+        &file,
+        ("rejected", 2),
+        None,
+    )
+    .await;
+    assert_eq!(gw.count("accepted"), 0);
 
     // CT1 with its own certificate: stored, and delivered to the TLS-only PACS.
     let o = storescu(addr, "CT1", with_cert(&pki.ct1, &ca), file.clone()).await;
     assert!(o.status.success(), "CT1 must be accepted: {}", text(&o));
     assert!(
-        settled(|| count("accepted") == 1).await,
+        settled(|| gw.count("accepted") == 1).await,
         "count accepted != 1"
     );
     assert!(
@@ -312,12 +348,7 @@ async fn dcmtk_over_dicom_tls_on_both_hops_and_each_wrong_peer_refused_where_it_
         "the object never reached storescp +tls"
     );
     // One object was stored in all, and what the PACS holds is the data set sent.
-    let stored = node
-        .metrics
-        .received_objects
-        .with_label_values(&["modalities"])
-        .get();
-    assert_eq!(stored, 1, "only CT1's association may store anything");
+    assert_eq!(gw.stored(), 1, "only CT1's association may store anything");
     // storescu re-encodes the data set it reads, so the reference is what storescu sends
     // to a plaintext storescp directly, with no gateway between them.
     let direct = Storescp::start(&tmp.path().join("direct"));
@@ -362,7 +393,7 @@ async fn dcmtk_over_dicom_tls_on_both_hops_and_each_wrong_peer_refused_where_it_
     )
     .await;
     assert!(!ok, "TLS 1.2 with CHACHA20-POLY1305 must be refused: {out}");
-    node.stop().await;
+    gw.node.stop().await;
 }
 
 /// Client certificates from the hospital's own CA that must still not pass: expired, not
@@ -396,26 +427,14 @@ async fn bad_client_certificates_are_refused_on_the_dicom_port_each_for_its_reas
     pki.ca.revoke(&revoked);
     let crl = pki.ca.crl();
     let pacs = tls_pacs(tmp.path(), &pki);
-    let node = start_node(
+    let gw = Gateway::start(
         tmp.path(),
         &pki,
         pacs.port,
         &format!("crls = [\"{}\"]", p(&crl)),
     )
     .await;
-    let addr = node.dicom_addrs["modalities"];
-    let count = |result: &str| {
-        node.metrics
-            .associations
-            .with_label_values(&["modalities", result])
-            .get()
-    };
-    let reason = |r: &str| {
-        node.metrics
-            .tls_handshake_failures
-            .with_label_values(&["modalities", r])
-            .get()
-    };
+    let addr = gw.addr;
     let file = pydicom_file("CT_small.dcm");
     let ca = pki.ca.cert.clone();
     let cases = [
@@ -425,29 +444,30 @@ async fn bad_client_certificates_are_refused_on_the_dicom_port_each_for_its_reas
         (&server_only, "bad_certificate", 1),
     ];
     for (i, (cert, why, n)) in cases.into_iter().enumerate() {
-        let o = storescu(addr, "CT1", with_cert(cert, &ca), file.clone()).await;
-        assert!(!o.status.success(), "{why} must fail: {}", text(&o));
-        assert!(settled(|| reason(why) == n).await, "{why}: {}", text(&o));
-        assert!(
-            settled(|| count("handshake_failed") == i as u64 + 1).await,
-            "{}",
-            text(&o)
-        );
+        let failed = ("handshake_failed", i as u64 + 1);
+        gw.refuses(
+            why,
+            "CT1",
+            with_cert(cert, &ca),
+            &file,
+            failed,
+            Some((why, n)),
+        )
+        .await;
     }
     // A wildcard certificate chains to the CA, so its handshake passes, but it names no
     // AE title: the association is rejected.
-    let o = storescu(addr, "CT1", with_cert(&wildcard, &ca), file.clone()).await;
-    assert!(!o.status.success(), "a wildcard must fail: {}", text(&o));
-    assert!(settled(|| count("rejected") == 1).await, "{}", text(&o));
-    assert!(
-        settled(|| count("handshake_failed") == 4).await,
-        "{}",
-        text(&o)
-    );
-    assert!(
-        settled(|| count("accepted") == 0).await,
-        "count accepted != 0"
-    );
+    gw.refuses(
+        "a wildcard",
+        "CT1",
+        with_cert(&wildcard, &ca),
+        &file,
+        ("rejected", 1),
+        None,
+    )
+    .await;
+    assert_eq!(gw.count("handshake_failed"), 4);
+    assert_eq!(gw.count("accepted"), 0);
     // The control: CT1's valid certificate, its status known from the same CRL.
     let o = storescu(addr, "CT1", with_cert(&pki.ct1, &ca), file.clone()).await;
     assert!(o.status.success(), "CT1 must be accepted: {}", text(&o));
@@ -455,13 +475,8 @@ async fn bad_client_certificates_are_refused_on_the_dicom_port_each_for_its_reas
         eventually(Duration::from_secs(30), || pacs.count() >= 1).await,
         "the object never reached storescp +tls"
     );
-    let stored = node
-        .metrics
-        .received_objects
-        .with_label_values(&["modalities"])
-        .get();
-    assert_eq!(stored, 1, "only the control may store anything");
-    node.stop().await;
+    assert_eq!(gw.stored(), 1, "only the control may store anything");
+    gw.node.stop().await;
 }
 
 /// Replace `to` with the content of `from` the way a Kubernetes Secret update does: a new
@@ -489,10 +504,11 @@ async fn a_rotated_listener_certificate_serves_new_associations_without_a_restar
     );
     let pacs = tls_pacs(tmp.path(), &pki);
     // TLS 1.3 only on this listener: DCMTK's default profile speaks it too.
-    let node = start_node(tmp.path(), &pki, pacs.port, "min_version = \"1.3\"").await;
-    let addr = node.dicom_addrs["modalities"];
+    let gw = Gateway::start(tmp.path(), &pki, pacs.port, "min_version = \"1.3\"").await;
+    let addr = gw.addr;
     let reloads = |result: &str| {
-        node.metrics
+        gw.node
+            .metrics
             .tls_reloads
             .with_label_values(&["modalities", result])
             .get()
@@ -545,11 +561,6 @@ async fn a_rotated_listener_certificate_serves_new_associations_without_a_restar
         eventually(Duration::from_secs(30), || pacs.count() >= 1).await,
         "nothing reached the PACS"
     );
-    let stored = node
-        .metrics
-        .received_objects
-        .with_label_values(&["modalities"])
-        .get();
-    assert_eq!(stored, 3);
-    node.stop().await;
+    assert_eq!(gw.stored(), 3);
+    gw.node.stop().await;
 }

@@ -175,14 +175,27 @@ pub fn peer_name(cert: &CertificateDer<'_>, allowed: &[String]) -> Option<String
     allowed.iter().find(|n| cert_has_name(cert, n)).cloned()
 }
 
-/// Verifies client certificates against the CA, then against the allow-list of names.
+/// Verifies client certificates against the CA (and CRLs), then, for the site link,
+/// against the allow-list of names; for DICOM TLS it records the certificate it verified
+/// for the AE title check of the same connection.
 #[derive(Debug)]
-struct AllowedPeers {
+struct PeerVerifier {
     inner: Arc<dyn ClientCertVerifier>,
-    allowed: Vec<String>,
+    /// Names one of which the certificate must carry exactly (`None`: any).
+    allowed: Option<Vec<String>>,
+    /// Where the verified certificate goes (`None`: nowhere).
+    seen: Option<PeerCert>,
 }
 
-impl ClientCertVerifier for AllowedPeers {
+impl ClientCertVerifier for PeerVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         self.inner.root_hint_subjects()
     }
@@ -193,14 +206,20 @@ impl ClientCertVerifier for AllowedPeers {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner
+        let verified = self
+            .inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        if peer_name(end_entity, &self.allowed).is_none() {
+        if let Some(allowed) = &self.allowed
+            && peer_name(end_entity, allowed).is_none()
+        {
             return Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::ApplicationVerificationFailure,
             ));
         }
-        Ok(ClientCertVerified::assertion())
+        if let Some(seen) = &self.seen {
+            let _ = seen.set(end_entity.clone().into_owned());
+        }
+        Ok(verified)
     }
 
     fn verify_tls12_signature(
@@ -292,9 +311,10 @@ pub fn server_config(
         .enforce_revocation_expiration()
         .build()
         .map_err(|e| file_err(&tls.ca, format!("client verifier: {e}")))?;
-    let verifier = Arc::new(AllowedPeers {
+    let verifier = Arc::new(PeerVerifier {
         inner,
-        allowed: allowed_peers.to_vec(),
+        allowed: Some(allowed_peers.to_vec()),
+        seen: None,
     });
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -626,9 +646,10 @@ impl DicomServerTls {
         let b = rustls::ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(self.versions)?;
         let b = match &self.verifier {
-            Some(v) => b.with_client_cert_verifier(Arc::new(Recording {
+            Some(v) => b.with_client_cert_verifier(Arc::new(PeerVerifier {
                 inner: v.clone(),
-                peer,
+                allowed: None,
+                seen: Some(peer),
             })),
             None => b.with_no_client_auth(),
         };
@@ -660,62 +681,6 @@ impl rustls::server::ResolvesServerCert for FixedCert {
         _hello: rustls::server::ClientHello<'_>,
     ) -> Option<Arc<rustls::sign::CertifiedKey>> {
         Some(self.0.clone())
-    }
-}
-
-/// A client verifier that records the certificate it verified.
-#[derive(Debug)]
-struct Recording {
-    inner: Arc<dyn ClientCertVerifier>,
-    peer: PeerCert,
-}
-
-impl ClientCertVerifier for Recording {
-    fn offer_client_auth(&self) -> bool {
-        self.inner.offer_client_auth()
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        self.inner.client_auth_mandatory()
-    }
-
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self
-            .inner
-            .verify_client_cert(end_entity, intermediates, now)?;
-        let _ = self.peer.set(end_entity.clone().into_owned());
-        Ok(verified)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
     }
 }
 

@@ -114,6 +114,22 @@ impl OpensslCa {
         );
     }
 
+    /// `openssl ca` with this CA's config, certificate and key, then `more`.
+    fn ca(&self, more: &[&str]) {
+        let mut args = vec![
+            "ca",
+            "-batch",
+            "-config",
+            "ca.cnf",
+            "-cert",
+            s(&self.cert),
+            "-keyfile",
+            "ca.key",
+        ];
+        args.extend_from_slice(more);
+        self.openssl(&args);
+    }
+
     /// A certificate valid from now for two days (see [`OpensslCa::issue_with`]).
     pub fn issue(&self, file_name: &str, sans: &[&str], eku: &str) -> Issued {
         self.issue_with(file_name, sans, eku, &Validity::default())
@@ -155,15 +171,7 @@ impl OpensslCa {
             &format!("/CN={cn}"),
         ]);
         let mut args = vec![
-            "ca",
-            "-batch",
             "-notext",
-            "-config",
-            "ca.cnf",
-            "-cert",
-            s(&self.cert),
-            "-keyfile",
-            "ca.key",
             "-in",
             s(&csr),
             "-out",
@@ -179,40 +187,19 @@ impl OpensslCa {
         if let Some(end) = &v.end {
             args.extend(["-enddate", end.as_str()]);
         }
-        self.openssl(&args);
+        self.ca(&args);
         Issued { cert, key }
     }
 
     /// Revoke `leaf` in the CA's database (the next [`OpensslCa::crl`] lists it).
     pub fn revoke(&self, leaf: &Issued) {
-        self.openssl(&[
-            "ca",
-            "-config",
-            "ca.cnf",
-            "-cert",
-            s(&self.cert),
-            "-keyfile",
-            "ca.key",
-            "-revoke",
-            s(&leaf.cert),
-        ]);
+        self.ca(&["-revoke", s(&leaf.cert)]);
     }
 
     /// A CRL of everything revoked so far, valid for a day; returns its path.
     pub fn crl(&self) -> PathBuf {
         let out = self.dir.join(format!("{}.crl", self.name));
-        self.openssl(&[
-            "ca",
-            "-config",
-            "ca.cnf",
-            "-cert",
-            s(&self.cert),
-            "-keyfile",
-            "ca.key",
-            "-gencrl",
-            "-out",
-            s(&out),
-        ]);
+        self.ca(&["-gencrl", "-out", s(&out)]);
         out
     }
 }
