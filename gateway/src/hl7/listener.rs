@@ -36,6 +36,33 @@ use crate::hl7::{self, AckCode, AckContext, FrameError};
 use crate::metrics::{ActiveGuard, Metrics};
 use crate::spool::{Committed, MessageIngest, Spool, SpoolError};
 
+/// Store one HL7 message for the listener `listener` (an HL7 or a link listener): the time
+/// to its synced commit goes to `store_duration_seconds`, and a message stored (not a
+/// duplicate) to `received_objects_total` and `received_bytes_total`, all with
+/// `protocol="hl7"`.
+pub(crate) async fn store_counted(
+    spool: &Spool,
+    metrics: &Metrics,
+    listener: &str,
+    ingest: MessageIngest,
+) -> Result<Committed, SpoolError> {
+    let bytes = ingest.bytes.len() as u64;
+    let started = Instant::now();
+    let committed = spool.store_message(ingest).await;
+    metrics
+        .store_duration
+        .protocol("hl7", &[listener])
+        .observe(started.elapsed().as_secs_f64());
+    if let Ok(Committed::Stored(_)) = &committed {
+        metrics.received_objects.protocol("hl7", &[listener]).inc();
+        metrics
+            .received_bytes
+            .protocol("hl7", &[listener])
+            .inc_by(bytes);
+    }
+    committed
+}
+
 /// An HL7 listener, ready to serve.
 pub struct Hl7Server {
     /// Its configuration.
@@ -212,7 +239,6 @@ impl Hl7Server {
         let dedup = self
             .spool
             .message_dedup_key(&self.cfg.name, &sender, &msg.control_id);
-        let bytes = raw.len() as u64;
         let ingest = MessageIngest {
             patient: msg.patient.clone(),
             control_id: msg.control_id.clone(),
@@ -223,20 +249,9 @@ impl Hl7Server {
             bytes: raw,
         };
         // The frame is in and parsed: from here to the commit is the ack latency.
-        let started = std::time::Instant::now();
-        let committed = self.spool.store_message(ingest).await;
-        let name = self.cfg.name.as_str();
-        self.metrics
-            .store_duration
-            .protocol("hl7", &[name])
-            .observe(started.elapsed().as_secs_f64());
+        let committed = store_counted(&self.spool, &self.metrics, &self.cfg.name, ingest).await;
         match committed {
             Ok(Committed::Stored(id)) => {
-                self.metrics.received_objects.protocol("hl7", &[name]).inc();
-                self.metrics
-                    .received_bytes
-                    .protocol("hl7", &[name])
-                    .inc_by(bytes);
                 debug!(listener = %self.cfg.name, object = %id, "HL7 message stored");
                 answer(AckCode::Accept, "", "accepted")
             }

@@ -124,7 +124,6 @@ impl LinkServer {
         if self.hl7_routes.is_empty() {
             return (StatusCode::UNPROCESSABLE_ENTITY, "rejected");
         }
-        let bytes = body.len() as u64;
         let ingest = MessageIngest {
             patient: msg.patient,
             control_id: msg.control_id,
@@ -135,20 +134,11 @@ impl LinkServer {
             bytes: body.to_vec(),
         };
         // The message is in and checked: from here to the commit is its ack latency.
-        let started = std::time::Instant::now();
-        let committed = self.spool.store_message(ingest).await;
-        let name = self.cfg.name.as_str();
-        self.metrics
-            .store_duration
-            .protocol("hl7", &[name])
-            .observe(started.elapsed().as_secs_f64());
+        let committed =
+            crate::hl7::listener::store_counted(&self.spool, &self.metrics, &self.cfg.name, ingest)
+                .await;
         match committed {
             Ok(Committed::Stored(id)) => {
-                self.metrics.received_objects.protocol("hl7", &[name]).inc();
-                self.metrics
-                    .received_bytes
-                    .protocol("hl7", &[name])
-                    .inc_by(bytes);
                 debug!(listener = %self.cfg.name, object = %id, "HL7 message stored from link");
                 (StatusCode::OK, "accepted")
             }
