@@ -276,20 +276,36 @@ mod tests {
     /// holding it for a moment (the failed tries leave its spool closed for the next one).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn site_b_restarts_on_its_link_port_after_it_was_taken_for_a_moment() {
-        let mut sites = TwoSites::start(SiteOptions {
-            pacs_port: 9,
-            a_listener_extra: String::new(),
-            a_spool: String::new(),
-            b_retry: SiteOptions::B_RETRY.to_owned(),
-            b_destination_extra: String::new(),
-            a_destination_extra: String::new(),
-        })
-        .await;
-        let port = sites.link_port;
-        assert_ne!(port, 0);
-        let a_cfg = std::fs::read_to_string(sites.config_path("a")).unwrap();
-        assert!(a_cfg.contains(&format!("url = \"https://127.0.0.1:{port}\"")));
-        sites.stop_b().await;
+        // Between B's stop and the fixture's hold, another test of this process may take
+        // the port (a test here picks ports and listens on them): then the hold could not
+        // be taken, which this test cannot examine, so it starts over on another port.
+        let mut tries = 0;
+        let (mut sites, port) = loop {
+            tries += 1;
+            let mut sites = TwoSites::start(SiteOptions {
+                pacs_port: 9,
+                a_listener_extra: String::new(),
+                a_spool: String::new(),
+                b_retry: SiteOptions::B_RETRY.to_owned(),
+                b_destination_extra: String::new(),
+                a_destination_extra: String::new(),
+            })
+            .await;
+            let port = sites.link_port;
+            assert_ne!(port, 0);
+            let a_cfg = std::fs::read_to_string(sites.config_path("a")).unwrap();
+            assert!(a_cfg.contains(&format!("url = \"https://127.0.0.1:{port}\"")));
+            sites.stop_b().await;
+            if sites.b_port_hold.is_some() {
+                break (sites, port);
+            }
+            assert!(
+                tries < 5,
+                "B's port was taken before the fixture could hold it, 5 times"
+            );
+            eprintln!("port {port} was taken between B's stop and the hold; starting over");
+            sites.stop().await;
+        };
         // While B is down the fixture holds its port: nothing else can bind it...
         assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_err());
         // ...and A's connections are refused, as by a stopped node.
