@@ -421,15 +421,11 @@ async fn a_link_outage_holds_the_queue_and_drains_when_the_peer_returns() {
     // The outage goes on for several probes, and costs the objects nothing: each probe is
     // counted as a failure of the destination, but no object's budget is charged (every
     // entry still has 0 failed attempts), so nothing nears a dead letter before max_age.
-    let failures = || -> f64 {
-        a.metrics
-            .render()
-            .lines()
-            .filter(|l| {
-                l.starts_with("dicom_gateway_forward_failures_total{destination=\"site-b\",")
-            })
-            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-            .sum()
+    let failures = || {
+        metric_sum(
+            &a.metrics.render(),
+            "dicom_gateway_forward_failures_total{destination=\"site-b\",",
+        )
     };
     let before = failures();
     assert!(

@@ -564,3 +564,83 @@ async fn a_rotated_listener_certificate_serves_new_associations_without_a_restar
     assert_eq!(gw.stored(), 3);
     gw.node.stop().await;
 }
+
+/// The destination's client certificate is rotated while an object waits for it: the PACS
+/// refuses the first certificate (from a CA it does not trust), so delivery fails and the
+/// object stays queued; a broken file is counted as a failed reload and changes nothing;
+/// once the new pair (from the hospital CA) is in place, the next attempt presents it and
+/// the PACS stores the object, with no restart of the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_destination_certificate_is_presented_to_the_pacs_without_a_restart() {
+    init_logging();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let pki = pki(tmp.path());
+    // The destination starts with a certificate of the right name from a CA the PACS does
+    // not trust; the hospital's pair is kept aside for the rotation.
+    let other_ca = OpensslCa::new(&tmp.path().join("other"), "other");
+    let untrusted = other_ca.issue(
+        "gateway",
+        &["DNS:gateway.hospital.test"],
+        "serverAuth,clientAuth",
+    );
+    let hospital = Issued {
+        cert: tmp.path().join("hospital-gateway.crt"),
+        key: tmp.path().join("hospital-gateway.key"),
+    };
+    swap_in(&pki.gateway.cert, &hospital.cert);
+    swap_in(&pki.gateway.key, &hospital.key);
+    swap_in(&untrusted.key, &pki.gateway.key);
+    swap_in(&untrusted.cert, &pki.gateway.cert);
+
+    let pacs = tls_pacs(tmp.path(), &pki);
+    let gw = Gateway::start(tmp.path(), &pki, pacs.port, "").await;
+    let m = gw.node.metrics.clone();
+    let reloads = |result: &str| m.tls_reloads.with_label_values(&["pacs", result]).get();
+    let failures = || {
+        metric_sum(
+            &m.render(),
+            r#"dicom_gateway_forward_failures_total{destination="pacs""#,
+        )
+    };
+    let file = pydicom_file("CT_small.dcm");
+    let o = storescu(gw.addr, "CT1", with_cert(&pki.ct1, &pki.ca.cert), file).await;
+    assert!(o.status.success(), "{}", text(&o));
+    // Premise: delivery fails at the PACS for the certificate, attempt after attempt.
+    assert!(
+        eventually(Duration::from_secs(30), || failures() >= 2.0).await,
+        "delivery with the untrusted certificate must fail"
+    );
+    assert_eq!(
+        pacs.count(),
+        0,
+        "the PACS took an untrusted client certificate"
+    );
+
+    // A half-written certificate: counted, and delivery goes on failing the same way.
+    std::fs::write(
+        tmp.path().join("broken.crt"),
+        b"-----BEGIN CERTIFICATE-----\nMIIB",
+    )
+    .expect("broken file");
+    swap_in(&tmp.path().join("broken.crt"), &pki.gateway.cert);
+    assert!(
+        eventually(Duration::from_secs(20), || reloads("failed") >= 1).await,
+        "a broken certificate file must be counted as a failed reload"
+    );
+    assert_eq!(reloads("ok"), 0);
+    assert_eq!(pacs.count(), 0);
+
+    // The hospital's pair, key first: the reloader builds it, and the queued object goes.
+    swap_in(&hospital.key, &pki.gateway.key);
+    swap_in(&hospital.cert, &pki.gateway.cert);
+    assert!(
+        eventually(Duration::from_secs(20), || reloads("ok") >= 1).await,
+        "the new destination certificate was never loaded"
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || pacs.count() >= 1).await,
+        "the PACS never received the object after the rotation"
+    );
+    assert_eq!(pacs.count(), 1);
+    gw.node.stop().await;
+}

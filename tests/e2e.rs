@@ -155,13 +155,11 @@ async fn restart_of_site_b_mid_transfer_delivers_everything_exactly_once() {
     let first = study(30, "RESTART^ONE", 128 * 1024);
     let second = study(30, "RESTART^TWO", 128 * 1024);
     // Every failed send of A to B, whatever the reason (B's 503, or the link closing).
-    let failures = |text: &str| -> f64 {
-        text.lines()
-            .filter(|l| {
-                l.starts_with(r#"dicom_gateway_forward_failures_total{destination="site-b""#)
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+    let failures = |text: &str| {
+        metric_sum(
+            text,
+            r#"dicom_gateway_forward_failures_total{destination="site-b""#,
+        )
     };
     let dup = r#"dicom_gateway_link_parts_total{listener="wan",result="duplicate"}"#;
     let a_metrics = sites.a.as_ref().unwrap().metrics.clone();

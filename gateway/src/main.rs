@@ -10,10 +10,20 @@ use dicom_gateway::config::{Config, LogFormat};
 use dicom_gateway::node::Node;
 use tracing::info;
 
+/// `--version`: the crate version and the crypto backend of this build (the same choice as
+/// `tls::provider` and `keystore::BACKEND`: `ring` wins when both features are on).
+const VERSION: &str = if cfg!(feature = "ring") {
+    concat!(env!("CARGO_PKG_VERSION"), " (crypto: ring)")
+} else if cfg!(feature = "fips") {
+    concat!(env!("CARGO_PKG_VERSION"), " (crypto: aws-lc-rs (FIPS))")
+} else {
+    concat!(env!("CARGO_PKG_VERSION"), " (crypto: aws-lc-rs)")
+};
+
 #[derive(Parser)]
 #[command(
     name = "dicom-gateway",
-    version,
+    version = VERSION,
     about = "Secure DICOM store-and-forward gateway"
 )]
 struct Cli {

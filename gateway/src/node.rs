@@ -274,7 +274,12 @@ impl Node {
             listeners_stop.clone(),
         ));
         readiness.set_started();
-        info!(node = %cfg.node.name, socket = %admin_socket.display(), "node ready");
+        info!(
+            node = %cfg.node.name,
+            socket = %admin_socket.display(),
+            crypto = keystore::BACKEND,
+            "node ready"
+        );
         Ok(Node {
             dicom_addrs,
             link_addrs,

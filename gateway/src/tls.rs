@@ -8,8 +8,8 @@
 //! ([`DicomServerTls::may_call`]).
 //!
 //! Invariants:
-//! - TLS 1.3 only on the site link, with the aws-lc-rs provider chosen explicitly (no
-//!   process-wide default);
+//! - TLS 1.3 only on the site link, with the build's provider ([`provider`]: aws-lc-rs, or
+//!   ring with the `ring` feature) chosen explicitly (no process-wide default);
 //! - both sides present certificates that chain to the configured CA;
 //! - a server accepts a client only if its certificate carries a DNS SAN listed in
 //!   `allowed_peers` (or a listed SPIFFE ID as a URI SAN); the check happens inside the
@@ -63,10 +63,24 @@ pub enum TlsError {
     },
 }
 
-/// The crypto provider used everywhere (aws-lc-rs).
+/// The crypto provider used everywhere: aws-lc-rs, its FIPS provider with the `fips` feature,
+/// or ring with the `ring` feature (the keystore uses the same backend,
+/// [`keystore::BACKEND`]). Never the process default: every
+/// config is built with this provider explicitly, so one provider serves the whole process.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    #[cfg(feature = "ring")]
+    let p = rustls::crypto::ring::default_provider();
+    #[cfg(all(feature = "fips", not(feature = "ring")))]
+    let p = rustls::crypto::default_fips_provider();
+    #[cfg(all(feature = "aws-lc-rs", not(any(feature = "ring", feature = "fips"))))]
+    let p = rustls::crypto::aws_lc_rs::default_provider();
+    Arc::new(p)
 }
+
+#[cfg(not(any(feature = "aws-lc-rs", feature = "ring")))]
+compile_error!(
+    "dicom-gateway needs a crypto backend: enable the `aws-lc-rs` (default) or `ring` feature"
+);
 
 fn file_err(path: &Path, message: impl Into<String>) -> TlsError {
     TlsError::File {
@@ -712,6 +726,27 @@ mod tests {
     use super::*;
     use std::path::PathBuf;
     use std::process::Command;
+
+    /// The provider is the build's backend: with `fips`, every algorithm it offers is
+    /// FIPS-approved (rustls's own judgement); under ring, none of aws-lc-rs's.
+    #[test]
+    fn the_provider_is_the_backend_of_the_build() {
+        let p = provider();
+        assert_eq!(p.fips(), cfg!(feature = "fips"), "{}", keystore::BACKEND);
+        assert_eq!(dicom_provider().fips(), cfg!(feature = "fips"));
+        let names: Vec<String> = p
+            .kx_groups
+            .iter()
+            .map(|g| format!("{:?}", g.name()))
+            .collect();
+        // aws-lc-rs offers the post-quantum hybrid group; ring has none.
+        assert_eq!(
+            names.iter().any(|n| n.contains("MLKEM")),
+            !cfg!(feature = "ring"),
+            "key exchange groups {names:?} under {}",
+            keystore::BACKEND
+        );
+    }
 
     /// A CA made by `openssl`, and leaf certificates it signs.
     struct OpensslPki {

@@ -107,6 +107,36 @@ fn assert_config_error(o: &Output, needle: &str) {
     );
 }
 
+/// `--version` names the crypto backend, the same one the keystore and rustls use: a binary
+/// whose version says one backend while its keystore runs another fails here (CI runs this
+/// under both builds).
+#[test]
+fn version_names_the_crypto_backend_of_the_build() {
+    let o = run(&["--version"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        out.trim(),
+        format!(
+            "dicom-gateway {} (crypto: {})",
+            env!("CARGO_PKG_VERSION"),
+            keystore::BACKEND
+        )
+    );
+    let expected = if cfg!(feature = "ring") {
+        "ring"
+    } else if cfg!(feature = "fips") {
+        "aws-lc-rs (FIPS)"
+    } else {
+        "aws-lc-rs"
+    };
+    assert_eq!(
+        keystore::BACKEND,
+        expected,
+        "the keystore runs another backend than the build's features"
+    );
+}
+
 #[test]
 fn parse_errors_exit_78() {
     let s = Site::new();

@@ -31,9 +31,10 @@
 //!   index and final flag, a record to its caller-supplied associated data.
 //!   Moving, swapping, reordering, truncating or re-flagging sealed data makes
 //!   it fail authentication.
-//! * All cryptography goes through the private `backend` alias (currently
-//!   `aws-lc-rs`) and only uses APIs that `ring` also provides, so another
-//!   backend can be added in one place.
+//! * All cryptography goes through the private `backend` alias: `aws-lc-rs` (the
+//!   default feature) or `ring` (the `ring` feature, which wins when both are on).
+//!   Only APIs the two share are used, and the formats are the same under either,
+//!   so a spool written under one backend opens under the other.
 
 mod aead;
 mod error;
@@ -48,14 +49,36 @@ pub use error::KeystoreError;
 pub use hash::Sha256;
 pub use keys::{Dek, IndexHasher, KEK_CHECK_LEN, Kek, kek_mode_allowed};
 
-/// The single place that chooses the cryptographic backend.
+/// The single place that chooses the cryptographic backend: `ring` when its feature is on,
+/// otherwise `aws-lc-rs` (the default feature).
 ///
 /// Only APIs shared by `aws-lc-rs` and `ring` are used through this alias:
 /// `aead::{LessSafeKey, UnboundKey, AES_256_GCM, Nonce, Aad}`,
 /// `rand::{SystemRandom, SecureRandom}`, `hmac`, `hkdf` and `digest`.
 mod backend {
+    #[cfg(all(feature = "aws-lc-rs", not(feature = "ring")))]
     pub(crate) use aws_lc_rs::{aead, digest, hkdf, hmac, rand};
+    #[cfg(feature = "ring")]
+    pub(crate) use ring::{aead, digest, hkdf, hmac, rand};
 }
+
+#[cfg(not(any(feature = "aws-lc-rs", feature = "ring")))]
+compile_error!(
+    "dicom-gateway-keystore needs a crypto backend: enable the `aws-lc-rs` (default) or `ring` feature"
+);
+
+#[cfg(all(feature = "fips", feature = "ring"))]
+compile_error!("the `fips` feature is aws-lc-rs's FIPS module: it cannot be combined with `ring`");
+
+/// The cryptographic backend this build uses: `"aws-lc-rs"`, `"aws-lc-rs (FIPS)"` or
+/// `"ring"`.
+pub const BACKEND: &str = if cfg!(feature = "ring") {
+    "ring"
+} else if cfg!(feature = "fips") {
+    "aws-lc-rs (FIPS)"
+} else {
+    "aws-lc-rs"
+};
 
 /// Length in bytes of a KEK or DEK (AES-256).
 pub const KEY_LEN: usize = 32;

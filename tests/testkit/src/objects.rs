@@ -45,6 +45,15 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The sum of every series of a Prometheus text exposition whose line starts with `prefix`
+/// (e.g. `name{destination="x"` for every other label value), 0 when none.
+pub fn metric_sum(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
 /// Generate `n` objects of one study with a distinctive patient name.
 pub fn study(n: u32, patient: &str, pixel_bytes: usize) -> Vec<DemoObject> {
     let study = demo::new_uid();
