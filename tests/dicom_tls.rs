@@ -189,6 +189,24 @@ impl Gateway {
     }
 }
 
+/// A certificate's notAfter in Unix seconds, as `openssl x509` and `date` read it.
+fn openssl_not_after(cert: &Path) -> i64 {
+    let o = Command::new("openssl")
+        .args(["x509", "-noout", "-enddate", "-in", p(cert)])
+        .output()
+        .expect("openssl x509");
+    let text = String::from_utf8_lossy(&o.stdout);
+    let date = text.trim().trim_start_matches("notAfter=");
+    let o = Command::new("date")
+        .args(["-u", "-d", date, "+%s"])
+        .output()
+        .expect("date");
+    String::from_utf8_lossy(&o.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("notAfter {date:?}: {e}"))
+}
+
 /// `storescu` (DCMTK) calling GATEWAY as `calling` with `tls` options, in a blocking task.
 async fn storescu(
     addr: std::net::SocketAddr,
@@ -269,6 +287,23 @@ async fn dcmtk_over_dicom_tls_on_both_hops_and_each_wrong_peer_refused_where_it_
     let addr = gw.addr;
     let file = pydicom_file("CT_small.dcm");
     let ca = pki.ca.cert.clone();
+
+    // The expiry of each DICOM TLS certificate is exported, as openssl reads it.
+    gw.node.metrics.render();
+    for (label, cert) in [
+        ("dicom_listener/modalities", &pki.listener.cert),
+        ("dicom_listener/modalities/ca", &pki.ca.cert),
+        ("destination/pacs", &pki.gateway.cert),
+        ("destination/pacs/ca", &pki.ca.cert),
+    ] {
+        let exported = gw
+            .node
+            .metrics
+            .certificate_expiry
+            .with_label_values(&[label])
+            .get();
+        assert_eq!(exported, openssl_not_after(cert) as f64, "{label}");
+    }
 
     // Plaintext on the TLS port: the handshake fails.
     gw.refuses(

@@ -139,6 +139,10 @@ fn files(cfg: &Config, out: &mut Vec<Finding>) {
             }
         }
     }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    dicom_tls_files(cfg, now, out);
     let Some(tls) = &cfg.tls else {
         return;
     };
@@ -148,31 +152,63 @@ fn files(cfg: &Config, out: &mut Vec<Finding>) {
     if let Err(e) = crate::tls::check_node_name(tls, &cfg.node.name) {
         error(out, "tls.cert", format!("{e}"));
     }
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
     for (key, path) in [("tls.cert", &tls.cert), ("tls.ca", &tls.ca)] {
-        match crate::observe::not_after(path) {
-            Ok(t) if t <= now => error(
-                out,
-                key,
-                format!("{} expired; issue a new one", path.display()),
-            ),
-            Ok(t) if t - now < EXPIRY_WARNING_DAYS * 86_400 => warning(
-                out,
-                key,
-                format!(
-                    "{} expires in {} days; renew it (the node reloads it without a restart)",
-                    path.display(),
-                    (t - now) / 86_400
-                ),
-            ),
-            Ok(_) => {}
-            Err(e) => error(out, key, format!("{}: {e:#}", path.display())),
-        }
+        expiry(out, key, path, now);
     }
     if let Err(e) = crate::tls::load_crls(&tls.crls) {
         error(out, "tls.crls", format!("{e}"));
+    }
+}
+
+/// The DICOM TLS files of every `[dicom_listener.tls]` and `[destination.tls]`: the same
+/// loading the node does at start (certificate, key and that they fit, CA, CRLs), and the
+/// certificates' dates.
+fn dicom_tls_files(cfg: &Config, now: i64, out: &mut Vec<Finding>) {
+    for l in &cfg.dicom_listener {
+        let Some(t) = &l.tls else { continue };
+        let key = |field: &str| format!("dicom_listener[{}].tls{field}", l.name);
+        if let Err(e) = crate::tls::DicomServerTls::load(t) {
+            error(out, key(""), format!("{e}"));
+        }
+        expiry(out, &key(".cert"), &t.cert, now);
+        if let Some(ca) = &t.ca {
+            expiry(out, &key(".ca"), ca, now);
+        }
+    }
+    for d in &cfg.destination {
+        let crate::config::DestinationKind::Dicom { tls: Some(t), .. } = &d.kind else {
+            continue;
+        };
+        let key = |field: &str| format!("destination[{}].tls{field}", d.name);
+        if let Err(e) = crate::tls::dicom_client_config(t) {
+            error(out, key(""), format!("{e}"));
+        }
+        if let Some(cert) = &t.cert {
+            expiry(out, &key(".cert"), cert, now);
+        }
+        expiry(out, &key(".ca"), &t.ca, now);
+    }
+}
+
+/// An expired certificate is an error, one within [`EXPIRY_WARNING_DAYS`] a warning.
+fn expiry(out: &mut Vec<Finding>, key: &str, path: &Path, now: i64) {
+    match crate::observe::not_after(path) {
+        Ok(t) if t <= now => error(
+            out,
+            key,
+            format!("{} expired; issue a new one", path.display()),
+        ),
+        Ok(t) if t - now < EXPIRY_WARNING_DAYS * 86_400 => warning(
+            out,
+            key,
+            format!(
+                "{} expires in {} days; renew it (the node reloads it without a restart)",
+                path.display(),
+                (t - now) / 86_400
+            ),
+        ),
+        Ok(_) => {}
+        Err(e) => error(out, key, format!("{}: {e:#}", path.display())),
     }
 }
 

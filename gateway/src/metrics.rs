@@ -151,7 +151,9 @@ pub struct Metrics {
     /// listener or a DICOM TLS listener, by [`tls_failure_reason`] word.
     pub tls_handshake_failures: IntCounterVec,
     /// `certificate_expiry_timestamp_seconds{certificate}`: notAfter of the node's certificate
-    /// (`node`) and of each CA certificate it trusts (`ca`, the earliest).
+    /// (`node`) and of each CA certificate it trusts (`ca`, the earliest), and of each DICOM
+    /// TLS listener's and destination's certificate and CA (`dicom_listener/NAME`,
+    /// `dicom_listener/NAME/ca`, `destination/NAME`, `destination/NAME/ca`).
     pub certificate_expiry: GaugeVec,
     /// `crl_next_update_timestamp_seconds{crl}`: the earliest nextUpdate of each configured
     /// CRL file (`crl` = its file name).
@@ -440,7 +442,7 @@ impl Metrics {
             ),
             certificate_expiry: fgv(
                 "certificate_expiry_timestamp_seconds",
-                "notAfter of the node's certificate and of its CA, in Unix seconds",
+                "notAfter of the node's certificate and CA, and of each DICOM TLS listener's and destination's certificate and CA, in Unix seconds",
                 &["certificate"],
             ),
             crl_next_update: fgv(
@@ -480,7 +482,7 @@ impl Metrics {
             build_info,
             tls_reloads: cv(
                 "tls_reloads_total",
-                "Reloads of the TLS certificate, key, CA and CRL files, by link listener or by the sender (listener=\"sender\")",
+                "Reloads of the TLS certificate, key, CA and CRL files, by link or DICOM TLS listener, by the sender towards peer gateways (listener=\"sender\"), or by a dicom destination with TLS (its name)",
                 &["listener", "result"],
             ),
             hooks: Mutex::new(Vec::new()),

@@ -6,8 +6,9 @@
 //!   RocksDB's counters (`db_background_error`, `db_size_bytes`,
 //!   `db_pending_compaction_bytes`) and the spool's `kek_operations_total` counts, through
 //!   probes that never keep the spool open;
-//! - `certificate_expiry_timestamp_seconds` for the node's certificate and its CA bundle,
-//!   and `crl_next_update_timestamp_seconds` for each CRL file, read at start (where a bad
+//! - `certificate_expiry_timestamp_seconds` for the node's certificate and its CA bundle
+//!   and for those of each DICOM TLS listener and destination, and
+//!   `crl_next_update_timestamp_seconds` for each CRL file, read at start (where a bad
 //!   file is a config error) and again at each scrape, so that a certificate or CRL
 //!   replaced on disk (cert-manager, a CRL refresh job) shows its new dates; an unreadable
 //!   file at scrape time keeps the last value;
@@ -86,48 +87,37 @@ pub fn install(metrics: &Metrics, cfg: &Config, spool: &Spool) -> Result<()> {
         metrics.queue_oldest_age.with_label_values(&[n]);
         metrics.circuit_open.with_label_values(&[n]);
     }
-    let tls = cfg.tls.clone();
-    if let Some(tls) = &tls {
-        let node =
-            not_after(&tls.cert).with_context(|| format!("[tls] cert {}", tls.cert.display()))?;
+    let (certs, crls) = tls_files(cfg);
+    for (label, key, path) in &certs {
+        let t = not_after(path).with_context(|| format!("{key} {}", path.display()))?;
         metrics
             .certificate_expiry
-            .with_label_values(&["node"])
-            .set(node as f64);
-        let ca = not_after(&tls.ca).with_context(|| format!("[tls] ca {}", tls.ca.display()))?;
+            .with_label_values(&[label])
+            .set(t as f64);
+    }
+    for (key, path) in &crls {
+        let t = next_update(path).with_context(|| format!("{key}: {}", path.display()))?;
         metrics
-            .certificate_expiry
-            .with_label_values(&["ca"])
-            .set(ca as f64);
-        for path in &tls.crls {
-            let t = next_update(path).with_context(|| format!("[tls] crls: {}", path.display()))?;
-            metrics
-                .crl_next_update
-                .with_label_values(&[&crl_label(path)])
-                .set(t as f64);
-        }
+            .crl_next_update
+            .with_label_values(&[&crl_label(path)])
+            .set(t as f64);
     }
     let data_dir: PathBuf = cfg.node.data_dir.clone();
     let probe = spool.stats_probe();
     let kek_ops = spool.kek_ops_probe();
     metrics.on_scrape(move |m| {
-        if let Some(tls) = &tls {
-            if let Ok(t) = not_after(&tls.cert) {
+        for (label, _, path) in &certs {
+            if let Ok(t) = not_after(path) {
                 m.certificate_expiry
-                    .with_label_values(&["node"])
+                    .with_label_values(&[label])
                     .set(t as f64);
             }
-            if let Ok(t) = not_after(&tls.ca) {
-                m.certificate_expiry
-                    .with_label_values(&["ca"])
+        }
+        for (_, path) in &crls {
+            if let Ok(t) = next_update(path) {
+                m.crl_next_update
+                    .with_label_values(&[&crl_label(path)])
                     .set(t as f64);
-            }
-            for path in &tls.crls {
-                if let Ok(t) = next_update(path) {
-                    m.crl_next_update
-                        .with_label_values(&[&crl_label(path)])
-                        .set(t as f64);
-                }
             }
         }
         if let Some(free) = free_bytes(&data_dir) {
@@ -186,6 +176,45 @@ pub fn next_update(pem: &Path) -> Result<i64> {
 }
 
 /// The `crl` label of a CRL file: its file name (a configuration value, never peer data).
+/// The certificate files whose notAfter is exported, as (`certificate` label, config key,
+/// path), and the CRL files, as (config key, path): the node's `[tls]` (`node`, `ca`), each
+/// `[dicom_listener.tls]` (`dicom_listener/NAME`, `dicom_listener/NAME/ca`) and each
+/// `[destination.tls]` (`destination/NAME`, `destination/NAME/ca`). Labels are
+/// configuration names.
+type CertFiles = Vec<(String, String, PathBuf)>;
+fn tls_files(cfg: &crate::config::Config) -> (CertFiles, Vec<(String, PathBuf)>) {
+    let mut certs = Vec::new();
+    let mut crls = Vec::new();
+    if let Some(tls) = &cfg.tls {
+        certs.push(("node".into(), "[tls] cert".into(), tls.cert.clone()));
+        certs.push(("ca".into(), "[tls] ca".into(), tls.ca.clone()));
+        crls.extend(tls.crls.iter().map(|p| ("[tls] crls".into(), p.clone())));
+    }
+    for l in &cfg.dicom_listener {
+        let Some(t) = &l.tls else { continue };
+        let label = format!("dicom_listener/{}", l.name);
+        let key = format!("[dicom_listener.tls] of {}:", l.name);
+        certs.push((label.clone(), format!("{key} cert"), t.cert.clone()));
+        if let Some(ca) = &t.ca {
+            certs.push((format!("{label}/ca"), format!("{key} ca"), ca.clone()));
+        }
+        crls.extend(t.crls.iter().map(|p| (format!("{key} crls"), p.clone())));
+    }
+    for d in &cfg.destination {
+        let crate::config::DestinationKind::Dicom { tls: Some(t), .. } = &d.kind else {
+            continue;
+        };
+        let label = format!("destination/{}", d.name);
+        let key = format!("[destination.tls] of {}:", d.name);
+        if let Some(cert) = &t.cert {
+            certs.push((label.clone(), format!("{key} cert"), cert.clone()));
+        }
+        certs.push((format!("{label}/ca"), format!("{key} ca"), t.ca.clone()));
+        crls.extend(t.crls.iter().map(|p| (format!("{key} crls"), p.clone())));
+    }
+    (certs, crls)
+}
+
 fn crl_label(path: &Path) -> String {
     path.file_name()
         .map(|n| n.to_string_lossy().into_owned())

@@ -951,6 +951,19 @@ fn check_explain_through_the_binary_prints_the_routes_a_file_takes() {
     assert!(out.contains("  => site-b\n"), "{out}");
 }
 
+/// `t` as `openssl ca -startdate/-enddate` takes it (UTC, `YYYYMMDDHHMMSSZ`).
+fn openssl_date(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after the epoch")
+        .as_secs();
+    let o = Command::new("date")
+        .args(["-u", "-d", &format!("@{secs}"), "+%Y%m%d%H%M%SZ"])
+        .output()
+        .expect("date");
+    String::from_utf8_lossy(&o.stdout).trim().to_owned()
+}
+
 /// Sign a certificate for `name` with the site folder's CA, valid from `start` to `end`
 /// (`YYYYMMDDHHMMSSZ`), with OpenSSL's `ca` command; returns its path.
 fn openssl_cert(s: &Site, name: &str, start: &str, end: &str) -> PathBuf {
@@ -1019,17 +1032,7 @@ fn check_reports_an_expired_or_expiring_certificate() {
     let s = Site::new();
     let cfg = s.path();
     let cfg = cfg.to_str().expect("utf-8");
-    let fmt = |t: std::time::SystemTime| {
-        let secs = t
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("after the epoch")
-            .as_secs();
-        let o = Command::new("date")
-            .args(["-u", "-d", &format!("@{secs}"), "+%Y%m%d%H%M%SZ"])
-            .output()
-            .expect("date");
-        String::from_utf8_lossy(&o.stdout).trim().to_owned()
-    };
+    let fmt = openssl_date;
     let now = std::time::SystemTime::now();
     let day = std::time::Duration::from_secs(86_400);
     let check_with = |cert: &Path| {
@@ -1076,6 +1079,95 @@ fn check_reports_an_expired_or_expiring_certificate() {
         findings
             .iter()
             .any(|(level, m)| level == "warning" && m.contains("expires in")),
+        "{report}"
+    );
+}
+
+/// `check` loads the files of a `[dicom_listener.tls]` and a `[destination.tls]` as the
+/// node would: a key that does not fit its certificate, a missing CA file and an expired
+/// certificate are each an error on the key that names them; the control has none.
+#[test]
+fn check_reads_the_dicom_tls_files_of_listeners_and_destinations() {
+    let s = Site::new();
+    let cfg = s.path();
+    let cfg = cfg.to_str().expect("utf-8");
+    let with_tls = |listener_key: &str, listener_cert: &str, dest_ca: &str| {
+        let text = format!(
+            r#"{}
+[[dicom_listener]]
+name = "lan-tls"
+listen = "127.0.0.1:0"
+ae_title = "GW_A"
+route_to = ["pacs"]
+[dicom_listener.tls]
+cert = "{listener_cert}"
+key = "{listener_key}"
+ca = "tls/ca.crt"
+[[destination]]
+name = "pacs"
+kind = "dicom"
+address = "127.0.0.1:104"
+ae_title = "PACS"
+calling_ae_title = "GW_A"
+[destination.tls]
+ca = "{dest_ca}"
+server_name = "pacs.example.org"
+cert = "tls/site-a.crt"
+key = "tls/site-a.key"
+"#,
+            s.config()
+        );
+        s.write(&text);
+        let o = run(&["check", "--config", cfg, "--json"], &[]);
+        let report: serde_json::Value = serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("JSON report ({e}): {}", stderr(&o)));
+        let errors: Vec<(String, String)> = report["findings"]
+            .as_array()
+            .expect("findings")
+            .iter()
+            .filter(|f| f["level"] == "error")
+            .map(|f| {
+                (
+                    f["subject"].as_str().unwrap_or("").to_owned(),
+                    f["message"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect();
+        (o.status.code(), errors, report)
+    };
+    let has = |errors: &[(String, String)], subject: &str, needle: &str| {
+        errors
+            .iter()
+            .any(|(s, m)| s == subject && m.contains(needle))
+    };
+
+    let (code, errors, report) = with_tls("tls/site-a.key", "tls/site-a.crt", "tls/ca.crt");
+    assert_eq!((code, errors.len()), (Some(0), 0), "control: {report}");
+
+    // Site B's key under site A's certificate; a CA file that is not there.
+    let (code, errors, report) = with_tls("tls/site-b.key", "tls/site-a.crt", "tls/none.crt");
+    assert_eq!(code, Some(1), "{report}");
+    assert!(
+        has(&errors, "dicom_listener[lan-tls].tls", "does not fit"),
+        "{report}"
+    );
+    assert!(
+        has(&errors, "destination[pacs].tls", "none.crt"),
+        "{report}"
+    );
+
+    let now = std::time::SystemTime::now();
+    let day = std::time::Duration::from_secs(86_400);
+    let fmt = openssl_date;
+    let expired = openssl_cert(&s, "site-a", &fmt(now - 20 * day), &fmt(now - 10 * day));
+    let (code, errors, report) = with_tls(
+        "tls/site-a.key",
+        expired.to_str().expect("utf-8"),
+        "tls/ca.crt",
+    );
+    assert_eq!(code, Some(1), "{report}");
+    assert!(
+        has(&errors, "dicom_listener[lan-tls].tls.cert", "expired"),
         "{report}"
     );
 }
