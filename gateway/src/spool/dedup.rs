@@ -84,7 +84,11 @@ impl Spool {
     }
 
     /// Look a transfer up.
-    pub fn dedup_state(&self, key: DedupKey, digest: &[u8; 32]) -> Result<DedupState, SpoolError> {
+    pub fn dedup_state_blocking(
+        &self,
+        key: DedupKey,
+        digest: &[u8; 32],
+    ) -> Result<DedupState, SpoolError> {
         match self.inner.store.get(Cf::Dedup, &key.0)? {
             None => Ok(DedupState::New),
             Some(v) => {
@@ -118,7 +122,7 @@ impl Spool {
         let Some(key) = key else {
             return Ok(false);
         };
-        match self.dedup_state(key, digest)? {
+        match self.dedup_state_blocking(key, digest)? {
             DedupState::New => Ok(false),
             DedupState::Identical => Ok(true),
             DedupState::Conflict => Err(SpoolError::IdentityMismatch("content of this transfer")),

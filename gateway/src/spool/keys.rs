@@ -289,7 +289,7 @@ impl Spool {
     }
 
     /// Study keys stored (for status and tests).
-    pub fn study_key_count(&self) -> Result<usize, SpoolError> {
+    pub fn study_key_count_blocking(&self) -> Result<usize, SpoolError> {
         Ok(self.inner.store.scan_keys(Cf::Keys)?.len())
     }
 }

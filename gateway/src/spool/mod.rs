@@ -25,6 +25,8 @@
 //! - An object that is not committed leaves nothing behind: a dropped writer deletes its
 //!   segments, and segments of writers interrupted by a crash are deleted at the next open
 //!   (the `ingest` family lists them).
+//! - A function that does RocksDB I/O synchronously is named `*_blocking`, or is private and
+//!   runs only inside `spawn_blocking` (through `blocking`) or a `*_blocking` function.
 
 pub mod kek_check;
 mod rocks;
@@ -344,7 +346,7 @@ impl Spool {
     /// ([`kek_check`]): another KEK is refused before RocksDB is opened. A directory
     /// without one (new, or from a version before check values) gets the KEK's value
     /// once the store opened.
-    pub fn open(dir: &Path, kek: Kek, opts: SpoolOptions) -> Result<Spool, SpoolError> {
+    pub fn open_blocking(dir: &Path, kek: Kek, opts: SpoolOptions) -> Result<Spool, SpoolError> {
         prepare_data_dir(dir)?;
         if dir.join(kek_check::FILE_NAME).exists() {
             kek_check::verify_or_store_blocking(dir, &kek)?;
@@ -597,7 +599,7 @@ impl Spool {
     }
 
     /// Number of objects in the spool.
-    pub fn object_count(&self) -> Result<usize, SpoolError> {
+    pub fn object_count_blocking(&self) -> Result<usize, SpoolError> {
         Ok(self
             .inner
             .store
@@ -606,7 +608,7 @@ impl Spool {
     }
 
     /// Number of stored segments, committed or not (diagnostics and tests).
-    pub fn segment_count(&self) -> Result<usize, SpoolError> {
+    pub fn segment_count_blocking(&self) -> Result<usize, SpoolError> {
         Ok(self
             .inner
             .store

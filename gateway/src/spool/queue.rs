@@ -291,7 +291,7 @@ impl Spool {
     }
 
     /// Number of objects queued for `dest` (stored view).
-    pub fn queue_len(&self, dest: &str) -> Result<usize, SpoolError> {
+    pub fn queue_len_blocking(&self, dest: &str) -> Result<usize, SpoolError> {
         let mut prefix = dest.as_bytes().to_vec();
         prefix.push(0);
         Ok(self
@@ -373,7 +373,11 @@ impl Spool {
     }
 
     /// The failure record of `dest`'s entry `seq`, if it failed before.
-    pub fn failure(&self, dest: &str, seq: u64) -> Result<Option<FailureRecord>, SpoolError> {
+    pub fn failure_blocking(
+        &self,
+        dest: &str,
+        seq: u64,
+    ) -> Result<Option<FailureRecord>, SpoolError> {
         Ok(self
             .inner
             .store
@@ -494,7 +498,7 @@ impl Spool {
     }
 
     /// Number of retained objects.
-    pub fn retained_count(&self) -> Result<usize, SpoolError> {
+    pub fn retained_count_blocking(&self) -> Result<usize, SpoolError> {
         Ok(self.inner.store.scan_keys(Cf::Expiry)?.len())
     }
 

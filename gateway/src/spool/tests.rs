@@ -19,7 +19,7 @@ fn open(dir: &Path) -> Spool {
         segment_bytes: 64 * 1024,
         ..SpoolOptions::default()
     };
-    Spool::open(dir, Kek::from_bytes([3; 32]), opts).unwrap()
+    Spool::open_blocking(dir, Kek::from_bytes([3; 32]), opts).unwrap()
 }
 
 /// Issue 11, part 1.1: a spool written under one KEK refuses another KEK at open,
@@ -30,7 +30,7 @@ fn another_kek_is_refused_at_open_and_old_dirs_get_a_check_value() {
     drop(open(dir.path()));
     let check = dir.path().join(kek_check::FILE_NAME);
     assert!(check.exists());
-    let err = Spool::open(
+    let err = Spool::open_blocking(
         dir.path(),
         Kek::from_bytes([4; 32]),
         SpoolOptions::default(),
@@ -55,7 +55,7 @@ fn another_kek_is_refused_at_open_and_old_dirs_get_a_check_value() {
     drop(open(dir.path()));
     assert!(check.exists());
     assert!(
-        Spool::open(
+        Spool::open_blocking(
             dir.path(),
             Kek::from_bytes([4; 32]),
             SpoolOptions::default()
@@ -110,10 +110,10 @@ async fn round_trip_queues_and_deletion_after_the_last_destination() {
     assert_eq!((qx.len(), qy.len()), (1, 1));
     assert_eq!(qx[0].length, r.meta.length);
     assert!(!spool.complete("x", qx[0].entry).await.unwrap());
-    assert_eq!(spool.object_count().unwrap(), 1);
+    assert_eq!(spool.object_count_blocking().unwrap(), 1);
     assert!(spool.complete("y", qy[0].entry).await.unwrap());
-    assert_eq!(spool.object_count().unwrap(), 0);
-    assert_eq!(spool.segment_count().unwrap(), 0);
+    assert_eq!(spool.object_count_blocking().unwrap(), 0);
+    assert_eq!(spool.segment_count_blocking().unwrap(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -164,14 +164,14 @@ async fn an_interrupted_ingest_is_removed_at_the_next_open() {
         let o = generate_object("1.2.3", "1.2.3.1", 1, "CRASH^MID", 400_000).unwrap();
         let mut w = spool.writer(ingest(&o, &["x"], None)).unwrap();
         w.write(&o.dataset[..300_000]).await.unwrap();
-        assert!(spool.segment_count().unwrap() > 0);
+        assert!(spool.segment_count_blocking().unwrap() > 0);
         // A crash: the writer's cleanup never runs.
         w.committing = true;
         drop(w);
     }
     let spool = open(dir.path());
-    assert_eq!(spool.segment_count().unwrap(), 0);
-    assert_eq!(spool.object_count().unwrap(), 0);
+    assert_eq!(spool.segment_count_blocking().unwrap(), 0);
+    assert_eq!(spool.object_count_blocking().unwrap(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -204,14 +204,17 @@ async fn link_transfers_deduplicate_and_refuse_conflicts() {
         commit(other).await,
         Err(SpoolError::IdentityMismatch(_))
     ));
-    assert_eq!(spool.object_count().unwrap(), 1);
-    assert_eq!(spool.queue_len("x").unwrap(), 1);
+    assert_eq!(spool.object_count_blocking().unwrap(), 1);
+    assert_eq!(spool.queue_len_blocking("x").unwrap(), 1);
     // nothing of the refused copies is left behind
     let stored = spool
         .open_object(spool.subscribe("x").await.unwrap().0[0].entry.object)
         .await
         .unwrap();
-    assert_eq!(spool.segment_count().unwrap() as u64, stored.meta.segments);
+    assert_eq!(
+        spool.segment_count_blocking().unwrap() as u64,
+        stored.meta.segments
+    );
     // The disk never holds the object's SHA-256 (it would confirm a known image).
     let digest = stored.meta.digest;
     drop(stored);
@@ -232,7 +235,7 @@ async fn link_transfers_deduplicate_and_refuse_conflicts() {
     let later = now_ms() + 8 * 24 * 3600 * 1000;
     assert_eq!(spool.expire_dedup_blocking(later).unwrap(), 1);
     assert!(matches!(
-        spool.dedup_state(key, &digest).unwrap(),
+        spool.dedup_state_blocking(key, &digest).unwrap(),
         DedupState::New
     ));
 }
@@ -251,11 +254,11 @@ fn dedup_records_of_the_old_format_are_still_read() {
         .put_unsynced(Cf::Dedup, &key.0, &v)
         .unwrap();
     assert!(matches!(
-        spool.dedup_state(key, &digest).unwrap(),
+        spool.dedup_state_blocking(key, &digest).unwrap(),
         DedupState::Identical
     ));
     assert!(matches!(
-        spool.dedup_state(key, &[8; 32]).unwrap(),
+        spool.dedup_state_blocking(key, &[8; 32]).unwrap(),
         DedupState::Conflict
     ));
 }
@@ -278,7 +281,7 @@ async fn assert_whole(spool: &Spool) -> usize {
         segments += r.meta.segments as usize;
     }
     assert_eq!(
-        spool.segment_count().unwrap(),
+        spool.segment_count_blocking().unwrap(),
         segments,
         "segments that belong to no committed object"
     );
@@ -292,7 +295,7 @@ async fn assert_whole(spool: &Spool) -> usize {
         0,
         "ingest markers left behind"
     );
-    spool.object_count().unwrap()
+    spool.object_count_blocking().unwrap()
 }
 
 /// Pause the first thread that reaches fault point `name`, report it, and hold it until
@@ -319,7 +322,7 @@ fn open_with_faults(dir: &Path) -> Spool {
         failpoints: true,
         ..SpoolOptions::default()
     };
-    Spool::open(dir, Kek::from_bytes([3; 32]), opts).unwrap()
+    Spool::open_blocking(dir, Kek::from_bytes([3; 32]), opts).unwrap()
 }
 
 /// The regression test of the lost acknowledged object: a link request whose future is
@@ -439,7 +442,7 @@ async fn a_write_cancelled_mid_put_leaves_no_orphan() {
         .expect("the cleanup runs once the put has landed");
     fail::remove("spool::discard");
     assert_eq!(assert_whole(&spool).await, 0);
-    assert_eq!(spool.segment_count().unwrap(), 0);
+    assert_eq!(spool.segment_count_blocking().unwrap(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -519,7 +522,7 @@ fn the_data_directory_is_created_private_and_an_open_one_is_refused() {
     }
     // Others may read: refused, naming the fix; nothing is opened.
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let e = Spool::open(&dir, Kek::from_bytes([3; 32]), SpoolOptions::default())
+    let e = Spool::open_blocking(&dir, Kek::from_bytes([3; 32]), SpoolOptions::default())
         .err()
         .expect("an open data directory must be refused");
     assert!(
@@ -545,7 +548,7 @@ async fn retention_keeps_delivered_objects_for_a_resend_then_expires_them() {
         retention: Duration::from_secs(3600),
         ..SpoolOptions::default()
     };
-    let spool = Spool::open(dir.path(), Kek::from_bytes([3; 32]), opts.clone()).unwrap();
+    let spool = Spool::open_blocking(dir.path(), Kek::from_bytes([3; 32]), opts.clone()).unwrap();
     let a = generate_object("1.2.7", "1.2.7.1", 1, "KEEP^A", 150_000).unwrap();
     let b = generate_object("1.2.7", "1.2.7.1", 2, "KEEP^B", 10_000).unwrap();
     let other = generate_object("1.2.8", "1.2.8.1", 1, "KEEP^C", 10_000).unwrap();
@@ -564,11 +567,11 @@ async fn retention_keeps_delivered_objects_for_a_resend_then_expires_them() {
     }
     // Delivered everywhere, and kept.
     assert_eq!(
-        spool.queue_len("x").unwrap() + spool.queue_len("y").unwrap(),
+        spool.queue_len_blocking("x").unwrap() + spool.queue_len_blocking("y").unwrap(),
         0
     );
-    assert_eq!(spool.object_count().unwrap(), 3);
-    assert_eq!(spool.retained_count().unwrap(), 3);
+    assert_eq!(spool.object_count_blocking().unwrap(), 3);
+    assert_eq!(spool.retained_count_blocking().unwrap(), 3);
     let kept = spool.retained_blocking().unwrap();
     let of_a = kept.iter().find(|r| r.object == ida).unwrap();
     assert_eq!(of_a.destinations, vec!["x".to_owned(), "y".to_owned()]);
@@ -593,11 +596,11 @@ async fn retention_keeps_delivered_objects_for_a_resend_then_expires_them() {
     assert!(q.entry.resend && q.entry.object == ida);
     // Stored as a resend (a restart remembers it), and no longer in the index.
     drop(spool);
-    let spool = Spool::open(dir.path(), Kek::from_bytes([3; 32]), opts).unwrap();
+    let spool = Spool::open_blocking(dir.path(), Kek::from_bytes([3; 32]), opts).unwrap();
     let (qy, _ry) = spool.subscribe("y").await.unwrap();
     assert_eq!(qy.len(), 1);
     assert!(qy[0].entry.resend, "the resend flag survives a restart");
-    assert_eq!(spool.retained_count().unwrap(), 2);
+    assert_eq!(spool.retained_count_blocking().unwrap(), 2);
     // A dead letter and its replay keep the flag.
     spool
         .dead_letter("y", qy[0].entry, &FailureRecord::default())
@@ -618,7 +621,7 @@ async fn retention_keeps_delivered_objects_for_a_resend_then_expires_them() {
     );
     spool.complete("y", qy[0].entry).await.unwrap();
     assert_eq!(
-        spool.retained_count().unwrap(),
+        spool.retained_count_blocking().unwrap(),
         3,
         "retained again after delivery"
     );
@@ -632,10 +635,10 @@ async fn retention_keeps_delivered_objects_for_a_resend_then_expires_them() {
     let (qx, _rx) = spool.subscribe("x").await.unwrap();
     let qd = qx.iter().find(|q| q.entry.object == idd).unwrap();
     spool.complete("x", qd.entry).await.unwrap();
-    assert_eq!(spool.retained_count().unwrap(), 4);
+    assert_eq!(spool.retained_count_blocking().unwrap(), 4);
     let keys_before = spool.inner.store.scan_keys(Cf::Keys).unwrap().len();
     assert_eq!(spool.purge_retained_study("1.2.6".into()).await.unwrap(), 1);
-    assert_eq!(spool.retained_count().unwrap(), 3);
+    assert_eq!(spool.retained_count_blocking().unwrap(), 3);
     assert!(matches!(
         spool.meta(idd).await,
         Err(SpoolError::NotFound(_))
@@ -670,11 +673,11 @@ async fn retention_keeps_delivered_objects_for_a_resend_then_expires_them() {
     // Past the retention every object goes, and with them both study keys.
     let later = now_ms() + 2 * 3600 * 1000;
     assert_eq!(spool.expire_retained_at(later, 2).await.unwrap(), 2);
-    assert_eq!(spool.object_count().unwrap(), 1);
+    assert_eq!(spool.object_count_blocking().unwrap(), 1);
     assert_eq!(spool.expire_retained_at(later, 100).await.unwrap(), 1);
-    assert_eq!(spool.object_count().unwrap(), 0);
-    assert_eq!(spool.segment_count().unwrap(), 0);
-    assert_eq!(spool.retained_count().unwrap(), 0);
+    assert_eq!(spool.object_count_blocking().unwrap(), 0);
+    assert_eq!(spool.segment_count_blocking().unwrap(), 0);
+    assert_eq!(spool.retained_count_blocking().unwrap(), 0);
     assert!(spool.inner.store.scan_keys(Cf::Done).unwrap().is_empty());
     assert!(
         spool.inner.store.scan_keys(Cf::Keys).unwrap().is_empty(),
@@ -710,7 +713,7 @@ async fn dead_letters_keep_their_history_and_replay_or_purge() {
         "dead letters survive a restart"
     );
     assert_eq!(
-        spool.failure("x", q[0].entry.seq).unwrap(),
+        spool.failure_blocking("x", q[0].entry.seq).unwrap(),
         Some(rec.clone())
     );
     let (_, mut replays) = spool.subscribe("x").await.unwrap();
@@ -727,7 +730,10 @@ async fn dead_letters_keep_their_history_and_replay_or_purge() {
     let spool = open(dir.path());
     let (q, mut rx2) = spool.subscribe("x").await.unwrap();
     assert_eq!(q[0].entry.state, EntryState::Queued);
-    let fresh = spool.failure("x", q[0].entry.seq).unwrap().expect("stored");
+    let fresh = spool
+        .failure_blocking("x", q[0].entry.seq)
+        .unwrap()
+        .expect("stored");
     assert_eq!((fresh.attempts, fresh.history.len()), (0, 0));
     assert_eq!(fresh.budget_from_ms, Some(from));
     // A record written before budgets were stored still decodes, without one.
@@ -749,8 +755,8 @@ async fn dead_letters_keep_their_history_and_replay_or_purge() {
         1
     );
     spool.purge("x", q[1].entry).await.unwrap();
-    assert_eq!(spool.object_count().unwrap(), 0);
-    assert_eq!(spool.segment_count().unwrap(), 0);
+    assert_eq!(spool.object_count_blocking().unwrap(), 0);
+    assert_eq!(spool.segment_count_blocking().unwrap(), 0);
     assert_eq!(
         spool
             .inner
@@ -775,7 +781,7 @@ async fn study_keys_are_shredded_once_unused_but_never_under_a_writer() {
     let c = generate_object("1.3.2", "1.3.2.1", 1, "SHRED^C", 10_000).unwrap();
     let ida = store(&spool, &a, &["x"]).await;
     let idc = store(&spool, &c, &["x"]).await;
-    assert_eq!(spool.study_key_count().unwrap(), 2);
+    assert_eq!(spool.study_key_count_blocking().unwrap(), 2);
     let kek_ops = spool.kek_ops_probe();
     let before = kek_ops().unwrap();
     assert_eq!((before.kek_id, before.wrap, before.shred), (1, 2, 0));
@@ -817,10 +823,10 @@ async fn study_keys_are_shredded_once_unused_but_never_under_a_writer() {
     for e in &q {
         spool.complete("x", e.entry).await.unwrap();
     }
-    assert_eq!(spool.object_count().unwrap(), 0);
-    assert_eq!(spool.study_key_count().unwrap(), 2);
+    assert_eq!(spool.object_count_blocking().unwrap(), 0);
+    assert_eq!(spool.study_key_count_blocking().unwrap(), 2);
     assert_eq!(spool.shred_unused_keys_blocking().unwrap(), 2);
-    assert_eq!(spool.study_key_count().unwrap(), 0);
+    assert_eq!(spool.study_key_count_blocking().unwrap(), 0);
     assert_eq!(
         kek_ops().unwrap().shred,
         2,
@@ -896,7 +902,7 @@ async fn hl7_messages_round_trip_under_a_key_per_patient() {
     for e in spool.entries_blocking("ris").unwrap() {
         spool.complete("ris", e).await.unwrap();
     }
-    assert_eq!(spool.object_count().unwrap(), 0);
+    assert_eq!(spool.object_count_blocking().unwrap(), 0);
     // Dedup: identical is a duplicate, other bytes a conflict.
     let key = spool.message_dedup_key("ris-in", "RIS^HOSP", "D1");
     assert!(matches!(
