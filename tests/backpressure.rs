@@ -125,7 +125,7 @@ async fn under_the_disk_watermark_readyz_is_503_and_c_store_gets_a700_until_spac
         "{}",
         report.output
     );
-    assert_eq!(a.spool().unwrap().object_count().unwrap(), 0);
+    assert_eq!(a.spool().unwrap().object_count_blocking().unwrap(), 0);
 
     // Space returns: no restart.
     std::fs::remove_file(&ballast).unwrap();
@@ -143,7 +143,7 @@ async fn under_the_disk_watermark_readyz_is_503_and_c_store_gets_a700_until_spac
         1,
         "accepted again without a restart"
     );
-    assert_eq!(a.spool().unwrap().object_count().unwrap(), 1);
+    assert_eq!(a.spool().unwrap().object_count_blocking().unwrap(), 1);
     sites.stop().await;
 }
 
@@ -193,7 +193,7 @@ async fn a_full_destination_queue_refuses_c_store_with_a700_until_it_drains() {
         );
     }
     assert_eq!(
-        a_spool.object_count().unwrap(),
+        a_spool.object_count_blocking().unwrap(),
         5,
         "the refused left nothing"
     );
@@ -314,7 +314,8 @@ async fn a_full_queue_at_site_b_answers_the_link_503_with_retry_after() {
     assert_eq!(send(sites.a_dicom(), "GW_A", &objects[..3]).await, 3);
     let b_spool = sites.b_spool();
     let full = eventually(Duration::from_secs(30), || {
-        b_spool.object_count().is_ok_and(|n| n == 3) && b_spool.admit(&["pacs".to_owned()]).is_err()
+        b_spool.object_count_blocking().is_ok_and(|n| n == 3)
+            && b_spool.admit(&["pacs".to_owned()]).is_err()
     })
     .await;
     assert!(
@@ -334,7 +335,7 @@ async fn a_full_queue_at_site_b_answers_the_link_503_with_retry_after() {
         "Retry-After must be a delay in seconds: {retry_after:?}"
     );
     assert_eq!(
-        b_spool.object_count().unwrap(),
+        b_spool.object_count_blocking().unwrap(),
         3,
         "B stored the refused part"
     );
@@ -352,7 +353,7 @@ async fn a_full_queue_at_site_b_answers_the_link_503_with_retry_after() {
     })
     .await;
     assert!(recorded, "{:?}", a.board.get("site-b"));
-    assert_eq!(b_spool.object_count().unwrap(), 3);
+    assert_eq!(b_spool.object_count_blocking().unwrap(), 3);
     drop(b_spool);
 
     let pacs = Storescp::start_with(&pacs_out, port, &["+xa"]);

@@ -28,7 +28,7 @@ async fn wrong_called_ae_title_is_rejected_and_nothing_is_stored() {
     .expect_err("a wrong called AE title must be rejected");
     assert!(err.to_string().contains("association"), "{err}");
     let a = sites.a.as_ref().unwrap();
-    assert_eq!(a.spool().unwrap().object_count().unwrap(), 0);
+    assert_eq!(a.spool().unwrap().object_count_blocking().unwrap(), 0);
     // The server counts the rejection just after the client has seen it.
     assert!(
         eventually(Duration::from_secs(5), || a.metrics.render().contains(
@@ -84,9 +84,9 @@ async fn object_that_cannot_be_persisted_gets_a700_and_leaves_nothing() {
     let a = sites.a_spool();
     // The refused object's cleanup runs in a task of the spool: wait for it.
     a.quiesce().await;
-    assert_eq!(a.object_count().unwrap(), 0);
+    assert_eq!(a.object_count_blocking().unwrap(), 0);
     assert_eq!(
-        a.segment_count().unwrap(),
+        a.segment_count_blocking().unwrap(),
         0,
         "segments of the refused object remain"
     );
@@ -235,7 +235,7 @@ async fn link_refuses_unauthenticated_and_unlisted_peers() {
         );
         let b = sites.b.as_ref().unwrap();
         assert_eq!(
-            b.spool().unwrap().object_count().unwrap(),
+            b.spool().unwrap().object_count_blocking().unwrap(),
             0,
             "{what}: something was stored"
         );
@@ -258,7 +258,7 @@ async fn link_refuses_unauthenticated_and_unlisted_peers() {
     ))
     .await;
     assert!(ok.is_ok(), "{ok:?}");
-    assert_eq!(sites.b_spool().object_count().unwrap(), 1);
+    assert_eq!(sites.b_spool().object_count_blocking().unwrap(), 1);
     // An identical re-send of the same transfer is a success without a second copy.
     let again = attempt(client_tls(
         &d.join("pki/site-a.crt"),
@@ -267,7 +267,7 @@ async fn link_refuses_unauthenticated_and_unlisted_peers() {
     ))
     .await;
     assert!(again.is_ok(), "{again:?}");
-    assert_eq!(sites.b_spool().object_count().unwrap(), 1);
+    assert_eq!(sites.b_spool().object_count_blocking().unwrap(), 1);
     sites.stop().await;
 }
 
@@ -296,7 +296,7 @@ async fn sender_refuses_a_server_without_the_expected_name() {
     .unwrap();
     let r = sender.send(spool.open_object(id).await.unwrap()).await;
     assert!(r.is_err(), "must not talk to a server that is not site-c");
-    assert_eq!(sites.b_spool().object_count().unwrap(), 0);
+    assert_eq!(sites.b_spool().object_count_blocking().unwrap(), 0);
     sites.stop().await;
 }
 
@@ -433,9 +433,9 @@ async fn malformed_stow_requests_are_refused_and_store_nothing() {
         .await
         .expect("the listener kept buffering part headers");
     assert_eq!(status, 400);
-    assert_eq!(sites.b_spool().object_count().unwrap(), 0);
+    assert_eq!(sites.b_spool().object_count_blocking().unwrap(), 0);
     sites.b_spool().quiesce().await;
-    assert_eq!(sites.b_spool().segment_count().unwrap(), 0);
+    assert_eq!(sites.b_spool().segment_count_blocking().unwrap(), 0);
     // Large objects, streamed by the gateway's own sender in 1 MiB segments, are stored
     // (the first chunk of a part can be larger than its Part-10 header: this once failed
     // with "Part-10 header too large").
@@ -468,14 +468,14 @@ async fn malformed_stow_requests_are_refused_and_store_nothing() {
         let r = gw.send(sender_spool.open_object(id).await.unwrap()).await;
         assert!(r.is_ok(), "{r:?}");
     }
-    assert_eq!(sites.b_spool().object_count().unwrap(), 5);
+    assert_eq!(sites.b_spool().object_count_blocking().unwrap(), 5);
 
     // Control: the well-formed request is stored.
     assert_eq!(
         raw_post(port, tls.clone(), ct, body(&digest, &part10)).await,
         200
     );
-    assert_eq!(sites.b_spool().object_count().unwrap(), 6);
+    assert_eq!(sites.b_spool().object_count_blocking().unwrap(), 6);
     // The same transfer again with other bytes (and their own correct digest) is refused
     // with 409, and nothing is overwritten.
     let mut other = part10.clone();
@@ -486,7 +486,7 @@ async fn malformed_stow_requests_are_refused_and_store_nothing() {
         raw_post(port, tls.clone(), ct, body(&other_digest, &other)).await,
         409
     );
-    assert_eq!(sites.b_spool().object_count().unwrap(), 6);
+    assert_eq!(sites.b_spool().object_count_blocking().unwrap(), 6);
     sites.stop().await;
 }
 

@@ -488,7 +488,7 @@ async fn a_full_volume_refuses_new_objects_and_resumes_without_a_restart() {
     let st = admin_status(a).await;
     assert!(!st.ready && st.readiness.contains("min_free"), "{st:?}");
     assert_eq!(
-        a.spool().unwrap().object_count().unwrap(),
+        a.spool().unwrap().object_count_blocking().unwrap(),
         stored,
         "only acknowledged objects are stored"
     );

@@ -194,7 +194,7 @@ async fn strict_uid_match_refuses_a_mismatch() {
     assoc.release().await.expect("release");
     let spool = sites.a_spool();
     spool.quiesce().await;
-    assert_eq!(spool.object_count().unwrap(), 0);
+    assert_eq!(spool.object_count_blocking().unwrap(), 0);
     sites.stop().await;
 }
 
@@ -227,18 +227,22 @@ async fn abort_mid_object_keeps_nothing() {
     let spool = sites.a_spool();
     // The partial object did reach the spool (so the check below means something).
     assert!(
-        eventually(Duration::from_secs(10), || spool.segment_count().unwrap()
+        eventually(Duration::from_secs(10), || spool
+            .segment_count_blocking()
+            .unwrap()
             > 0)
         .await
     );
     assoc.abort().await.unwrap();
     assert!(
-        eventually(Duration::from_secs(10), || spool.segment_count().unwrap()
+        eventually(Duration::from_secs(10), || spool
+            .segment_count_blocking()
+            .unwrap()
             == 0)
         .await,
         "segments of the aborted object remain"
     );
-    assert_eq!(spool.object_count().unwrap(), 0);
+    assert_eq!(spool.object_count_blocking().unwrap(), 0);
     drop(spool);
     sites.stop().await;
     assert_eq!(pacs.count(), 0);

@@ -67,7 +67,7 @@ async fn write_failure_answers_a700_and_keeps_what_was_acknowledged() {
         sites.a_spool().storage_failed(),
         "premise: the failed write marked the storage failed"
     );
-    let stored_before = sites.a_spool().object_count().unwrap();
+    let stored_before = sites.a_spool().object_count_blocking().unwrap();
     let later = study(2, "DISK^AFTER", 64 * 1024);
     let later_files = write_part10(&tmp.path().join("later"), &later);
     for f in &later_files {
@@ -80,7 +80,10 @@ async fn write_failure_answers_a700_and_keeps_what_was_acknowledged() {
             report.output
         );
     }
-    assert_eq!(sites.a_spool().object_count().unwrap(), stored_before);
+    assert_eq!(
+        sites.a_spool().object_count_blocking().unwrap(),
+        stored_before
+    );
     let http = sites.a.as_ref().unwrap().http_addr.unwrap();
     let (status, body) = http_get(http, "/readyz").await.unwrap();
     assert!(
@@ -91,7 +94,7 @@ async fn write_failure_answers_a700_and_keeps_what_was_acknowledged() {
     // Restart A: what was acknowledged is queued, and only that.
     sites.restart_a().await;
     let spool = sites.a_spool();
-    assert_eq!(spool.queue_len("site-b").unwrap(), acked.len());
+    assert_eq!(spool.queue_len_blocking("site-b").unwrap(), acked.len());
     spool.quiesce().await;
     let entries = spool.entries_blocking("site-b").unwrap();
     let mut segments = 0;
@@ -99,7 +102,7 @@ async fn write_failure_answers_a700_and_keeps_what_was_acknowledged() {
         segments += spool.open_object(e.object).await.unwrap().meta.segments as usize;
     }
     assert_eq!(
-        spool.segment_count().unwrap(),
+        spool.segment_count_blocking().unwrap(),
         segments,
         "the refused object left segments"
     );

@@ -55,8 +55,10 @@ async fn relays_byte_for_byte_and_leaves_no_plaintext_at_rest() {
     // Delivered objects leave both spools.
     let a = sites.a_spool();
     let b = sites.b_spool();
-    assert!(eventually(Duration::from_secs(10), || a.object_count().unwrap() == 0).await);
-    assert!(eventually(Duration::from_secs(10), || b.object_count().unwrap() == 0).await);
+    for spool in [&a, &b] {
+        let empty = || spool.object_count_blocking().unwrap() == 0;
+        assert!(eventually(Duration::from_secs(10), empty).await);
+    }
     drop((a, b));
 
     // Metrics saw it, with no UID or name in any label value of either node.
@@ -173,7 +175,7 @@ async fn restart_of_site_b_mid_transfer_delivers_everything_exactly_once() {
         frozen.is_ok(),
         "premise: site B never stored an 11th object"
     );
-    let held = sites.a_spool().queue_len("site-b").unwrap();
+    let held = sites.a_spool().queue_len_blocking("site-b").unwrap();
     assert!(
         held >= first.len() - 10,
         "premise: B must stop while A holds the rest of the batch; A holds {held}"
@@ -194,12 +196,12 @@ async fn restart_of_site_b_mid_transfer_delivers_everything_exactly_once() {
         "premise: site A never saw B's failure answer"
     );
     let dup_before = metric(&b_metrics.render(), dup);
-    let held = sites.a_spool().queue_len("site-b").unwrap();
+    let held = sites.a_spool().queue_len_blocking("site-b").unwrap();
 
     // A keeps accepting while B is away and holds everything not confirmed.
     assert_eq!(send(sites.a_dicom(), "GW_A", &second).await, second.len());
     // (A send B answered just before it stopped may still be recorded meanwhile.)
-    let holding = sites.a_spool().queue_len("site-b").unwrap();
+    let holding = sites.a_spool().queue_len_blocking("site-b").unwrap();
     assert!(
         holding > second.len() && holding <= held + second.len(),
         "site A must hold what B has not confirmed: {holding} queued, {held} before the second batch"
@@ -209,7 +211,7 @@ async fn restart_of_site_b_mid_transfer_delivers_everything_exactly_once() {
     assert!(
         sites.settled(Duration::from_secs(120)).await,
         "not delivered after B came back: A holds {:?}, the PACS has {}",
-        sites.a_spool().queue_len("site-b"),
+        sites.a_spool().queue_len_blocking("site-b"),
         pacs.count()
     );
     // A re-sent at least one object B already had, and B said so.
@@ -238,7 +240,10 @@ async fn restart_of_site_a_resumes_its_queue() {
     sites.stop_b().await;
     let objects = study(10, "RESUME^A", 32 * 1024);
     assert_eq!(send(sites.a_dicom(), "GW_A", &objects).await, objects.len());
-    assert_eq!(sites.a_spool().queue_len("site-b").unwrap(), objects.len());
+    assert_eq!(
+        sites.a_spool().queue_len_blocking("site-b").unwrap(),
+        objects.len()
+    );
     // Restart A from its config and data folder, then bring B back.
     sites.restart_a().await;
     sites.start_b().await;
@@ -285,14 +290,14 @@ async fn a_retained_study_is_resent_on_request() {
         let (a, b, pacs) = (a.clone(), b.clone(), &pacs);
         move || {
             pacs.count() >= n
-                && a.queue_len("site-b").is_ok_and(|q| q == 0)
-                && b.object_count().is_ok_and(|c| c == 0)
+                && a.queue_len_blocking("site-b").is_ok_and(|q| q == 0)
+                && b.object_count_blocking().is_ok_and(|c| c == 0)
         }
     };
     assert!(eventually(Duration::from_secs(60), delivered(7)).await);
     // Delivered, and kept at A (encrypted) only: B keeps nothing by default.
-    assert_eq!(a.retained_count().unwrap(), 7);
-    assert_eq!(a.object_count().unwrap(), 7);
+    assert_eq!(a.retained_count_blocking().unwrap(), 7);
+    assert_eq!(a.object_count_blocking().unwrap(), 7);
     // The study UID, from the sealed metadata of what A kept.
     let mut study_uid = None;
     for r in a.retained_blocking().unwrap() {
@@ -341,7 +346,7 @@ async fn a_retained_study_is_resent_on_request() {
         "the resent study arrives once more, and nothing else does"
     );
     assert_eq!(
-        a.retained_count().unwrap(),
+        a.retained_count_blocking().unwrap(),
         7,
         "retained again after delivery"
     );
@@ -366,7 +371,7 @@ async fn a_retained_study_is_resent_on_request() {
     )
     .unwrap();
     assert_eq!((purged.matched, purged.retained_purged), (0, 5));
-    assert_eq!(a.retained_count().unwrap(), 2);
+    assert_eq!(a.retained_count_blocking().unwrap(), 2);
     drop((a, b));
     sites.stop().await;
 }

@@ -85,9 +85,12 @@ async fn orders_arrive_identical_and_in_order_per_patient() {
     assert!(
         eventually(WAIT, || sites
             .spool("a")
-            .object_count()
+            .object_count_blocking()
             .is_ok_and(|n| n == 0)
-            && sites.spool("b").object_count().is_ok_and(|n| n == 0))
+            && sites
+                .spool("b")
+                .object_count_blocking()
+                .is_ok_and(|n| n == 0))
         .await,
         "both spools empty once delivered"
     );
@@ -161,7 +164,7 @@ async fn bad_input_is_refused_with_ar_and_nothing_is_stored() {
     };
     assert!(closed);
     let spool = sites.spool("a");
-    assert_eq!(spool.object_count().unwrap(), 0, "nothing stored");
+    assert_eq!(spool.object_count_blocking().unwrap(), 0, "nothing stored");
     let m = sites.metrics("a");
     assert!(
         metric(
@@ -210,13 +213,17 @@ async fn aa_only_after_the_commit_and_ae_when_it_fails() {
     let acks = send_with_python_hl7(sites.a_hl7(), std::slice::from_ref(&m));
     assert_eq!(acks, vec![Some("AE".to_owned())], "a failed commit is AE");
     let spool = sites.spool("a");
-    assert_eq!(spool.object_count().unwrap(), 0, "nothing stored");
-    assert_eq!(spool.queue_len("site-b").unwrap(), 0);
+    assert_eq!(spool.object_count_blocking().unwrap(), 0, "nothing stored");
+    assert_eq!(spool.queue_len_blocking("site-b").unwrap(), 0);
     fail::remove("spool::message::batch");
     let acks = send_with_python_hl7(sites.a_hl7(), std::slice::from_ref(&m));
     assert_eq!(acks, vec![Some("AA".to_owned())]);
     // The AA came after the commit: the message is queued for B now (B is down).
-    assert_eq!(spool.queue_len("site-b").unwrap(), 1, "queued at the AA");
+    assert_eq!(
+        spool.queue_len_blocking("site-b").unwrap(),
+        1,
+        "queued at the AA"
+    );
     drop(spool);
     // It survives a restart of A and reaches the RIS once B is back.
     if let Some(a) = sites.a.take() {
@@ -249,16 +256,19 @@ async fn messages_survive_a_restart_of_b() {
     assert!(
         eventually(WAIT, || sites
             .spool("a")
-            .object_count()
+            .object_count_blocking()
             .is_ok_and(|n| n == 0)
-            && sites.spool("b").queue_len("ris").is_ok_and(|n| n == 5))
+            && sites
+                .spool("b")
+                .queue_len_blocking("ris")
+                .is_ok_and(|n| n == 5))
         .await,
         "B holds the 5 messages"
     );
     sites.stop_b().await;
     sites.start_b().await;
     assert_eq!(
-        sites.spool("b").queue_len("ris").unwrap(),
+        sites.spool("b").queue_len_blocking("ris").unwrap(),
         5,
         "kept across the restart"
     );
@@ -272,7 +282,7 @@ async fn messages_survive_a_restart_of_b() {
     assert!(
         eventually(WAIT, || sites
             .spool("b")
-            .object_count()
+            .object_count_blocking()
             .is_ok_and(|n| n == 0))
         .await
     );
@@ -302,9 +312,12 @@ async fn a_resend_is_stored_once_and_a_conflicting_one_refused() {
     assert!(
         eventually(WAIT, || sites
             .spool("a")
-            .object_count()
+            .object_count_blocking()
             .is_ok_and(|n| n == 0)
-            && sites.spool("b").object_count().is_ok_and(|n| n == 0))
+            && sites
+                .spool("b")
+                .object_count_blocking()
+                .is_ok_and(|n| n == 0))
         .await
     );
     let got: Vec<String> = ris.accepted().into_iter().map(|r| r.raw).collect();
@@ -366,7 +379,7 @@ async fn ae_and_ar_from_the_receiving_system_are_dead_letters_with_their_reason(
     }
     let mut reasons = Vec::new();
     for e in b.entries_blocking("ris").unwrap() {
-        let f = b.failure("ris", e.seq).unwrap().unwrap();
+        let f = b.failure_blocking("ris", e.seq).unwrap().unwrap();
         assert_eq!(f.attempts, 1, "one attempt: {f:?}");
         reasons.push(f.last_reason().unwrap_or_default().to_owned());
     }
@@ -481,9 +494,12 @@ async fn reports_come_back_the_other_way() {
     assert!(
         eventually(WAIT, || sites
             .spool("a")
-            .object_count()
+            .object_count_blocking()
             .is_ok_and(|n| n == 0)
-            && sites.spool("b").object_count().is_ok_and(|n| n == 0))
+            && sites
+                .spool("b")
+                .object_count_blocking()
+                .is_ok_and(|n| n == 0))
         .await,
         "both spools empty once delivered"
     );
@@ -505,7 +521,7 @@ async fn no_plaintext_message_content_on_disk() {
     let acks = send_with_python_hl7(sites.a_hl7(), std::slice::from_ref(&m));
     assert_eq!(acks, vec![Some("AA".to_owned())]);
     assert_eq!(
-        sites.spool("a").queue_len("site-b").unwrap(),
+        sites.spool("a").queue_len_blocking("site-b").unwrap(),
         1,
         "waits at A"
     );
@@ -513,7 +529,7 @@ async fn no_plaintext_message_content_on_disk() {
     assert!(
         eventually(WAIT, || sites
             .spool("b")
-            .queue_len("ris")
+            .queue_len_blocking("ris")
             .is_ok_and(|n| n == 1))
         .await,
         "waits at B"
@@ -642,7 +658,7 @@ async fn the_link_deduplicates_hl7_transfers() {
     assert!(
         eventually(WAIT, || sites
             .spool("b")
-            .object_count()
+            .object_count_blocking()
             .is_ok_and(|n| n == 0))
         .await
     );
@@ -723,9 +739,12 @@ async fn a_kill_9_of_b_mid_stream_loses_nothing_and_keeps_the_order() {
     assert!(
         eventually(WAIT, || sites
             .spool("a")
-            .object_count()
+            .object_count_blocking()
             .is_ok_and(|n| n == 0)
-            && sites.spool("b").object_count().is_ok_and(|n| n == 0))
+            && sites
+                .spool("b")
+                .object_count_blocking()
+                .is_ok_and(|n| n == 0))
         .await,
         "both spools empty once delivered"
     );

@@ -199,7 +199,7 @@ async fn slow_peers_are_cut_off_within_the_memory_bound_and_others_are_served_af
     for a in &mut slow {
         assert!(was_cut_off(a).await, "slow association");
     }
-    assert_eq!(sites.a_spool().object_count().unwrap(), 0);
+    assert_eq!(sites.a_spool().object_count_blocking().unwrap(), 0);
 
     // The process is up and serves a legitimate sender again.
     assert_eq!(send(addr, "GW_A", &objects).await, 1);
@@ -333,7 +333,7 @@ async fn the_link_listener_caps_connections_and_requests() {
         .expect("the stalled request was never answered")
         .unwrap();
     assert_eq!(status, 503);
-    assert_eq!(sites.b_spool().segment_count().unwrap(), 0);
+    assert_eq!(sites.b_spool().segment_count_blocking().unwrap(), 0);
     drop(h2);
     conn.abort();
 

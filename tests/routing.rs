@@ -269,7 +269,7 @@ calling_ae_title = "GW_A"
         "refused at negotiation, not by a C-STORE status: {why:?}\n{}",
         report.output
     );
-    assert_eq!(spool.object_count().unwrap(), 0);
+    assert_eq!(spool.object_count_blocking().unwrap(), 0);
 
     // Control: the listed class is stored and delivered.
     let want = file_datasets(std::slice::from_ref(&ct));

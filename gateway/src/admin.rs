@@ -392,7 +392,7 @@ pub fn status(st: &AdminState) -> Status {
         ready,
         readiness,
         destinations,
-        retained: st.spool.retained_count().unwrap_or(0),
+        retained: st.spool.retained_count_blocking().unwrap_or(0),
     }
 }
 
@@ -471,7 +471,7 @@ async fn selected(
                 {
                     continue;
                 }
-                let failures = spool.failure(&d, e.seq)?.unwrap_or_default();
+                let failures = spool.failure_blocking(&d, e.seq)?.unwrap_or_default();
                 let hl7 = meta.as_ref().filter(|m| m.is_hl7()).map(|m| Hl7View {
                     message_type: m.transfer_syntax.clone(),
                     control_id: m.sop_instance_uid.clone(),

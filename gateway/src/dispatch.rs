@@ -277,7 +277,7 @@ pub async fn run(
     let now = Instant::now();
     for q in stored {
         let failures = spool
-            .failure(&name, q.entry.seq)
+            .failure_blocking(&name, q.entry.seq)
             .ok()
             .flatten()
             .unwrap_or_default();
@@ -923,7 +923,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt as _;
         let tmp = tempfile::tempdir().unwrap();
         std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
-        let spool = Spool::open(
+        let spool = Spool::open_blocking(
             &tmp.path().join("spool"),
             keystore::Kek::from_bytes([2; 32]),
             crate::spool::SpoolOptions::default(),
@@ -964,7 +964,7 @@ mod tests {
         let _scenario = fail::FailScenario::setup();
         let tmp = tempfile::tempdir().unwrap();
         std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
-        let spool = Spool::open(
+        let spool = Spool::open_blocking(
             &tmp.path().join("spool"),
             keystore::Kek::from_bytes([2; 32]),
             crate::spool::SpoolOptions {
@@ -1055,7 +1055,7 @@ mod tests {
         let (q, _rx) = spool.subscribe("out").await.unwrap();
         assert_eq!(q.len(), 4);
         for e in &q {
-            assert_eq!(spool.failure("out", e.entry.seq).unwrap(), None);
+            assert_eq!(spool.failure_blocking("out", e.entry.seq).unwrap(), None);
         }
         drop(q);
 

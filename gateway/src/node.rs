@@ -108,7 +108,7 @@ impl Node {
         let kek = keystore::Kek::load(&cfg.keystore.kek_file)
             .with_context(|| format!("{file}: keystore.kek_file"))?;
         let data_dir = cfg.node.data_dir.clone();
-        let spool = tokio::task::spawn_blocking(move || Spool::open(&data_dir, kek, opts))
+        let spool = tokio::task::spawn_blocking(move || Spool::open_blocking(&data_dir, kek, opts))
             .await?
             .with_context(|| {
                 format!(

@@ -826,7 +826,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let blocker = dir.path().join("spool-is-a-file");
         std::fs::write(&blocker, b"x").unwrap();
-        let e = Spool::open(
+        let e = Spool::open_blocking(
             &blocker,
             keystore::Kek::from_bytes([1; 32]),
             Default::default(),

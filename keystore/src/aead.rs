@@ -1,12 +1,11 @@
-//! AES-256-GCM sealing: segmented objects and single records.
+//! AES-256-GCM sealing: segmented objects and single records, under a [`Dek`], on the raw
+//! seal and open of `primitives`.
 
 use std::fmt;
 use std::marker::PhantomData;
 
-use zeroize::Zeroize;
-
 use crate::backend::{aead, rand};
-use crate::keys::SecretKey;
+use crate::primitives::{open_to_vec, seal_with_random_nonce};
 use crate::{Dek, FORMAT_VERSION, KeystoreError, NONCE_LEN, TAG_LEN};
 
 /// Bytes a sealed segment adds to its plaintext: version, flags, nonce, tag.
@@ -20,79 +19,6 @@ const SEGMENT_AD_LABEL: &[u8] = b"dicom-gateway segment v1";
 const RECORD_AD_LABEL: &[u8] = b"dicom-gateway record v1";
 /// Bytes a sealed record adds to its plaintext: version, nonce, tag.
 const RECORD_OVERHEAD: usize = 1 + NONCE_LEN + TAG_LEN;
-
-/// Builds the AES-256-GCM key for `key`.
-pub(crate) fn less_safe_key(key: &SecretKey) -> Result<aead::LessSafeKey, KeystoreError> {
-    aead::UnboundKey::new(&aead::AES_256_GCM, key.as_bytes())
-        .map(aead::LessSafeKey::new)
-        .map_err(|_| KeystoreError::Crypto)
-}
-
-/// Returns `header || nonce || ciphertext || tag` with a fresh random nonce.
-///
-/// The plaintext is encrypted in place inside the output buffer, which is
-/// allocated once at its final size; on failure it is zeroized.
-pub(crate) fn seal_with_random_nonce(
-    key: &aead::LessSafeKey,
-    rng: &rand::SystemRandom,
-    header: &[u8],
-    ad: &[u8],
-    plaintext: &[u8],
-) -> Result<Vec<u8>, KeystoreError> {
-    use rand::SecureRandom as _;
-    let mut nonce = [0u8; NONCE_LEN];
-    rng.fill(&mut nonce).map_err(|_| KeystoreError::Random)?;
-
-    let body_start = header.len() + NONCE_LEN;
-    let mut out = Vec::with_capacity(body_start + plaintext.len() + TAG_LEN);
-    out.extend_from_slice(header);
-    out.extend_from_slice(&nonce);
-    out.extend_from_slice(plaintext);
-    match key.seal_in_place_separate_tag(
-        aead::Nonce::assume_unique_for_key(nonce),
-        aead::Aad::from(ad),
-        &mut out[body_start..],
-    ) {
-        Ok(tag) => {
-            out.extend_from_slice(tag.as_ref());
-            Ok(out)
-        }
-        Err(_) => {
-            out.zeroize();
-            Err(KeystoreError::Crypto)
-        }
-    }
-}
-
-/// Authenticates and decrypts `ciphertext || tag` in place; returns the
-/// plaintext prefix of `in_out`, or `Err(())` if authentication fails.
-pub(crate) fn open_in_place<'b>(
-    key: &aead::LessSafeKey,
-    nonce: &[u8],
-    ad: &[u8],
-    in_out: &'b mut [u8],
-) -> Result<&'b mut [u8], ()> {
-    let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| ())?;
-    key.open_in_place(
-        aead::Nonce::assume_unique_for_key(nonce),
-        aead::Aad::from(ad),
-        in_out,
-    )
-    .map_err(|_| ())
-}
-
-/// Decrypts `ciphertext || tag` into a new buffer.
-fn open_to_vec(
-    key: &aead::LessSafeKey,
-    nonce: &[u8],
-    ad: &[u8],
-    sealed_body: &[u8],
-) -> Result<Vec<u8>, ()> {
-    let mut buf = sealed_body.to_vec();
-    let len = open_in_place(key, nonce, ad, &mut buf)?.len();
-    buf.truncate(len);
-    Ok(buf)
-}
 
 /// Segment associated data, reusing one buffer: the fixed prefix
 /// `label || u32 BE len(identity) || identity`, then per segment

@@ -1,4 +1,5 @@
-//! Key types: the KEK, per-study DEKs, and the keyed index hasher.
+//! Key types: the KEK, per-study DEKs, and the keyed index hasher. Their bytes are held in a
+//! [`SecretKey`], and the KEK wraps DEKs with the raw seal and open of `primitives`.
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -7,8 +8,8 @@ use std::path::Path;
 
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::aead::{less_safe_key, open_in_place, seal_with_random_nonce};
 use crate::backend::{aead, hkdf, hmac, rand};
+use crate::primitives::{SecretKey, less_safe_key, open_in_place, seal_with_random_nonce};
 use crate::{FORMAT_VERSION, KEY_LEN, KeystoreError, NONCE_LEN, TAG_LEN};
 
 /// The id written into wrapped keys by the current (only) KEK generation.
@@ -34,37 +35,6 @@ const CHECK_INFO: &[u8] = b"kek-check v1";
 const CHECK_LABEL: &[u8] = b"dicom-gateway kek check value v1";
 /// Length of a KEK check value (a full HMAC-SHA-256 tag).
 pub const KEK_CHECK_LEN: usize = 32;
-
-/// A 256-bit secret held on the heap (so moving its owner does not copy it)
-/// and zeroized on drop. Never printed.
-pub(crate) struct SecretKey(Box<[u8; KEY_LEN]>);
-
-impl SecretKey {
-    /// An all-zero key, to be filled in place.
-    fn zeroed() -> Self {
-        Self(Box::new([0u8; KEY_LEN]))
-    }
-
-    /// A key filled from the system RNG.
-    fn random(rng: &rand::SystemRandom) -> Result<Self, KeystoreError> {
-        use rand::SecureRandom as _;
-        let mut key = Self::zeroed();
-        rng.fill(&mut key.0[..])
-            .map_err(|_| KeystoreError::Random)?;
-        Ok(key)
-    }
-
-    /// The raw key bytes.
-    pub(crate) fn as_bytes(&self) -> &[u8; KEY_LEN] {
-        &self.0
-    }
-}
-
-impl Drop for SecretKey {
-    fn drop(&mut self) {
-        self.0.zeroize();
-    }
-}
 
 /// Whether a KEK file with permission bits `mode`, owned by group `file_gid`,
 /// may be used by a process whose effective group is `own_gid`: nothing for
@@ -138,7 +108,8 @@ impl Kek {
             return Err(length_err(meta.len()));
         }
         let mut key = SecretKey::zeroed();
-        file.read_exact(&mut key.0[..]).map_err(read_err)?;
+        file.read_exact(&mut key.as_mut_bytes()[..])
+            .map_err(read_err)?;
         // The file may have grown since it was inspected.
         if read_some(&mut file).map_err(read_err)? {
             return Err(length_err(KEY_LEN as u64 + 1));
@@ -205,7 +176,7 @@ impl Kek {
     pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Kek {
         let mut bytes = bytes;
         let mut key = SecretKey::zeroed();
-        key.0.copy_from_slice(&bytes);
+        key.as_mut_bytes().copy_from_slice(&bytes);
         bytes.zeroize();
         Kek {
             kek_id: CURRENT_KEK_ID,
@@ -275,7 +246,7 @@ impl Kek {
             return Err(KeystoreError::Crypto);
         }
         let mut dek = SecretKey::zeroed();
-        dek.0.copy_from_slice(plain);
+        dek.as_mut_bytes().copy_from_slice(plain);
         Ok(Dek { key: dek })
     }
 

@@ -35,11 +35,19 @@
 //!   default feature) or `ring` (the `ring` feature, which wins when both are on).
 //!   Only APIs the two share are used, and the formats are the same under either,
 //!   so a spool written under one backend opens under the other.
+//!
+//! # Layout
+//!
+//! The modules read bottom-up, each using only those before it: `backend` (the alias),
+//! `error`, `primitives` (the secret key type and raw AES-256-GCM seal and open), `keys`
+//! ([`Kek`], [`Dek`], [`IndexHasher`]), `aead` (segments and records under a [`Dek`]);
+//! `hash` stands apart.
 
 mod aead;
 mod error;
 mod hash;
 mod keys;
+mod primitives;
 
 pub use aead::{
     SEGMENT_OVERHEAD, SegmentOpener, SegmentSealer, open_record, open_segment, random_bytes,

@@ -523,7 +523,7 @@ impl LinkServer {
             return PartResult::BadRequest("part has no sha-256 Content-Digest".into());
         };
         let key = self.spool.dedup_key(peer, &transfer_id);
-        match self.spool.dedup_state(key, &digest) {
+        match self.spool.dedup_state_blocking(key, &digest) {
             Ok(DedupState::New) => {}
             Ok(DedupState::Identical) => {
                 // Already stored: drain without keeping anything.

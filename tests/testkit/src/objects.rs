@@ -90,7 +90,7 @@ pub async fn admin_status(node: &Node) -> dicom_gateway::admin::Status {
 /// A spool of its own in `dir` (no node around it), with default options under the test
 /// KEK of 32 bytes `kek`: to send from, as a peer gateway would, or to measure.
 pub fn scratch_spool(dir: &Path, kek: u8) -> Spool {
-    Spool::open(
+    Spool::open_blocking(
         dir,
         keystore::Kek::from_bytes([kek; 32]),
         SpoolOptions::default(),

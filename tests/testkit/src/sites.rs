@@ -225,7 +225,8 @@ impl TwoSites {
     pub async fn settled(&self, timeout: Duration) -> bool {
         let (a, b) = (self.a_spool(), self.b_spool());
         eventually(timeout, || {
-            a.object_count().is_ok_and(|n| n == 0) && b.object_count().is_ok_and(|n| n == 0)
+            a.object_count_blocking().is_ok_and(|n| n == 0)
+                && b.object_count_blocking().is_ok_and(|n| n == 0)
         })
         .await
     }

@@ -85,7 +85,7 @@ impl LinkServer {
             return (StatusCode::BAD_REQUEST, "rejected");
         };
         let key = self.spool.dedup_key(peer, &transfer_id);
-        match self.spool.dedup_state(key, &digest) {
+        match self.spool.dedup_state_blocking(key, &digest) {
             Ok(DedupState::New) => {}
             Ok(DedupState::Identical) => return (StatusCode::OK, "duplicate"),
             Ok(DedupState::Conflict) => return (StatusCode::CONFLICT, "conflict"),
