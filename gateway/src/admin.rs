@@ -315,7 +315,15 @@ async fn route(req: Request<Incoming>, st: &AdminState) -> Response<Full<Bytes>>
     let path = req.uri().path().to_owned();
     let query = parse_query(req.uri().query().unwrap_or(""));
     match (req.method().clone(), path.as_str()) {
-        (Method::GET, "/v1/status") => json(StatusCode::OK, &status(st)),
+        (Method::GET, "/v1/status") => {
+            // The status reads the spool (readiness, the retained count): off the async
+            // workers.
+            let st = st.clone();
+            match tokio::task::spawn_blocking(move || status_blocking(&st)).await {
+                Ok(s) => json(StatusCode::OK, &s),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("status: {e}")),
+            }
+        }
         (Method::GET, "/v1/queue") => {
             let sel = Selector {
                 destination: query.get("destination").cloned(),
@@ -377,8 +385,8 @@ fn parse_query(q: &str) -> HashMap<String, String> {
         .collect()
 }
 
-/// The status document.
-pub fn status(st: &AdminState) -> Status {
+/// The status document (reads the spool: call it inside `spawn_blocking`).
+pub fn status_blocking(st: &AdminState) -> Status {
     let (ready, readiness) = st.readiness.check(&st.spool);
     let board = st.board.snapshot();
     let destinations = st

@@ -275,12 +275,27 @@ pub async fn run(
     };
     let mut slots: BTreeMap<u64, Slot> = BTreeMap::new();
     let now = Instant::now();
-    for q in stored {
-        let failures = spool
-            .failure_blocking(&name, q.entry.seq)
-            .ok()
-            .flatten()
-            .unwrap_or_default();
+    // Each entry's attempt history, read off the async workers; an entry whose record
+    // cannot be read starts with a fresh one (as a missing record does).
+    let seqs: Vec<u64> = stored.iter().map(|q| q.entry.seq).collect();
+    let n = seqs.len();
+    let histories = {
+        let (spool, name) = (spool.clone(), name.clone());
+        tokio::task::spawn_blocking(move || {
+            seqs.into_iter()
+                .map(|seq| {
+                    spool
+                        .failure_blocking(&name, seq)
+                        .ok()
+                        .flatten()
+                        .unwrap_or_default()
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_else(|_| vec![Default::default(); n])
+    };
+    for (q, failures) in stored.into_iter().zip(histories) {
         slots.insert(q.entry.seq, slot(q, failures, now));
     }
     if !slots.is_empty() {

@@ -951,6 +951,21 @@ fn check_explain_through_the_binary_prints_the_routes_a_file_takes() {
     assert!(out.contains("  => site-b\n"), "{out}");
 }
 
+/// `check --config cfg --json`: its exit code, each finding as `[level, subject, message]`,
+/// and the whole report (for assertion messages).
+fn check_json(cfg: &str) -> (Option<i32>, Vec<[String; 3]>, serde_json::Value) {
+    let o = run(&["check", "--config", cfg, "--json"], &[]);
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("JSON report ({e}): {}", stderr(&o)));
+    let findings = report["findings"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .map(|f| ["level", "subject", "message"].map(|k| f[k].as_str().unwrap_or("").to_owned()))
+        .collect();
+    (o.status.code(), findings, report)
+}
+
 /// `t` as `openssl ca -startdate/-enddate` takes it (UTC, `YYYYMMDDHHMMSSZ`).
 fn openssl_date(t: std::time::SystemTime) -> String {
     let secs = t
@@ -1040,22 +1055,13 @@ fn check_reports_an_expired_or_expiring_certificate() {
             &s.config()
                 .replace("tls/site-a.crt", cert.to_str().expect("utf-8")),
         );
-        let o = run(&["check", "--config", cfg, "--json"], &[]);
-        let report: serde_json::Value = serde_json::from_slice(&o.stdout)
-            .unwrap_or_else(|e| panic!("JSON report ({e}): {}", stderr(&o)));
-        let cert_findings: Vec<(String, String)> = report["findings"]
-            .as_array()
-            .expect("findings")
-            .iter()
-            .filter(|f| f["subject"] == "tls.cert")
-            .map(|f| {
-                (
-                    f["level"].as_str().unwrap_or("").to_owned(),
-                    f["message"].as_str().unwrap_or("").to_owned(),
-                )
-            })
+        let (code, findings, report) = check_json(cfg);
+        let cert_findings: Vec<(String, String)> = findings
+            .into_iter()
+            .filter(|[_, subject, _]| subject == "tls.cert")
+            .map(|[level, _, message]| (level, message))
             .collect();
-        (o.status.code(), cert_findings, report)
+        (code, cert_findings, report)
     };
 
     let good = openssl_cert(&s, "site-a", &fmt(now - day), &fmt(now + 800 * day));
@@ -1118,22 +1124,13 @@ key = "tls/site-a.key"
             s.config()
         );
         s.write(&text);
-        let o = run(&["check", "--config", cfg, "--json"], &[]);
-        let report: serde_json::Value = serde_json::from_slice(&o.stdout)
-            .unwrap_or_else(|e| panic!("JSON report ({e}): {}", stderr(&o)));
-        let errors: Vec<(String, String)> = report["findings"]
-            .as_array()
-            .expect("findings")
-            .iter()
-            .filter(|f| f["level"] == "error")
-            .map(|f| {
-                (
-                    f["subject"].as_str().unwrap_or("").to_owned(),
-                    f["message"].as_str().unwrap_or("").to_owned(),
-                )
-            })
+        let (code, findings, report) = check_json(cfg);
+        let errors: Vec<(String, String)> = findings
+            .into_iter()
+            .filter(|[level, _, _]| level == "error")
+            .map(|[_, subject, message]| (subject, message))
             .collect();
-        (o.status.code(), errors, report)
+        (code, errors, report)
     };
     let has = |errors: &[(String, String)], subject: &str, needle: &str| {
         errors

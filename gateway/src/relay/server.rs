@@ -523,7 +523,11 @@ impl LinkServer {
             return PartResult::BadRequest("part has no sha-256 Content-Digest".into());
         };
         let key = self.spool.dedup_key(peer, &transfer_id);
-        match self.spool.dedup_state_blocking(key, &digest) {
+        let spool = self.spool.clone();
+        let state = tokio::task::spawn_blocking(move || spool.dedup_state_blocking(key, &digest))
+            .await
+            .unwrap_or_else(|e| Err(SpoolError::Internal(format!("dedup lookup: {e}"))));
+        match state {
             Ok(DedupState::New) => {}
             Ok(DedupState::Identical) => {
                 // Already stored: drain without keeping anything.

@@ -85,7 +85,10 @@ impl LinkServer {
             return (StatusCode::BAD_REQUEST, "rejected");
         };
         let key = self.spool.dedup_key(peer, &transfer_id);
-        match self.spool.dedup_state_blocking(key, &digest) {
+        let spool = self.spool.clone();
+        let state =
+            tokio::task::spawn_blocking(move || spool.dedup_state_blocking(key, &digest)).await;
+        match state.unwrap_or_else(|e| Err(SpoolError::Internal(format!("dedup lookup: {e}")))) {
             Ok(DedupState::New) => {}
             Ok(DedupState::Identical) => return (StatusCode::OK, "duplicate"),
             Ok(DedupState::Conflict) => return (StatusCode::CONFLICT, "conflict"),
