@@ -11,7 +11,10 @@
 //!   study key when nothing of the study is left, once no destination waits for it);
 //! - `POST /v1/queue/resend` with a JSON [`ResendRequest`]: queue a study's retained
 //!   objects (`[spool] retention`) again, for the destinations they were delivered to or
-//!   the one named.
+//!   the one named;
+//! - `GET /v1/keys`: the KEK versions ([`crate::rotation::KeysStatus`]), and
+//!   `POST /v1/keys/reload`: look for new KEK version files now (what `keys rotate` asks
+//!   after writing one), then the same answer.
 //!
 //! Invariants:
 //! - the socket is `admin.sock` in the data directory, mode 0600: only the operator who can
@@ -241,6 +244,8 @@ pub struct AdminState {
     pub readiness: Arc<Readiness>,
     /// `[spool] retention`: zero keeps nothing after delivery.
     pub retention: Duration,
+    /// KEK rotation.
+    pub rotation: Arc<crate::rotation::Rotation>,
 }
 
 /// Bind the socket (replacing a stale one) with mode 0600.
@@ -373,6 +378,14 @@ async fn route(req: Request<Incoming>, st: &AdminState) -> Response<Full<Bytes>>
                 Err(e) => error(StatusCode::BAD_REQUEST, &format!("{e:#}")),
             }
         }
+        (Method::GET, "/v1/keys") => match st.rotation.status().await {
+            Ok(s) => json(StatusCode::OK, &s),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e:#}")),
+        },
+        (Method::POST, "/v1/keys/reload") => match st.rotation.reload_with_status().await {
+            Ok((_, s)) => json(StatusCode::OK, &s),
+            Err(e) => error(StatusCode::CONFLICT, &format!("{e:#}")),
+        },
         _ => error(StatusCode::NOT_FOUND, "unknown admin request"),
     }
 }

@@ -114,7 +114,9 @@ fn warning(out: &mut Vec<Finding>, subject: impl Into<String>, message: impl Int
 
 /// The files the config names exist and parse; certificates are in date.
 fn files(cfg: &Config, out: &mut Vec<Finding>) {
-    if let Err(e) = keystore::Kek::load(&cfg.keystore.kek_file) {
+    // Every version next to it (after a rotation, version 1 itself may be retired and
+    // gone); whether the data directory's versions are all there is checked at start.
+    if let Err(e) = keystore::KekRing::load(&cfg.keystore.kek_file) {
         error(
             out,
             "keystore.kek_file",

@@ -1,8 +1,9 @@
-//! The operator commands that talk to a running node: `status` and `queue`.
+//! The operator commands that talk to a running node: `status`, `queue` and `keys`.
 //!
 //! Each reads the node's config only to find its data directory (and so the admin socket),
 //! asks the node over [`crate::admin`], and prints a table for people or, with `--json`,
-//! the API's JSON for scripts. Errors say what to do next.
+//! the API's JSON for scripts. Errors say what to do next. `keys rotate` and `keys status`
+//! also work on a stopped node: they then open its data directory themselves.
 
 use std::path::Path;
 
@@ -11,6 +12,7 @@ use http::Method;
 
 use crate::admin::{self, Changed, EntryView, ResendRequest, Resended, Selector, Status};
 use crate::config::Config;
+use crate::rotation::{KeysStatus, RESCAN, rewrap_all_blocking, status_blocking};
 
 fn socket_of(config: &Path) -> anyhow::Result<std::path::PathBuf> {
     let cfg = Config::load(config).with_context(|| format!("reading {}", config.display()))?;
@@ -375,4 +377,302 @@ fn human_age(secs: f64) -> String {
         7200..=172_799 => format!("{}h", s / 3600),
         _ => format!("{}d", s / 86400),
     }
+}
+
+/// Is a node listening on `sock`? `false` when there is no socket or nobody accepts on it
+/// (a stopped node, or one killed without removing it).
+async fn node_running(sock: &Path) -> anyhow::Result<bool> {
+    match tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::net::UnixStream::connect(sock),
+    )
+    .await
+    {
+        Ok(Ok(_)) => Ok(true),
+        Ok(Err(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            Ok(false)
+        }
+        Ok(Err(e)) => Err(e).with_context(|| {
+            format!(
+                "cannot reach the node's admin socket {}: run this as the user that runs the node",
+                sock.display()
+            )
+        }),
+        Err(_) => anyhow::bail!(
+            "timed out connecting to {}: the node is running but does not answer",
+            sock.display()
+        ),
+    }
+}
+
+/// Open a stopped node's spool for a `keys` command. Blocking.
+fn open_stopped_spool(cfg: &Config) -> anyhow::Result<crate::spool::Spool> {
+    let ring = keystore::KekRing::load(&cfg.keystore.kek_file).context("keystore.kek_file")?;
+    crate::spool::Spool::open_blocking(
+        &cfg.node.data_dir,
+        ring,
+        crate::node::Node::spool_options(cfg),
+    )
+    .with_context(|| {
+        format!(
+            "cannot open the data directory {} (the node's admin socket did not answer, so it was opened directly; if the node is running, check that this is its config)",
+            cfg.node.data_dir.display()
+        )
+    })
+}
+
+fn print_keys(st: &KeysStatus) {
+    let mut rows = vec![vec![
+        "VERSION".to_owned(),
+        "STATE".to_owned(),
+        "KEYS".to_owned(),
+        "FILE".to_owned(),
+    ]];
+    for v in &st.versions {
+        rows.push(vec![
+            v.version.to_string(),
+            v.state.clone(),
+            v.keys.to_string(),
+            format!(
+                "{}{}",
+                v.file.display(),
+                if v.file_present { "" } else { " (absent)" }
+            ),
+        ]);
+    }
+    print_table(&rows);
+    if st.rewrap_pending > 0 {
+        println!(
+            "{} keys still under older versions: the rewrap is under way",
+            st.rewrap_pending
+        );
+    }
+    if let Some(e) = &st.last_error {
+        println!("last rotation error: {e}");
+    }
+}
+
+/// `dicom-gateway keys status`.
+pub async fn keys_status(config: &Path, json: bool) -> anyhow::Result<()> {
+    let cfg = Config::load(config).with_context(|| format!("reading {}", config.display()))?;
+    let sock = admin::socket_path(&cfg.node.data_dir);
+    let st: KeysStatus = if node_running(&sock).await? {
+        let v = admin::request(&sock, Method::GET, "/v1/keys", None).await?;
+        serde_json::from_value(v).context("unexpected answer")?
+    } else {
+        tokio::task::spawn_blocking(move || {
+            let spool = open_stopped_spool(&cfg)?;
+            status_blocking(
+                &spool,
+                &cfg.node.data_dir,
+                &cfg.keystore.kek_file,
+                cfg.keystore.retire_old_versions,
+            )
+        })
+        .await??
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+    } else {
+        print_keys(&st);
+    }
+    Ok(())
+}
+
+/// What `keys rotate --json` prints.
+#[derive(Debug, serde::Serialize)]
+struct Rotated {
+    version: u32,
+    file: std::path::PathBuf,
+    created: bool,
+    node_running: bool,
+    rewrapped: u64,
+    retired: Vec<u32>,
+    status: KeysStatus,
+}
+
+/// The version `keys rotate` makes the newest: a version file an operator already put in
+/// place that is newer than every recorded version (a key added to a Kubernetes Secret),
+/// or else a new file one past every version ever used. Returns it and whether it was
+/// created here.
+fn next_version(cfg: &Config) -> anyhow::Result<(u32, bool)> {
+    let kek_file = &cfg.keystore.kek_file;
+    let files = keystore::kek_version_files(kek_file)?;
+    let recorded = crate::spool::kek_check::recorded_blocking(&cfg.node.data_dir)?;
+    let newest_file = files.last().map_or(0, |(v, _)| *v);
+    let newest_recorded = recorded.keys().next_back().copied().unwrap_or(0);
+    if newest_file > newest_recorded {
+        return Ok((newest_file, false));
+    }
+    let version = newest_file.max(newest_recorded) + 1;
+    let path = keystore::kek_version_path(kek_file, version);
+    keystore::Kek::generate_file(&path).with_context(|| {
+        format!(
+            "cannot create KEK version {version} at {}. Where the KEK comes from a read-only mount (a Kubernetes Secret), make the file elsewhere with `dicom-gateway keys new-kek --out {}` and add it to the Secret: the node takes it up within {} s",
+            path.display(),
+            path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+            RESCAN.as_secs()
+        )
+    })?;
+    Ok((version, true))
+}
+
+/// `dicom-gateway keys rotate`: add a KEK version, make it the newest, rewrap every stored
+/// key under it and (with `retire_old_versions`) retire the older ones.
+pub async fn keys_rotate(config: &Path, no_wait: bool, json: bool) -> anyhow::Result<()> {
+    let cfg = Config::load(config).with_context(|| format!("reading {}", config.display()))?;
+    let sock = admin::socket_path(&cfg.node.data_dir);
+    let running = node_running(&sock).await?;
+    let (version, created) = next_version(&cfg)?;
+    let file = keystore::kek_version_path(&cfg.keystore.kek_file, version);
+    if !json {
+        println!(
+            "KEK version {version}: {} {}",
+            if created { "created" } else { "found" },
+            file.display()
+        );
+    }
+    let bar = if !json && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        indicatif::ProgressBar::new(0)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} rewrapping {pos}/{len} [{bar:30}] {elapsed}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let (rewrapped, retired, status) = if running {
+        let v = admin::request(&sock, Method::POST, "/v1/keys/reload", None).await?;
+        let mut st: KeysStatus = serde_json::from_value(v).context("unexpected answer")?;
+        if st.newest != version {
+            anyhow::bail!(
+                "the node did not take KEK version {version} (its newest is {}){}",
+                st.newest,
+                st.last_error
+                    .as_deref()
+                    .map_or_else(String::new, |e| format!(": {e}"))
+            );
+        }
+        let before: std::collections::BTreeMap<u32, u64> =
+            st.versions.iter().map(|v| (v.version, v.keys)).collect();
+        let total = st.rewrap_pending;
+        bar.set_length(total);
+        let mut last_change = std::time::Instant::now();
+        let mut pending = st.rewrap_pending;
+        while !no_wait && !rotation_done(&st) {
+            if st.last_error.is_some() && last_change.elapsed() > std::time::Duration::from_secs(10)
+            {
+                break;
+            }
+            if last_change.elapsed() > std::time::Duration::from_secs(300) {
+                anyhow::bail!(
+                    "the rewrap made no progress for 5 minutes ({} keys left): the node's log says why; `dicom-gateway keys status --config {}` shows where it is",
+                    st.rewrap_pending,
+                    config.display()
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            let v = admin::request(&sock, Method::GET, "/v1/keys", None).await?;
+            st = serde_json::from_value(v).context("unexpected answer")?;
+            if st.rewrap_pending != pending {
+                pending = st.rewrap_pending;
+                last_change = std::time::Instant::now();
+            }
+            bar.set_position(total.saturating_sub(st.rewrap_pending));
+        }
+        let retired = st
+            .versions
+            .iter()
+            .filter(|v| v.state == "retired" && before.get(&v.version).is_some_and(|n| *n > 0))
+            .map(|v| v.version)
+            .collect();
+        (total.saturating_sub(st.rewrap_pending), retired, st)
+    } else {
+        let cfg2 = cfg.clone();
+        let bar2 = bar.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let spool = open_stopped_spool(&cfg2)?;
+            bar2.set_length(spool.key_versions_blocking()?.pending());
+            let (moved, failed, retired) = rewrap_all_blocking(
+                &spool,
+                cfg2.keystore.retire_old_versions,
+                &|| false,
+                &mut |n| bar2.set_position(n),
+            )?;
+            let mut st = status_blocking(
+                &spool,
+                &cfg2.node.data_dir,
+                &cfg2.keystore.kek_file,
+                cfg2.keystore.retire_old_versions,
+            )?;
+            if failed > 0 {
+                st.last_error = Some(format!(
+                    "{failed} stored keys fail authentication and cannot be rewrapped; their KEK version cannot be retired"
+                ));
+            }
+            Ok((moved, retired, st))
+        })
+        .await??
+    };
+    bar.finish_and_clear();
+    if json {
+        let out = Rotated {
+            version,
+            file,
+            created,
+            node_running: running,
+            rewrapped,
+            retired,
+            status,
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!(
+        "KEK version {version} is the newest: new keys are wrapped under it; {rewrapped} stored keys rewrapped{}",
+        if running {
+            " by the running node"
+        } else {
+            " (node stopped)"
+        }
+    );
+    if !retired.is_empty() {
+        let files: Vec<String> = retired
+            .iter()
+            .map(|v| {
+                keystore::kek_version_path(&cfg.keystore.kek_file, *v)
+                    .display()
+                    .to_string()
+            })
+            .collect();
+        println!(
+            "retired KEK versions {retired:?}: nothing is wrapped under them any more; destroy {} (and their backups) once your backups of the data directory no longer need them",
+            files.join(", ")
+        );
+    }
+    if no_wait && !rotation_done(&status) {
+        println!(
+            "the node rewraps in the background: `dicom-gateway keys status --config {}` shows it",
+            config.display()
+        );
+    }
+    print_keys(&status);
+    if let Some(e) = &status.last_error {
+        anyhow::bail!("the rotation did not complete: {e}");
+    }
+    Ok(())
+}
+
+/// Is the rotation to the newest version complete: nothing left to rewrap and, with
+/// `retire_old_versions`, every older version retired?
+fn rotation_done(st: &KeysStatus) -> bool {
+    st.rewrap_pending == 0
+        && (!st.retire_old_versions || st.versions.iter().all(|v| v.state != "active"))
 }

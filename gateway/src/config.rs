@@ -104,8 +104,18 @@ pub struct NodeSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeystoreSection {
-    /// A 32-byte file holding the key-encryption key (mode 0600).
+    /// A 32-byte file holding the key-encryption key (mode 0600): its version 1. Version
+    /// `N` is the file `<kek_file>.N` next to it (`keys rotate` makes it).
     pub kek_file: PathBuf,
+    /// Once every stored key is rewrapped under the newest KEK version, retire the older
+    /// versions: their old wrappings are compacted out of the database, they are never
+    /// used again, and their files may be destroyed. Default true.
+    #[serde(default = "retire_by_default")]
+    pub retire_old_versions: bool,
+}
+
+fn retire_by_default() -> bool {
+    true
 }
 
 /// `[tls]`

@@ -33,7 +33,10 @@ pub fn is_config_error(e: &anyhow::Error) -> bool {
                 c.downcast_ref::<SpoolError>(),
                 Some(
                     SpoolError::KekCheck(
-                        KekCheckError::Mismatch { .. } | KekCheckError::Malformed { .. }
+                        KekCheckError::Mismatch { .. }
+                            | KekCheckError::Missing { .. }
+                            | KekCheckError::AllRetired { .. }
+                            | KekCheckError::Malformed { .. }
                     ) | SpoolError::DataDirPermissions { .. }
                 )
             )
@@ -44,6 +47,7 @@ pub fn is_config_error(e: &anyhow::Error) -> bool {
                         | KeystoreError::KekLength { .. }
                         | KeystoreError::KekPermissions { .. }
                         | KeystoreError::KekMismatch
+                        | KeystoreError::KekVersionMissing { .. }
                 )
             )
     })
@@ -83,6 +87,7 @@ mod tests {
         assert_eq!(code_for(&KeystoreError::Unwrap.into()), FAILURE);
         let mismatch: anyhow::Error = SpoolError::KekCheck(KekCheckError::Mismatch {
             path: "d/kek.check".into(),
+            version: 1,
             source: KeystoreError::KekMismatch,
         })
         .into();

@@ -37,7 +37,9 @@
 //! transfer syntaxes), [`tls`] (rustls configs and peer identity), [`metrics`] (every metric
 //! name), [`observe`] (scrape-time gauges and zero series), [`admin_http`] (`/healthz`,
 //! `/readyz`, `/metrics`), [`admin`] (the operator's Unix socket: status, queues, dead
-//! letters), [`cli`] (the `status` and `queue` commands), [`node`] (wiring one node),
+//! letters, KEK versions), [`rotation`] (KEK rotation on a running node: new versions, the
+//! background rewrap, retirement), [`cli`] (the `status`, `queue` and `keys` commands),
+//! [`node`] (wiring one node),
 //! [`pki`] (development PKI), [`demo`] (the two-site demo), [`twosite`] (the two-site
 //! layout and configs the demo and the end-to-end tests share), [`exit`] (exit codes),
 //! [`healthcheck`] (the container's probe of `/healthz`).
@@ -75,6 +77,7 @@ pub mod observe;
 pub mod pki;
 pub mod receive;
 pub mod relay;
+pub mod rotation;
 pub mod routing;
 pub mod sop;
 pub mod spool;

@@ -233,6 +233,31 @@ enum KeysCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Add a KEK version (the file `<kek_file>.N`), make it the newest and rewrap every
+    /// stored data key under it; with `retire_old_versions` (the default), the older
+    /// versions are then retired. Through the running node's admin socket, or on the data
+    /// directory of a stopped node.
+    Rotate {
+        /// The node's TOML config.
+        #[arg(long)]
+        config: PathBuf,
+        /// Return once the node uses the new version, without following the rewrap.
+        #[arg(long)]
+        no_wait: bool,
+        /// Print the outcome as JSON (for scripts).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the KEK versions: which is the newest, how many stored keys each wraps, which
+    /// are retired.
+    Status {
+        /// The node's TOML config.
+        #[arg(long)]
+        config: PathBuf,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 use dicom_gateway::exit::{EX_CONFIG, code_for};
@@ -430,6 +455,23 @@ fn main() -> ExitCode {
             true,
             s.json,
         ))),
+        Command::Keys {
+            command:
+                KeysCommand::Rotate {
+                    config,
+                    no_wait,
+                    json,
+                },
+        } => {
+            init_logging("warn", cli.log_format.map_or(LogFormat::Text, Into::into));
+            report(runtime.block_on(dicom_gateway::cli::keys_rotate(&config, no_wait, json)))
+        }
+        Command::Keys {
+            command: KeysCommand::Status { config, json },
+        } => {
+            init_logging("warn", cli.log_format.map_or(LogFormat::Text, Into::into));
+            report(runtime.block_on(dicom_gateway::cli::keys_status(&config, json)))
+        }
         Command::Keys {
             command: KeysCommand::NewKek { out },
         } => report(

@@ -163,9 +163,15 @@ pub struct Metrics {
     /// to open).
     pub integrity_failures: IntCounterVec,
     /// `kek_operations_total{operation,kek_version}`: key-encryption-key operations on study
-    /// keys: `wrap` (a new study key), `unwrap` (a study key loaded; cached keys are not
-    /// counted again), `shred` (a study key deleted). Refreshed from the spool at scrape time.
+    /// keys: `wrap` (a new study key), `rewrap` (a stored key moved to the newest KEK
+    /// version), `unwrap` (a study key loaded; cached keys are not counted again), `shred` (a
+    /// study key deleted), each under the newest KEK version at the time. Refreshed from the
+    /// spool at scrape time.
     pub kek_operations: IntCounterVec,
+    /// `kek_wrapped_keys{kek_version}`: stored keys (study keys and the index key) wrapped
+    /// under each KEK version, as last counted by the rotation task (every 30 s). After a
+    /// `keys rotate`, the older versions fall to 0 as the rewrap moves them.
+    pub kek_wrapped_keys: IntGaugeVec,
 
     // --------------------------------------------------------------- storage
     /// `disk_free_bytes`: bytes available to the gateway on the data directory's volume.
@@ -459,6 +465,11 @@ impl Metrics {
                 "kek_operations_total",
                 "Key-encryption-key operations",
                 &["operation", "kek_version"],
+            ),
+            kek_wrapped_keys: gv(
+                "kek_wrapped_keys",
+                "Stored keys wrapped under each KEK version",
+                &["kek_version"],
             ),
             disk_free_bytes: g(
                 "disk_free_bytes",

@@ -105,7 +105,7 @@ impl Node {
             crate::tls::check_node_name(tls, &cfg.node.name)
                 .with_context(|| format!("{file}: [tls] cert"))?;
         }
-        let kek = keystore::Kek::load(&cfg.keystore.kek_file)
+        let kek = keystore::KekRing::load(&cfg.keystore.kek_file)
             .with_context(|| format!("{file}: keystore.kek_file"))?;
         let data_dir = cfg.node.data_dir.clone();
         let spool = tokio::task::spawn_blocking(move || Spool::open_blocking(&data_dir, kek, opts))
@@ -220,6 +220,13 @@ impl Node {
         }
         worker_tasks.spawn(expire_dedup(spool.clone(), workers_stop.clone()));
         worker_tasks.spawn(shred_unused_keys(spool.clone(), workers_stop.clone()));
+        let rotation = Arc::new(crate::rotation::Rotation::new(
+            spool.clone(),
+            cfg.node.data_dir.clone(),
+            cfg.keystore.kek_file.clone(),
+            cfg.keystore.retire_old_versions,
+        ));
+        worker_tasks.spawn(rotation.clone().run(workers_stop.clone()));
         // Only gateway destinations use the client config; a node without one has nothing
         // to reload on that side.
         if let Some(r) = client_reloader.filter(|_| {
@@ -269,6 +276,7 @@ impl Node {
                 destinations: cfg.destination.iter().map(|d| d.name.clone()).collect(),
                 readiness: readiness.clone(),
                 retention: cfg.spool.retention,
+                rotation,
             },
             listener_tasks.clone(),
             listeners_stop.clone(),

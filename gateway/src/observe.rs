@@ -105,6 +105,12 @@ pub fn install(metrics: &Metrics, cfg: &Config, spool: &Spool) -> Result<()> {
     let data_dir: PathBuf = cfg.node.data_dir.clone();
     let probe = spool.stats_probe();
     let kek_ops = spool.kek_ops_probe();
+    let key_versions = spool.key_versions_probe();
+    // What the spool had counted at the last scrape, per operation: the difference goes to
+    // the newest KEK version of this scrape, so that a rotation does not count the
+    // operations before it again under the new version.
+    let counted = std::sync::Mutex::new([0u64; 4]);
+    let seen_versions = std::sync::Mutex::new(std::collections::BTreeSet::new());
     metrics.on_scrape(move |m| {
         for (label, _, path) in &certs {
             if let Ok(t) = not_after(path) {
@@ -123,12 +129,32 @@ pub fn install(metrics: &Metrics, cfg: &Config, spool: &Spool) -> Result<()> {
         if let Some(free) = free_bytes(&data_dir) {
             m.disk_free_bytes.set(clamp(free));
         }
-        if let Some(k) = kek_ops() {
+        if let Some(k) = kek_ops()
+            && let Ok(mut counted) = counted.lock()
+        {
             let version = k.kek_id.to_string();
-            for (op, total) in [("wrap", k.wrap), ("unwrap", k.unwrap), ("shred", k.shred)] {
+            let totals = [
+                ("wrap", k.wrap),
+                ("rewrap", k.rewrap),
+                ("unwrap", k.unwrap),
+                ("shred", k.shred),
+            ];
+            for (i, (op, total)) in totals.into_iter().enumerate() {
                 let c = m.kek_operations.with_label_values(&[op, &version]);
                 // The spool counts; the counter follows (it only ever grows).
-                c.inc_by(total.saturating_sub(c.get()));
+                c.inc_by(total.saturating_sub(counted[i]));
+                counted[i] = counted[i].max(total);
+            }
+        }
+        if let Some(v) = key_versions()
+            && let Ok(mut seen) = seen_versions.lock()
+        {
+            // A version whose last key moved on reads 0, not its last count.
+            seen.extend(v.keys().copied());
+            for version in seen.iter() {
+                m.kek_wrapped_keys
+                    .with_label_values(&[&version.to_string()])
+                    .set(clamp(v.get(version).copied().unwrap_or(0)));
             }
         }
         if let Some(s) = probe() {

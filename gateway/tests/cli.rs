@@ -1658,3 +1658,175 @@ retry = {{ initial = "100ms", max_delay = "200ms" }}
     );
     drop(node);
 }
+
+/// SIGTERM, then wait for the node to exit.
+fn stop_gracefully(mut node: LoggedNode) {
+    signal(&node.child, rustix::process::Signal::TERM);
+    let _ = node.child.wait();
+}
+
+/// `keys rotate` and `keys status`, through a running node's admin socket and on a stopped
+/// node's data directory (issue 11, versioned KEKs). Three objects sent by DCMTK's storescu
+/// wait for an unreachable peer. Rotated on the running node, their study key and the index
+/// key move to version 2 and version 1 is retired: the node then starts without its file
+/// and still reads the objects (`queue list` shows their UIDs, which only the unwrapped
+/// keys reveal). Stopped, a version an operator put in place (as a Kubernetes Secret key
+/// would be) is found, taken and version 2 retired the same way.
+#[test]
+fn keys_rotate_moves_every_key_to_a_new_version_on_a_running_and_a_stopped_node() {
+    let s = Site::new();
+    let cfg = s.path();
+    let cfg = cfg.to_str().expect("utf-8");
+    let ok = |args: &[&str]| -> String {
+        let o = run(args, &[]);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let json = |args: &[&str]| -> serde_json::Value {
+        serde_json::from_str(&ok(args)).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    };
+    let queued_uids = || -> Vec<String> {
+        let v = json(&["queue", "list", "--config", cfg, "--json"]);
+        let mut u: Vec<String> = v
+            .as_array()
+            .expect("entries")
+            .iter()
+            .filter_map(|e| e["sop_instance_uid"].as_str().map(str::to_owned))
+            .collect();
+        u.sort_unstable();
+        u
+    };
+    let versions = |v: &serde_json::Value| -> Vec<(u64, String, u64)> {
+        v["versions"]
+            .as_array()
+            .expect("versions")
+            .iter()
+            .map(|x| {
+                (
+                    x["version"].as_u64().unwrap_or(0),
+                    x["state"].as_str().unwrap_or("").to_owned(),
+                    x["keys"].as_u64().unwrap_or(u64::MAX),
+                )
+            })
+            .collect()
+    };
+
+    let node = LoggedNode::spawn(&s);
+    let files = part10_files(&s.dir.join("send"), 3);
+    let mut sent: Vec<String> = files.iter().map(|(_, uid)| uid.clone()).collect();
+    sent.sort_unstable();
+    let (host, port) = node.dicom.rsplit_once(':').expect("host:port");
+    let o = Command::new("/usr/bin/storescu")
+        .args(["-aet", "TEST_SCU", "-aec", "GW_A", host, port])
+        .args(files.iter().map(|(p, _)| p))
+        .output()
+        .expect("storescu (DCMTK)");
+    assert!(o.status.success(), "storescu: {}", stderr(&o));
+    assert_eq!(queued_uids(), sent);
+    let st = json(&["keys", "status", "--config", cfg, "--json"]);
+    // One study key and the index key.
+    assert_eq!(versions(&st), [(1, "newest".to_owned(), 2)], "{st}");
+
+    // Through the running node.
+    let r = json(&["keys", "rotate", "--config", cfg, "--json"]);
+    assert_eq!(
+        (
+            r["version"].as_u64(),
+            r["created"].as_bool(),
+            r["node_running"].as_bool(),
+            r["rewrapped"].as_u64(),
+            r["retired"].clone(),
+        ),
+        (
+            Some(2),
+            Some(true),
+            Some(true),
+            Some(2),
+            serde_json::json!([1])
+        ),
+        "{r}\n{}",
+        node.logs()
+    );
+    assert_eq!(
+        versions(&r["status"]),
+        [(1, "retired".to_owned(), 0), (2, "newest".to_owned(), 2)],
+        "{r}"
+    );
+    let v2 = s.dir.join("kek.key.2");
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(&v2)
+            .expect("version 2")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    assert!(
+        node.logs().contains("retired KEK version 1"),
+        "{}",
+        node.logs()
+    );
+    stop_gracefully(node);
+
+    // Version 1 is gone: the node starts without it and still reads every object.
+    std::fs::remove_file(s.dir.join("kek.key")).expect("remove version 1");
+    let node = LoggedNode::spawn(&s);
+    assert_eq!(queued_uids(), sent);
+    let out = ok(&["keys", "status", "--config", cfg]);
+    let rows = table(&out, &["VERSION", "STATE", "KEYS", "FILE"]);
+    assert_eq!(rows.len(), 2, "{out}");
+    assert_eq!(
+        (
+            rows[0]["STATE"].as_str(),
+            rows[0]["FILE"].ends_with("(absent)")
+        ),
+        ("retired", true),
+        "{out}"
+    );
+    assert_eq!(
+        (
+            rows[1]["VERSION"].as_str(),
+            rows[1]["STATE"].as_str(),
+            rows[1]["KEYS"].as_str()
+        ),
+        ("2", "newest", "2"),
+        "{out}"
+    );
+    stop_gracefully(node);
+
+    // On the stopped node, with version 3 put in place by hand.
+    let v3 = s.dir.join("kek.key.3");
+    ok(&["keys", "new-kek", "--out", v3.to_str().expect("utf-8")]);
+    let r = json(&["keys", "rotate", "--config", cfg, "--json"]);
+    assert_eq!(
+        (
+            r["version"].as_u64(),
+            r["created"].as_bool(),
+            r["node_running"].as_bool(),
+            r["rewrapped"].as_u64(),
+            r["retired"].clone(),
+        ),
+        (
+            Some(3),
+            Some(false),
+            Some(false),
+            Some(2),
+            serde_json::json!([2])
+        ),
+        "{r}"
+    );
+    std::fs::remove_file(&v2).expect("remove version 2");
+    let node = LoggedNode::spawn(&s);
+    assert_eq!(queued_uids(), sent);
+    // The next rotation numbers past every version ever used, not past the files left.
+    let out = ok(&["keys", "rotate", "--config", cfg]);
+    assert!(out.contains("KEK version 4: created"), "{out}");
+    assert!(out.contains("retired KEK versions [3]"), "{out}");
+    drop(node);
+
+    // A start without the version that holds the keys is a configuration error.
+    std::fs::rename(s.dir.join("kek.key.4"), s.dir.join("kek.key.4.away")).expect("move away");
+    let o = s.serve();
+    assert_config_error(&o, "KEK version 4");
+}

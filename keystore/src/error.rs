@@ -70,6 +70,15 @@ pub enum KeystoreError {
     )]
     KekMismatch,
 
+    /// A wrapped key names a KEK version this node does not hold.
+    #[error(
+        "a data key is wrapped under KEK version {version}, which this node does not hold: restore that version's file (keystore.kek_file for version 1, keystore.kek_file.{version} otherwise) from its backup"
+    )]
+    KekVersionMissing {
+        /// The version the key names.
+        version: u32,
+    },
+
     /// A wrapped DEK failed authentication: wrong KEK, wrong context (study)
     /// or tampered bytes.
     #[error("wrapped data key failed authentication (wrong KEK, wrong study, or tampered)")]

@@ -1,5 +1,6 @@
-//! Key types: the KEK, per-study DEKs, and the keyed index hasher. Their bytes are held in a
-//! [`SecretKey`], and the KEK wraps DEKs with the raw seal and open of `primitives`.
+//! Key types: the KEK (one version of it), per-study DEKs, the index key and its keyed
+//! hasher. Their bytes are held in a [`SecretKey`], and a KEK wraps DEKs and the index key
+//! with the raw seal and open of `primitives`.
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -12,8 +13,9 @@ use crate::backend::{aead, hkdf, hmac, rand};
 use crate::primitives::{SecretKey, less_safe_key, open_in_place, seal_with_random_nonce};
 use crate::{FORMAT_VERSION, KEY_LEN, KeystoreError, NONCE_LEN, TAG_LEN};
 
-/// The id written into wrapped keys by the current (only) KEK generation.
-const CURRENT_KEK_ID: u32 = 1;
+/// The version of a KEK loaded by [`Kek::load`] or built by [`Kek::from_bytes`]: the
+/// `keystore.kek_file` itself (later versions come from `keys rotate`, see [`crate::KekRing`]).
+const FIRST_KEK_ID: u32 = 1;
 
 /// Length of a wrapped DEK: version, KEK id, nonce, encrypted key, tag.
 const WRAPPED_LEN: usize = 1 + 4 + NONCE_LEN + KEY_LEN + TAG_LEN;
@@ -74,6 +76,17 @@ impl Kek {
     /// more accessible than that, [`KeystoreError::KekLength`] if it does
     /// not hold exactly 32 bytes.
     pub fn load(path: &Path) -> Result<Kek, KeystoreError> {
+        Self::load_version(path, FIRST_KEK_ID)
+    }
+
+    /// Loads version `kek_id` of the KEK from `path`, with the checks of [`Kek::load`].
+    /// The id is written into every key it wraps, so that a [`crate::KekRing`] can tell
+    /// which version unwraps it.
+    ///
+    /// # Errors
+    ///
+    /// As [`Kek::load`].
+    pub fn load_version(path: &Path, kek_id: u32) -> Result<Kek, KeystoreError> {
         let read_err = |source| KeystoreError::KekFile {
             path: path.to_path_buf(),
             source,
@@ -114,10 +127,7 @@ impl Kek {
         if read_some(&mut file).map_err(read_err)? {
             return Err(length_err(KEY_LEN as u64 + 1));
         }
-        Ok(Kek {
-            kek_id: CURRENT_KEK_ID,
-            key,
-        })
+        Ok(Kek { kek_id, key })
     }
 
     /// Creates a new KEK file at `path` holding [`KEY_LEN`] random bytes.
@@ -171,21 +181,23 @@ impl Kek {
         sync_parent_dir(path).map_err(write_err)
     }
 
-    /// Builds a KEK from raw bytes (for tests and benches).
+    /// Builds a KEK (version 1) from raw bytes (for tests and benches).
     #[must_use]
     pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Kek {
+        Self::from_bytes_version(bytes, FIRST_KEK_ID)
+    }
+
+    /// Builds version `kek_id` of a KEK from raw bytes (for tests and benches).
+    #[must_use]
+    pub fn from_bytes_version(bytes: [u8; KEY_LEN], kek_id: u32) -> Kek {
         let mut bytes = bytes;
         let mut key = SecretKey::zeroed();
         key.as_mut_bytes().copy_from_slice(&bytes);
         bytes.zeroize();
-        Kek {
-            kek_id: CURRENT_KEK_ID,
-            key,
-        }
+        Kek { kek_id, key }
     }
 
-    /// The id of this KEK, written into every wrapped key (currently always 1;
-    /// reserved for versioned KEKs).
+    /// The version of this KEK, written into every key it wraps.
     #[must_use]
     pub fn kek_id(&self) -> u32 {
         self.kek_id
@@ -203,6 +215,15 @@ impl Kek {
     /// [`KeystoreError::Random`] if the RNG fails, [`KeystoreError::Crypto`]
     /// on any other backend failure.
     pub fn wrap(&self, dek: &Dek, context: &[u8]) -> Result<Vec<u8>, KeystoreError> {
+        self.wrap_secret(&dek.key, context)
+    }
+
+    /// Wraps any 32-byte secret in the format of [`Kek::wrap`].
+    pub(crate) fn wrap_secret(
+        &self,
+        secret: &SecretKey,
+        context: &[u8],
+    ) -> Result<Vec<u8>, KeystoreError> {
         let header = self.wrap_header();
         let key = less_safe_key(&self.key)?;
         let ad = wrap_ad(header, context);
@@ -211,7 +232,7 @@ impl Kek {
             &rand::SystemRandom::new(),
             &header,
             &ad,
-            dek.key.as_bytes(),
+            secret.as_bytes(),
         )
     }
 
@@ -224,6 +245,17 @@ impl Kek {
     /// another KEK (or KEK id), for another context, or was tampered with;
     /// [`KeystoreError::Crypto`] on any other backend failure.
     pub fn unwrap(&self, wrapped: &[u8], context: &[u8]) -> Result<Dek, KeystoreError> {
+        Ok(Dek {
+            key: self.unwrap_secret(wrapped, context)?,
+        })
+    }
+
+    /// Unwraps a secret wrapped by [`Kek::wrap_secret`] (errors as [`Kek::unwrap`]).
+    pub(crate) fn unwrap_secret(
+        &self,
+        wrapped: &[u8],
+        context: &[u8],
+    ) -> Result<SecretKey, KeystoreError> {
         if wrapped.len() != WRAPPED_LEN {
             return Err(KeystoreError::Format("wrapped key must be 65 bytes"));
         }
@@ -245,32 +277,39 @@ impl Kek {
         if plain.len() != KEY_LEN {
             return Err(KeystoreError::Crypto);
         }
-        let mut dek = SecretKey::zeroed();
-        dek.as_mut_bytes().copy_from_slice(plain);
-        Ok(Dek { key: dek })
+        let mut key = SecretKey::zeroed();
+        key.as_mut_bytes().copy_from_slice(plain);
+        Ok(key)
     }
 
     /// A keyed hasher for index keys, so UIDs never appear in plaintext in
-    /// database keys.
-    ///
-    /// Its HMAC-SHA256 key is derived with HKDF-SHA256 from the KEK bytes,
-    /// salt `b"dicom-gateway"`, info `b"index-key v1"`.
+    /// database keys: the hasher of [`Kek::derived_index_key`].
+    #[must_use]
+    pub fn index_hasher(&self) -> IndexHasher {
+        self.derived_index_key().hasher()
+    }
+
+    /// The index key derived from this KEK: HKDF-SHA256 of the KEK bytes, salt
+    /// `b"dicom-gateway"`, info `b"index-key v1"`. A data directory created under
+    /// version 1 of its KEK uses this key for good (it is stored wrapped, so that it
+    /// outlives that version once the KEK is rotated).
     ///
     /// # Panics
     ///
     /// Never: a 32-byte HKDF-SHA256 output is always within the RFC 5869
     /// length limit, the only condition under which expansion fails.
     #[must_use]
-    pub fn index_hasher(&self) -> IndexHasher {
+    pub fn derived_index_key(&self) -> IndexKey {
         let salt = hkdf::Salt::new(hkdf::HKDF_SHA256, INDEX_SALT);
         let prk = salt.extract(self.key.as_bytes());
         let info = [INDEX_INFO];
         let okm = prk
             .expand(&info, hmac::HMAC_SHA256)
             .expect("a 32-byte HKDF-SHA256 output is within the RFC 5869 length limit");
-        IndexHasher {
-            key: hmac::Key::from(okm),
-        }
+        let mut key = SecretKey::zeroed();
+        okm.fill(&mut key.as_mut_bytes()[..])
+            .expect("a 32-byte HKDF-SHA256 output is within the RFC 5869 length limit");
+        IndexKey { key }
     }
 
     /// The KEK check value: `HMAC-SHA-256(K, "dicom-gateway kek check value v1")` with
@@ -373,6 +412,11 @@ pub struct Dek {
 }
 
 impl Dek {
+    #[cfg(test)]
+    pub(crate) fn secret(&self) -> &SecretKey {
+        &self.key
+    }
+
     /// Generates a fresh random DEK.
     ///
     /// # Errors
@@ -393,6 +437,49 @@ impl Dek {
 impl fmt::Debug for Dek {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Dek").field("key", &"<redacted>").finish()
+    }
+}
+
+/// The key of the [`IndexHasher`]: 32 bytes, stored only wrapped (see
+/// [`crate::KekRing::wrap_index_key`]). Zeroized on drop; `Debug` redacts it.
+pub struct IndexKey {
+    key: SecretKey,
+}
+
+impl IndexKey {
+    /// A fresh random index key (for a data directory created without a version-1 KEK).
+    ///
+    /// # Errors
+    ///
+    /// [`KeystoreError::Random`] if the system RNG fails.
+    pub fn generate() -> Result<IndexKey, KeystoreError> {
+        Ok(IndexKey {
+            key: SecretKey::random(&rand::SystemRandom::new())?,
+        })
+    }
+
+    pub(crate) fn from_secret(key: SecretKey) -> IndexKey {
+        IndexKey { key }
+    }
+
+    pub(crate) fn secret(&self) -> &SecretKey {
+        &self.key
+    }
+
+    /// The keyed hasher under this key.
+    #[must_use]
+    pub fn hasher(&self) -> IndexHasher {
+        IndexHasher {
+            key: hmac::Key::new(hmac::HMAC_SHA256, self.key.as_bytes()),
+        }
+    }
+}
+
+impl fmt::Debug for IndexKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IndexKey")
+            .field("key", &"<redacted>")
+            .finish()
     }
 }
 

@@ -3,7 +3,9 @@
 //! This crate is the gateway's cryptographic boundary. It owns:
 //!
 //! * the **key-encryption key** ([`Kek`]): 32 raw bytes loaded from a file
-//!   that is only readable by its owner; it is never written to the spool;
+//!   that is only readable by its owner; it is never written to the spool. It is
+//!   versioned: a [`KekRing`] holds every version a node has, wraps under the newest and
+//!   rewraps keys from older ones;
 //! * the per-study **data-encryption keys** ([`Dek`]), which are stored in the
 //!   spool only in wrapped (encrypted) form, see [`Kek::wrap`];
 //! * **segmented sealing** of objects ([`SegmentSealer`], [`SegmentOpener`])
@@ -40,12 +42,14 @@
 //!
 //! The modules read bottom-up, each using only those before it: `backend` (the alias),
 //! `error`, `primitives` (the secret key type and raw AES-256-GCM seal and open), `keys`
-//! ([`Kek`], [`Dek`], [`IndexHasher`]), `aead` (segments and records under a [`Dek`]);
+//! ([`Kek`], [`Dek`], [`IndexKey`], [`IndexHasher`]), `keyring` ([`KekRing`] and the
+//! version files), `aead` (segments and records under a [`Dek`]);
 //! `hash` stands apart.
 
 mod aead;
 mod error;
 mod hash;
+mod keyring;
 mod keys;
 mod primitives;
 
@@ -55,7 +59,8 @@ pub use aead::{
 };
 pub use error::KeystoreError;
 pub use hash::Sha256;
-pub use keys::{Dek, IndexHasher, KEK_CHECK_LEN, Kek, kek_mode_allowed};
+pub use keyring::{KekRing, kek_version_files, kek_version_path, wrapped_kek_id};
+pub use keys::{Dek, IndexHasher, IndexKey, KEK_CHECK_LEN, Kek, kek_mode_allowed};
 
 /// The single place that chooses the cryptographic backend: `ring` when its feature is on,
 /// otherwise `aws-lc-rs` (the default feature).

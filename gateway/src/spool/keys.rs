@@ -21,11 +21,13 @@ use keystore::Dek;
 use super::rocks::Cf;
 use super::{ObjectId, Spool, SpoolError};
 
-/// Counts of key-encryption-key operations: study keys wrapped (created), unwrapped
-/// (loaded into the cache) and shredded (deleted, counted once the deletion is written).
+/// Counts of key-encryption-key operations: study keys wrapped (created), rewrapped (moved
+/// to the newest KEK version), unwrapped (loaded into the cache) and shredded (deleted,
+/// counted once the deletion is written).
 #[derive(Debug, Default)]
 pub(super) struct KekOps {
     pub(super) wrap: AtomicU64,
+    pub(super) rewrap: AtomicU64,
     pub(super) unwrap: AtomicU64,
     pub(super) shred: AtomicU64,
 }
@@ -33,10 +35,12 @@ pub(super) struct KekOps {
 /// A snapshot of [`KekOps`], with the id of the KEK they used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KekOpCounts {
-    /// The KEK's id (`kek_version` in metrics).
+    /// The newest KEK version's id (`kek_version` in metrics).
     pub kek_id: u32,
     /// Study keys wrapped (created).
     pub wrap: u64,
+    /// Stored keys moved to the newest KEK version.
+    pub rewrap: u64,
     /// Study keys unwrapped.
     pub unwrap: u64,
     /// Study keys shredded.
@@ -148,8 +152,13 @@ impl Spool {
         let inner = Arc::downgrade(&self.inner);
         move || {
             inner.upgrade().map(|i| KekOpCounts {
-                kek_id: i.kek.kek_id(),
+                kek_id: i
+                    .ring
+                    .read()
+                    .map(|r| r.newest().kek_id())
+                    .unwrap_or_default(),
                 wrap: i.kek_ops.wrap.load(Ordering::Relaxed),
+                rewrap: i.kek_ops.rewrap.load(Ordering::Relaxed),
                 unwrap: i.kek_ops.unwrap.load(Ordering::Relaxed),
                 shred: i.kek_ops.shred.load(Ordering::Relaxed),
             })
@@ -199,7 +208,7 @@ impl Spool {
         let s = &self.inner.store;
         if let Some(w) = s.get(Cf::Keys, &kid)? {
             self.inner.kek_ops.unwrap.fetch_add(1, Ordering::Relaxed);
-            return self.inner.kek.unwrap(&w, &kid).map_err(SpoolError::Key);
+            return self.ring().unwrap(&w, &kid).map_err(SpoolError::Key);
         }
         if !create {
             return Err(SpoolError::Corrupt(
@@ -210,10 +219,12 @@ impl Spool {
         let _g = self.commit_lock()?;
         if let Some(w) = s.get(Cf::Keys, &kid)? {
             self.inner.kek_ops.unwrap.fetch_add(1, Ordering::Relaxed);
-            return self.inner.kek.unwrap(&w, &kid).map_err(SpoolError::Key);
+            return self.ring().unwrap(&w, &kid).map_err(SpoolError::Key);
         }
         let dek = Dek::generate().map_err(SpoolError::Key)?;
-        let wrapped = self.inner.kek.wrap(&dek, &kid).map_err(SpoolError::Key)?;
+        // Read under the commit lock, which a ring change also holds: a key is wrapped
+        // under the newest version of the moment it is written.
+        let wrapped = self.ring().wrap(&dek, &kid).map_err(SpoolError::Key)?;
         let mut b = s.batch();
         b.put(Cf::Keys, &kid, &wrapped);
         s.commit(b, true)?;
@@ -290,6 +301,7 @@ impl Spool {
 
     /// Study keys stored (for status and tests).
     pub fn study_key_count_blocking(&self) -> Result<usize, SpoolError> {
+        // Only study keys live in this family (the index key has its own).
         Ok(self.inner.store.scan_keys(Cf::Keys)?.len())
     }
 }

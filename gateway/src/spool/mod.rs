@@ -8,9 +8,11 @@
 //! The parts, each owning its own records and stating its own invariants, bottom-up:
 //! - `rocks`: the only file that speaks RocksDB (its column families and what their keys
 //!   hold);
-//! - [`kek_check`]: the KEK check value of the data directory;
+//! - [`kek_check`]: the KEK check values of the data directory, one per KEK version;
 //! - `keys`: the study keys: their cache, the pins that keep them, creating, loading and
 //!   shredding them;
+//! - `rotate`: the KEK ring in use, the index key, the rewrap of stored keys to the newest
+//!   KEK version and the retirement of older versions;
 //! - `meta`: an object's metadata record and a queue entry's failure record, and their
 //!   encodings;
 //! - `dedup`: the dedup records of link transfers and HL7 messages;
@@ -30,14 +32,15 @@
 
 pub mod kek_check;
 mod rocks;
+mod rotate;
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use keystore::{IndexHasher, Kek};
+use keystore::{IndexHasher, KekRing};
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -46,6 +49,7 @@ use crate::dataset;
 use keys::{DekCache, KekOps, KeyPins};
 use rocks::{Cf, Store};
 pub use rocks::{StoreError, StoreStats};
+pub use rotate::{KeyVersions, RewrapStep};
 
 /// Evaluate a fault-injection point (tests only: it does nothing unless the build has the
 /// `failpoints` feature *and* the spool was opened with [`SpoolOptions::failpoints`]).
@@ -181,7 +185,9 @@ pub struct Recovery {
 
 struct Inner {
     store: Store,
-    kek: Kek,
+    /// The KEK versions in use (without retired ones); replaced whole by `rotate`, under
+    /// the commit lock.
+    ring: RwLock<Arc<KekRing>>,
     index: IndexHasher,
     next_seq: AtomicU64,
     /// Serialises read-modify-write sequences: study key creation, dedup check-and-set,
@@ -218,6 +224,8 @@ struct Inner {
     pins: Arc<Mutex<KeyPins>>,
     /// Key-encryption-key operations since open, for `kek_operations_total`.
     kek_ops: KekOps,
+    /// Stored wrapped keys per KEK version at the last count, for `kek_wrapped_keys`.
+    key_versions: Mutex<std::collections::BTreeMap<u32, u64>>,
 }
 
 /// Backpressure state, set by the disk monitor and the dispatchers.
@@ -340,28 +348,29 @@ pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
 }
 
 impl Spool {
-    /// Open the spool in `dir` with the given KEK, removing what interrupted ingests left.
+    /// Open the spool in `dir` with the given KEK versions (a [`keystore::Kek`] is a ring
+    /// of one), removing what interrupted ingests left.
     ///
-    /// The KEK is checked against the directory's check value first
-    /// ([`kek_check`]): another KEK is refused before RocksDB is opened. A directory
-    /// without one (new, or from a version before check values) gets the KEK's value
-    /// once the store opened.
-    pub fn open_blocking(dir: &Path, kek: Kek, opts: SpoolOptions) -> Result<Spool, SpoolError> {
+    /// Every version is checked against the directory's check values first
+    /// ([`kek_check`]): another KEK, or a missing version that still holds data keys, is
+    /// refused before RocksDB is opened. Versions not recorded yet (a new directory, one
+    /// from before check values, a new version from `keys rotate`) are recorded once the
+    /// store opened. Retired versions are left out of the ring.
+    pub fn open_blocking(
+        dir: &Path,
+        ring: impl Into<KekRing>,
+        opts: SpoolOptions,
+    ) -> Result<Spool, SpoolError> {
         prepare_data_dir(dir)?;
-        if dir.join(kek_check::FILE_NAME).exists() {
-            kek_check::verify_or_store_blocking(dir, &kek)?;
-        }
+        let ring = ring.into();
+        let (ring, _) = kek_check::verify_ring_blocking(dir, ring, false)?;
         let store = Store::open(dir)?;
-        if kek_check::verify_or_store_blocking(dir, &kek)? == kek_check::Outcome::Written {
-            info!(
-                "stored the KEK check value in the data directory ({})",
-                kek_check::FILE_NAME
-            );
-        }
-        let index = kek.index_hasher();
+        let (ring, outcome) = kek_check::verify_ring_blocking(dir, ring, true)?;
+        rotate::log_outcome(&outcome);
+        let index = rotate::index_hasher_blocking(&store, &ring)?;
         let inner = Inner {
             store,
-            kek,
+            ring: RwLock::new(Arc::new(ring)),
             index,
             next_seq: AtomicU64::new(0),
             lock: Mutex::new(()),
@@ -381,6 +390,7 @@ impl Spool {
             dek_cache: Mutex::new(DekCache::default()),
             pins: Arc::new(Mutex::new(KeyPins::default())),
             kek_ops: KekOps::default(),
+            key_versions: Mutex::new(std::collections::BTreeMap::new()),
         };
         let mut inner = inner;
         inner.recovery = Self::recover(&inner)?;

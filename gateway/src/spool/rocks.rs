@@ -8,6 +8,7 @@
 //! | `meta`   | object id (16)                        | version, study key id, sealed metadata  |
 //! | `seg`    | object id (16) ‖ index (u64 BE)        | sealed segment                          |
 //! | `keys`   | study key id (16)                     | DEK wrapped by the KEK                  |
+//! | `secrets`| name (`index-key`)                    | the index key wrapped by the KEK        |
 //! | `queue`  | destination ‖ 0x00 ‖ seq (u64 BE)      | object id (16) ‖ flags (1)              |
 //! | `refs`   | object id (16) ‖ destination           | seq (u64 BE)                            |
 //! | `ingest` | object id (16)                        | start time (u64 BE, ms): in-progress    |
@@ -40,10 +41,12 @@ pub(crate) enum Cf {
     Done,
     /// The retention index: expiry (ms, big-endian) + object id → nothing.
     Expiry,
+    /// Node-wide secrets wrapped by the KEK (the index key).
+    Secrets,
 }
 
 impl Cf {
-    const ALL: [Cf; 10] = [
+    const ALL: [Cf; 11] = [
         Cf::Meta,
         Cf::Seg,
         Cf::Keys,
@@ -54,6 +57,7 @@ impl Cf {
         Cf::Fail,
         Cf::Done,
         Cf::Expiry,
+        Cf::Secrets,
     ];
     fn name(self) -> &'static str {
         match self {
@@ -67,6 +71,7 @@ impl Cf {
             Cf::Fail => "fail",
             Cf::Done => "done",
             Cf::Expiry => "expiry",
+            Cf::Secrets => "secrets",
         }
     }
 }
@@ -193,6 +198,24 @@ impl Store {
     pub(crate) fn flush(&self) -> Result<(), StoreError> {
         for cf in Cf::ALL {
             self.db.flush_cf(self.cf(cf)?)?;
+        }
+        Ok(())
+    }
+
+    /// Rewrite `cfs` so that values deleted or overwritten in them are gone from the
+    /// database's files: every memtable is flushed first (the WAL files that held the old
+    /// writes then become obsolete, and RocksDB deletes them), then each family is compacted
+    /// whole, its bottommost level included, which leaves only live values in its SST
+    /// files and deletes the old ones.
+    pub(crate) fn compact_away_old_values(&self, cfs: &[Cf]) -> Result<(), StoreError> {
+        self.flush()?;
+        self.db.flush_wal(true)?;
+        let mut opts = rocksdb::CompactOptions::default();
+        opts.set_exclusive_manual_compaction(true);
+        opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        for cf in cfs {
+            self.db
+                .compact_range_cf_opt(self.cf(*cf)?, None::<&[u8]>, None::<&[u8]>, &opts);
         }
         Ok(())
     }

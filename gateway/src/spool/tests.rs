@@ -4,6 +4,7 @@
 use super::meta::MAX_HISTORY;
 use super::*;
 use crate::demo::{DemoObject, generate_object};
+use keystore::Kek;
 
 /// A temporary directory the spool accepts as its data directory (mode 0700; the
 /// crate's default follows the umask).
@@ -927,4 +928,198 @@ async fn hl7_messages_round_trip_under_a_key_per_patient() {
         spool.store_message(message("P3", "D1", b"", None)).await,
         Err(SpoolError::Format(_))
     ));
+}
+
+/// Every file under `dir` (the data directory: SST, blob, WAL, MANIFEST files...).
+fn raw_files(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if let Ok(b) = std::fs::read(&p) {
+                out.push((p, b));
+            }
+        }
+    }
+    out
+}
+
+fn files_holding(dir: &Path, needles: &[Box<[u8]>]) -> Vec<std::path::PathBuf> {
+    raw_files(dir)
+        .into_iter()
+        .filter(|(_, b)| {
+            needles
+                .iter()
+                .any(|n| b.windows(n.len()).any(|w| w == &n[..]))
+        })
+        .map(|(p, _)| p)
+        .collect()
+}
+
+async fn assert_readable(spool: &Spool, ids: &[ObjectId]) {
+    for id in ids {
+        let mut r = spool.open_object(*id).await.unwrap();
+        r.read_all()
+            .await
+            .unwrap_or_else(|e| panic!("object {id:?} does not read back: {e}"));
+    }
+}
+
+/// Issue 11, versioned KEKs: a second version wraps new keys; a rewrap moves the stored
+/// ones in batches, goes on where it stopped after the spool was dropped mid-way, and keeps
+/// the index key (so ids and dedup keys stay the same); retirement compacts version 1's
+/// wrappings out of every file of the data directory, after which version 2 alone opens it
+/// and version 1 alone is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotation_rewraps_every_key_and_retires_the_old_version_from_the_files() {
+    let dir = private_tempdir();
+    let v1 = || Kek::from_bytes_version([3; 32], 1);
+    let v2 = || Kek::from_bytes_version([5; 32], 2);
+    let both = || KekRing::new(vec![v1(), v2()]).unwrap();
+    let opts = || SpoolOptions {
+        segment_bytes: 16 * 1024,
+        ..SpoolOptions::default()
+    };
+    let spool = Spool::open_blocking(dir.path(), v1(), opts()).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let o = generate_object(
+            &format!("1.2.9.{i}"),
+            &format!("1.2.9.{i}.1"),
+            1,
+            "ROT^ATE",
+            40_000,
+        )
+        .unwrap();
+        ids.push(store(&spool, &o, &["x"]).await);
+    }
+    let study_id = spool.inner.index.id("study", b"1.2.9.0");
+    let mut old: Vec<Box<[u8]>> = spool
+        .inner
+        .store
+        .scan_prefix(Cf::Keys, &[], usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(old.len(), 3);
+    old.push(
+        spool
+            .inner
+            .store
+            .get(Cf::Secrets, b"index-key")
+            .unwrap()
+            .expect("the index key is stored at the first open")
+            .into(),
+    );
+    spool.quiesce().await;
+    drop(spool);
+    assert!(
+        !files_holding(dir.path(), &old).is_empty(),
+        "premise: the wrapped keys are in the files"
+    );
+
+    // Version 2 comes in: a new study key goes under it, the stored ones still open.
+    let spool = Spool::open_blocking(dir.path(), both(), opts()).unwrap();
+    let kv = spool.key_versions_blocking().unwrap();
+    assert_eq!(
+        (kv.newest, kv.by_version.get(&1), kv.pending()),
+        (2, Some(&4), 4)
+    );
+    let o = generate_object("1.2.9.9", "1.2.9.9.1", 1, "ROT^ATE", 40_000).unwrap();
+    ids.push(store(&spool, &o, &["x"]).await);
+    assert_eq!(
+        spool.key_versions_blocking().unwrap().by_version.get(&2),
+        Some(&1)
+    );
+    assert_readable(&spool, &ids).await;
+    assert!(
+        spool.retire_old_versions_blocking().unwrap().is_empty(),
+        "nothing is retired while keys are under it"
+    );
+    // One batch of two, then the spool goes away as if the node were killed.
+    let step = spool.rewrap_batch_blocking(2).unwrap();
+    assert_eq!((step.moved, step.failed, step.remaining), (2, 0, 2));
+    assert_readable(&spool, &ids).await;
+    spool.quiesce().await;
+    drop(spool);
+
+    // Started again, the rewrap goes on where it stopped.
+    let spool = Spool::open_blocking(dir.path(), both(), opts()).unwrap();
+    let step = spool.rewrap_batch_blocking(100).unwrap();
+    assert_eq!((step.moved, step.failed, step.remaining), (2, 0, 0));
+    assert_eq!(
+        spool.rewrap_batch_blocking(100).unwrap(),
+        RewrapStep::default()
+    );
+    assert_eq!(spool.key_versions_blocking().unwrap().pending(), 0);
+    spool.inner.store.flush().unwrap();
+    assert!(
+        !files_holding(dir.path(), &old).is_empty(),
+        "premise: a rewrap alone leaves the old wrappings in the files"
+    );
+    assert_eq!(spool.retire_old_versions_blocking().unwrap(), [1]);
+    assert_eq!(spool.ring().versions().collect::<Vec<_>>(), [2]);
+    assert_eq!(spool.inner.index.id("study", b"1.2.9.0"), study_id);
+    assert_readable(&spool, &ids).await;
+    spool.quiesce().await;
+    drop(spool);
+    let left = files_holding(dir.path(), &old);
+    assert!(
+        left.is_empty(),
+        "version 1's wrappings are still in {left:?}"
+    );
+
+    // Version 2 alone opens the directory, with the same index key; version 1 alone (or
+    // with a retired version 1 file beside it) is refused or ignored.
+    let spool = Spool::open_blocking(dir.path(), v2(), opts()).unwrap();
+    assert_eq!(spool.inner.index.id("study", b"1.2.9.0"), study_id);
+    assert_readable(&spool, &ids).await;
+    spool.quiesce().await;
+    drop(spool);
+    let spool = Spool::open_blocking(dir.path(), both(), opts()).unwrap();
+    assert_eq!(
+        spool.ring().versions().collect::<Vec<_>>(),
+        [2],
+        "retired stays retired"
+    );
+    spool.quiesce().await;
+    drop(spool);
+    let err = Spool::open_blocking(dir.path(), v1(), opts())
+        .err()
+        .expect("version 2 holds the keys now");
+    assert!(
+        matches!(
+            err,
+            SpoolError::KekCheck(kek_check::KekCheckError::Missing { version: 2, .. })
+        ),
+        "{err}"
+    );
+}
+
+/// A rewrap batch that raced a newer version writes nothing (its wrappings would be under
+/// a version that is no longer the newest), and one whose key changed meanwhile leaves it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rewrap_batch_never_writes_under_a_version_that_is_no_longer_the_newest() {
+    let dir = private_tempdir();
+    let k = |b: u8, v: u32| Kek::from_bytes_version([b; 32], v);
+    let spool = Spool::open_blocking(dir.path(), k(3, 1), SpoolOptions::default()).unwrap();
+    let o = generate_object("1.2.8", "1.2.8.1", 1, "ROT^ATE", 4_000).unwrap();
+    let id = store(&spool, &o, &["x"]).await;
+    spool
+        .install_ring_blocking(KekRing::new(vec![k(3, 1), k(4, 2)]).unwrap())
+        .unwrap();
+    assert_eq!(spool.ring().newest().kek_id(), 2);
+    spool
+        .install_ring_blocking(KekRing::new(vec![k(3, 1), k(4, 2), k(5, 3)]).unwrap())
+        .unwrap();
+    let step = spool.rewrap_batch_blocking(10).unwrap();
+    assert_eq!((step.moved, step.remaining), (2, 0));
+    let kv = spool.key_versions_blocking().unwrap();
+    assert_eq!(kv.by_version.get(&3), Some(&2), "{kv:?}");
+    assert_eq!(spool.retire_old_versions_blocking().unwrap(), [1, 2]);
+    assert_readable(&spool, &[id]).await;
 }
