@@ -14,7 +14,13 @@
 //!   the one named;
 //! - `GET /v1/keys`: the KEK versions ([`crate::rotation::KeysStatus`]), and
 //!   `POST /v1/keys/reload`: look for new KEK version files now (what `keys rotate` asks
-//!   after writing one), then the same answer.
+//!   after writing one), then the same answer;
+//! - `POST /v1/verify` with a JSON [`crate::verify::VerifyRequest`]: check one bounded
+//!   batch of stored objects and quarantine those that fail (what `verify` asks, batch after
+//!   batch);
+//! - `POST /v1/keys/shred` with a JSON [`ShredRequest`]: purge every DICOM entry and
+//!   retained copy of a study, then destroy its key and compact it out of the files
+//!   (refused while an entry of the study is being sent).
 //!
 //! Invariants:
 //! - the socket is `admin.sock` in the data directory, mode 0600: only the operator who can
@@ -229,6 +235,26 @@ pub struct Resended {
     pub queued: Vec<(String, String)>,
 }
 
+/// `POST /v1/keys/shred`: the study whose key to destroy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShredRequest {
+    /// The Study Instance UID.
+    pub study: String,
+}
+
+/// The answer to a shred.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Shredded {
+    /// Queue entries of the study purged.
+    pub entries_purged: usize,
+    /// Retained (delivered) copies purged.
+    pub retained_purged: usize,
+    /// The study's key was stored and is destroyed now.
+    pub key_shredded: bool,
+    /// Objects of the study still stored (unreadable now).
+    pub objects_left: usize,
+}
+
 /// What the admin server needs.
 #[derive(Clone)]
 pub struct AdminState {
@@ -246,6 +272,8 @@ pub struct AdminState {
     pub retention: Duration,
     /// KEK rotation.
     pub rotation: Arc<crate::rotation::Rotation>,
+    /// The node's metrics (`integrity_failures_total{stage="verify"}`).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Bind the socket (replacing a stale one) with mode 0600.
@@ -376,6 +404,74 @@ async fn route(req: Request<Incoming>, st: &AdminState) -> Response<Full<Bytes>>
             match change(st, &sel, purge).await {
                 Ok(c) => json(StatusCode::OK, &c),
                 Err(e) => error(StatusCode::BAD_REQUEST, &format!("{e:#}")),
+            }
+        }
+        (Method::POST, "/v1/verify") => {
+            let body = match tokio::time::timeout(
+                Duration::from_secs(10),
+                Limited::new(req.into_body(), MAX_BODY).collect(),
+            )
+            .await
+            {
+                Ok(Ok(b)) => b.to_bytes(),
+                _ => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "request body too large or too slow",
+                    );
+                }
+            };
+            let r: crate::verify::VerifyRequest = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => {
+                    return error(StatusCode::BAD_REQUEST, &format!("bad verify request: {e}"));
+                }
+            };
+            let after = match r.after.as_deref().map(crate::verify::parse_id).transpose() {
+                Ok(a) => a,
+                Err(e) => return error(StatusCode::BAD_REQUEST, &format!("{e:#}")),
+            };
+            let (spool, metrics) = (st.spool.clone(), st.metrics.clone());
+            // The batch, its quarantines and its counts finish even if this request is
+            // dropped (see `verify`).
+            let job = tokio::task::spawn_blocking(move || {
+                let b = crate::verify::batch_blocking(&spool, after)?;
+                metrics
+                    .integrity_failures
+                    .with_label_values(&["verify"])
+                    .inc_by(b.failures.len() as u64);
+                Ok::<_, anyhow::Error>(b)
+            });
+            match job.await {
+                Ok(Ok(b)) => json(StatusCode::OK, &b),
+                Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e:#}")),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("verify: {e}")),
+            }
+        }
+        (Method::POST, "/v1/keys/shred") => {
+            let body = match tokio::time::timeout(
+                Duration::from_secs(10),
+                Limited::new(req.into_body(), MAX_BODY).collect(),
+            )
+            .await
+            {
+                Ok(Ok(b)) => b.to_bytes(),
+                _ => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "request body too large or too slow",
+                    );
+                }
+            };
+            let r: ShredRequest = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => {
+                    return error(StatusCode::BAD_REQUEST, &format!("bad shred request: {e}"));
+                }
+            };
+            match shred(st, r.study).await {
+                Ok(s) => json(StatusCode::OK, &s),
+                Err(e) => error(StatusCode::CONFLICT, &format!("{e:#}")),
             }
         }
         (Method::GET, "/v1/keys") => match st.rotation.status().await {
@@ -588,6 +684,47 @@ async fn change(st: &AdminState, sel: &Selector, purge: bool) -> anyhow::Result<
     {
         out.retained_purged = st.spool.purge_retained_study(study.clone()).await?;
     }
+    Ok(out)
+}
+
+/// `POST /v1/keys/shred`: every DICOM entry of the study purged (none may be in flight),
+/// its retained copies purged, then its key destroyed.
+async fn shred(st: &AdminState, study: String) -> anyhow::Result<Shredded> {
+    let sel = Selector {
+        study: Some(study.clone()),
+        ..Selector::default()
+    };
+    let rows: Vec<_> = selected(st, &sel)
+        .await?
+        .into_iter()
+        .filter(|(_, _, v)| v.protocol == "dicom")
+        .collect();
+    let in_flight = rows
+        .iter()
+        .filter(|(_, _, v)| v.state == "in_flight")
+        .count();
+    if in_flight > 0 {
+        bail!(
+            "{in_flight} entries of this study are being sent right now; nothing was changed: run `keys shred` again in a moment"
+        );
+    }
+    let (spool, uid) = (st.spool.clone(), study.clone());
+    // The purge below deletes the key with the study's last object: ask first.
+    let existed = tokio::task::spawn_blocking(move || spool.study_key_exists_blocking(&uid))
+        .await
+        .context("shred task")??;
+    let mut out = Shredded::default();
+    for (dest, entry, _) in rows {
+        st.spool.purge(&dest, entry).await?;
+        out.entries_purged += 1;
+    }
+    out.retained_purged = st.spool.purge_retained_study(study.clone()).await?;
+    let spool = st.spool.clone();
+    let r = tokio::task::spawn_blocking(move || spool.shred_study_key_blocking(&study))
+        .await
+        .context("shred task")??;
+    out.key_shredded = existed || r.key_deleted;
+    out.objects_left = r.objects_left;
     Ok(out)
 }
 

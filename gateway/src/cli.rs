@@ -10,7 +10,9 @@ use std::path::Path;
 use anyhow::Context;
 use http::Method;
 
-use crate::admin::{self, Changed, EntryView, ResendRequest, Resended, Selector, Status};
+use crate::admin::{
+    self, Changed, EntryView, ResendRequest, Resended, Selector, ShredRequest, Shredded, Status,
+};
 use crate::config::Config;
 use crate::rotation::{KeysStatus, RESCAN, rewrap_all_blocking, status_blocking};
 
@@ -675,4 +677,189 @@ pub async fn keys_rotate(config: &Path, no_wait: bool, json: bool) -> anyhow::Re
 fn rotation_done(st: &KeysStatus) -> bool {
     st.rewrap_pending == 0
         && (!st.retire_old_versions || st.versions.iter().all(|v| v.state != "active"))
+}
+
+/// `dicom-gateway keys shred`: purge a study and destroy its key, through the running
+/// node or on a stopped node's data directory.
+pub async fn keys_shred(config: &Path, study: String, json: bool) -> anyhow::Result<()> {
+    let cfg = Config::load(config).with_context(|| format!("reading {}", config.display()))?;
+    let sock = admin::socket_path(&cfg.node.data_dir);
+    let running = node_running(&sock).await?;
+    let out: Shredded = if running {
+        let body = serde_json::to_vec(&ShredRequest {
+            study: study.clone(),
+        })?;
+        let v = admin::request(&sock, Method::POST, "/v1/keys/shred", Some(body)).await?;
+        serde_json::from_value(v).context("unexpected answer")?
+    } else {
+        let cfg2 = cfg.clone();
+        let spool = tokio::task::spawn_blocking(move || open_stopped_spool(&cfg2)).await??;
+        let (s2, uid) = (spool.clone(), study.clone());
+        let dests: Vec<String> = cfg.destination.iter().map(|d| d.name.clone()).collect();
+        let rows = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<_>> {
+            let mut rows = Vec::new();
+            for d in dests {
+                for e in s2.entries_blocking(&d)? {
+                    if s2
+                        .meta_blocking(e.object)
+                        .is_ok_and(|(m, _)| !m.is_hl7() && m.study_uid == uid)
+                    {
+                        rows.push((d.clone(), e));
+                    }
+                }
+            }
+            Ok(rows)
+        })
+        .await??;
+        let (s2, uid) = (spool.clone(), study.clone());
+        let existed =
+            tokio::task::spawn_blocking(move || s2.study_key_exists_blocking(&uid)).await??;
+        let mut out = Shredded::default();
+        for (d, e) in rows {
+            spool.purge(&d, e).await?;
+            out.entries_purged += 1;
+        }
+        out.retained_purged = spool.purge_retained_study(study.clone()).await?;
+        let (s2, uid) = (spool.clone(), study.clone());
+        let r = tokio::task::spawn_blocking(move || s2.shred_study_key_blocking(&uid)).await??;
+        out.key_shredded = existed || r.key_deleted;
+        out.objects_left = r.objects_left;
+        spool.quiesce().await;
+        out
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!(
+        "study {study}: {} queue entries and {} retained copies purged{}",
+        out.entries_purged,
+        out.retained_purged,
+        if running { "" } else { " (node stopped)" }
+    );
+    if out.key_shredded {
+        println!(
+            "its key is destroyed and compacted out of the database files: nothing of the study that may remain (backups of the data directory included) can be decrypted"
+        );
+    } else {
+        println!(
+            "no key of this study was stored: nothing of it is here, or it was shredded already"
+        );
+    }
+    if out.objects_left > 0 {
+        println!(
+            "{} objects of the study were still stored (being received); they can no longer be read",
+            out.objects_left
+        );
+    }
+    Ok(())
+}
+
+/// `dicom-gateway verify`: open every stored object and check it, through the running
+/// node or on a stopped node's data directory; each failure is quarantined and listed by
+/// internal id. Fails (exit 1) when any object failed.
+pub async fn verify(config: &Path, json: bool) -> anyhow::Result<()> {
+    use crate::verify::{VerifyBatch, VerifyRequest, batch_blocking, parse_id};
+    let cfg = Config::load(config).with_context(|| format!("reading {}", config.display()))?;
+    let sock = admin::socket_path(&cfg.node.data_dir);
+    let running = node_running(&sock).await?;
+    let spool = if running {
+        None
+    } else {
+        let cfg2 = cfg.clone();
+        Some(tokio::task::spawn_blocking(move || open_stopped_spool(&cfg2)).await??)
+    };
+    let bar = if !json && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        indicatif::ProgressBar::new(0)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} verifying {pos}/{len} objects [{bar:30}] {elapsed} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let started = std::time::Instant::now();
+    let mut total = VerifyBatch::default();
+    let mut after: Option<String> = None;
+    loop {
+        let b: VerifyBatch = match &spool {
+            None => {
+                let body = serde_json::to_vec(&VerifyRequest {
+                    after: after.clone(),
+                })?;
+                let v = admin::request(&sock, Method::POST, "/v1/verify", Some(body)).await?;
+                serde_json::from_value(v).context("unexpected answer")?
+            }
+            Some(spool) => {
+                let (s, a) = (spool.clone(), after.as_deref().map(parse_id).transpose()?);
+                tokio::task::spawn_blocking(move || batch_blocking(&s, a)).await??
+            }
+        };
+        total.checked += b.checked;
+        total.bytes += b.bytes;
+        total.total = b.total.max(total.checked);
+        total.failures.extend(b.failures);
+        bar.set_length(total.total as u64);
+        bar.set_position(total.checked as u64);
+        if !total.failures.is_empty() {
+            bar.set_message(format!("{} failed", total.failures.len()));
+        }
+        match b.next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    bar.finish_and_clear();
+    if let Some(s) = spool {
+        s.quiesce().await;
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "checked": total.checked,
+                "bytes": total.bytes,
+                "failures": total.failures,
+                "node_running": running,
+            }))?
+        );
+    } else {
+        println!(
+            "verified {} objects ({}) in {:.1} s{}",
+            total.checked,
+            human_bytes(total.bytes),
+            started.elapsed().as_secs_f64(),
+            if running { "" } else { " (node stopped)" }
+        );
+        if !total.failures.is_empty() {
+            let mut rows = vec![vec![
+                "ID".to_owned(),
+                "REASON".to_owned(),
+                "DEAD LETTERS".to_owned(),
+                "DETAIL".to_owned(),
+            ]];
+            for f in &total.failures {
+                rows.push(vec![
+                    f.id.clone(),
+                    f.reason.clone(),
+                    f.quarantined.to_string(),
+                    f.detail.clone(),
+                ]);
+            }
+            print_table(&rows);
+        }
+    }
+    if !total.failures.is_empty() {
+        anyhow::bail!(
+            "{} objects failed their check and were quarantined (their entries are dead letters, never forwarded): restore them from the sender, then `dicom-gateway queue purge --config {} --id ID`",
+            total.failures.len(),
+            config.display()
+        );
+    }
+    if !json {
+        println!("every object is authentic and whole");
+    }
+    Ok(())
 }

@@ -38,7 +38,8 @@
 //! name), [`observe`] (scrape-time gauges and zero series), [`admin_http`] (`/healthz`,
 //! `/readyz`, `/metrics`), [`admin`] (the operator's Unix socket: status, queues, dead
 //! letters, KEK versions), [`rotation`] (KEK rotation on a running node: new versions, the
-//! background rewrap, retirement), [`cli`] (the `status`, `queue` and `keys` commands),
+//! background rewrap, retirement), [`verify`] (every stored object opened and checked, and
+//! failures quarantined), [`cli`] (the `status`, `queue` and `keys` commands),
 //! [`node`] (wiring one node),
 //! [`pki`] (development PKI), [`demo`] (the two-site demo), [`twosite`] (the two-site
 //! layout and configs the demo and the end-to-end tests share), [`exit`] (exit codes),
@@ -83,6 +84,7 @@ pub mod sop;
 pub mod spool;
 pub mod tls;
 pub mod twosite;
+pub mod verify;
 
 /// Our implementation class UID (a UUID-derived UID under 2.25) and version name,
 /// written into the Part-10 file meta of every object the gateway frames.

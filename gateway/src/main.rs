@@ -108,6 +108,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Open every stored object and check it (authentication of every segment, count,
+    /// length, SHA-256) without writing plaintext anywhere; each that fails is quarantined
+    /// (its entries become dead letters) and listed by internal id. Exit 1 if any fails.
+    /// Through the running node, or on a stopped node's data directory.
+    Verify {
+        /// The node's TOML config.
+        #[arg(long)]
+        config: PathBuf,
+        /// Print the outcome as JSON (for scripts).
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect and fix the running node's queues.
     Queue {
         #[command(subcommand)]
@@ -244,6 +256,20 @@ enum KeysCommand {
         /// Return once the node uses the new version, without following the rewrap.
         #[arg(long)]
         no_wait: bool,
+        /// Print the outcome as JSON (for scripts).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Destroy a study's key (crypto-shredding): its queue entries and retained copies are
+    /// purged, then its key is deleted and compacted out of the database files, so that
+    /// nothing of the study left anywhere (backups included) can be decrypted.
+    Shred {
+        /// The node's TOML config.
+        #[arg(long)]
+        config: PathBuf,
+        /// The Study Instance UID.
+        #[arg(long)]
+        study: String,
         /// Print the outcome as JSON (for scripts).
         #[arg(long)]
         json: bool,
@@ -398,6 +424,10 @@ fn main() -> ExitCode {
                 Err(e) => report(Err(e)),
             }
         }
+        Command::Verify { config, json } => {
+            init_logging("warn", cli.log_format.map_or(LogFormat::Text, Into::into));
+            report(runtime.block_on(dicom_gateway::cli::verify(&config, json)))
+        }
         Command::Status { config, json } => {
             report(runtime.block_on(dicom_gateway::cli::status(&config, json)))
         }
@@ -465,6 +495,17 @@ fn main() -> ExitCode {
         } => {
             init_logging("warn", cli.log_format.map_or(LogFormat::Text, Into::into));
             report(runtime.block_on(dicom_gateway::cli::keys_rotate(&config, no_wait, json)))
+        }
+        Command::Keys {
+            command:
+                KeysCommand::Shred {
+                    config,
+                    study,
+                    json,
+                },
+        } => {
+            init_logging("warn", cli.log_format.map_or(LogFormat::Text, Into::into));
+            report(runtime.block_on(dicom_gateway::cli::keys_shred(&config, study, json)))
         }
         Command::Keys {
             command: KeysCommand::Status { config, json },

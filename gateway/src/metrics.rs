@@ -160,7 +160,7 @@ pub struct Metrics {
     pub crl_next_update: GaugeVec,
     /// `integrity_failures_total{stage}`: a digest or authentication tag that did not match
     /// (`link_digest`: a STOW part whose Content-Digest differs; `spool`: a segment that failed
-    /// to open).
+    /// to open on delivery; `verify`: an object that failed `dicom-gateway verify`).
     pub integrity_failures: IntCounterVec,
     /// `kek_operations_total{operation,kek_version}`: key-encryption-key operations on study
     /// keys: `wrap` (a new study key), `rewrap` (a stored key moved to the newest KEK

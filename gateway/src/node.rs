@@ -277,6 +277,7 @@ impl Node {
                 readiness: readiness.clone(),
                 retention: cfg.spool.retention,
                 rotation,
+                metrics: metrics.clone(),
             },
             listener_tasks.clone(),
             listeners_stop.clone(),
@@ -409,11 +410,19 @@ pub const KEY_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 /// Shred the study keys that no stored object uses and no writer holds, at start and then
 /// every [`KEY_SWEEP_INTERVAL`]: a study's key outlives its last object by at most that
 /// (plus one sweep if a commit of the study raced the sweep). Each sweep is one synced
-/// batch, so stopping between sweeps loses nothing.
+/// batch, so stopping between sweeps loses nothing. After it, the keys deleted since the
+/// last sweep (by it, or by deliveries, purges and expiry) are compacted out of the
+/// database's files, so a deleted key's wrapped bytes are gone from them within a sweep.
 async fn shred_unused_keys(spool: Spool, stop: CancellationToken) {
     loop {
         let s = spool.clone();
-        match tokio::task::spawn_blocking(move || s.shred_unused_keys_blocking()).await {
+        let swept = tokio::task::spawn_blocking(move || {
+            let n = s.shred_unused_keys_blocking()?;
+            // Deleted keys, by this sweep or by deliveries, purges and expiry since the last.
+            s.compact_deleted_keys_blocking()?;
+            Ok::<_, crate::spool::SpoolError>(n)
+        });
+        match swept.await {
             Ok(Ok(0)) => {}
             Ok(Ok(n)) => info!(keys = n, "shredded study keys that no stored object uses"),
             Ok(Err(e)) => {

@@ -1830,3 +1830,148 @@ fn keys_rotate_moves_every_key_to_a_new_version_on_a_running_and_a_stopped_node(
     let o = s.serve();
     assert_config_error(&o, "KEK version 4");
 }
+
+/// `keys shred --study` (issue 11, crypto-shredding), through a running node and on a
+/// stopped one: DCMTK's storescu sends three objects of one study and two of another; the
+/// shred purges exactly the first study's entries and destroys its key (the stored keys go
+/// from three to two, the index key included), the other study stays queued; on the stopped
+/// node the second study goes the same way, and a second shred finds no key.
+#[test]
+fn keys_shred_purges_a_study_and_destroys_its_key_on_a_running_and_a_stopped_node() {
+    let s = Site::new();
+    let cfg = s.path();
+    let cfg = cfg.to_str().expect("utf-8");
+    let ok = |args: &[&str]| -> String {
+        let o = run(args, &[]);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let json = |args: &[&str]| -> serde_json::Value {
+        serde_json::from_str(&ok(args)).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    };
+    let queued = || -> Vec<(String, String)> {
+        let v = json(&["queue", "list", "--config", cfg, "--json"]);
+        let mut u: Vec<(String, String)> = v
+            .as_array()
+            .expect("entries")
+            .iter()
+            .map(|e| {
+                (
+                    e["study_uid"].as_str().unwrap_or("").to_owned(),
+                    e["sop_instance_uid"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect();
+        u.sort_unstable();
+        u
+    };
+    let stored_keys = || -> u64 {
+        let v = json(&["keys", "status", "--config", cfg, "--json"]);
+        v["versions"][0]["keys"].as_u64().unwrap_or(u64::MAX)
+    };
+
+    let node = LoggedNode::spawn(&s);
+    let one = part10_files(&s.dir.join("one"), 3);
+    let two = part10_files(&s.dir.join("two"), 2);
+    let (host, port) = node.dicom.rsplit_once(':').expect("host:port");
+    let o = Command::new("/usr/bin/storescu")
+        .args(["-aet", "TEST_SCU", "-aec", "GW_A", host, port])
+        .args(one.iter().chain(&two).map(|(p, _)| p))
+        .output()
+        .expect("storescu (DCMTK)");
+    assert!(o.status.success(), "storescu: {}", stderr(&o));
+    let all = queued();
+    assert_eq!(all.len(), 5);
+    let study_of = |uid: &str| -> String {
+        all.iter()
+            .find(|(_, i)| i == uid)
+            .map(|(s, _)| s.clone())
+            .expect("queued")
+    };
+    let (s1, s2) = (study_of(&one[0].1), study_of(&two[0].1));
+    assert_ne!(s1, s2);
+    assert_eq!(stored_keys(), 3, "two study keys and the index key");
+
+    let r = json(&["keys", "shred", "--config", cfg, "--study", &s1, "--json"]);
+    assert_eq!(
+        (
+            r["entries_purged"].as_u64(),
+            r["key_shredded"].as_bool(),
+            r["objects_left"].as_u64()
+        ),
+        (Some(3), Some(true), Some(0)),
+        "{r}\n{}",
+        node.logs()
+    );
+    let left = queued();
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(left.iter().all(|(s, _)| *s == s2), "{left:?}");
+    assert_eq!(stored_keys(), 2);
+    stop_gracefully(node);
+
+    // On the stopped node.
+    let out = ok(&["keys", "shred", "--config", cfg, "--study", &s2]);
+    assert!(
+        out.contains("2 queue entries and 0 retained copies purged (node stopped)"),
+        "{out}"
+    );
+    assert!(out.contains("its key is destroyed"), "{out}");
+    let r = json(&["keys", "shred", "--config", cfg, "--study", &s2, "--json"]);
+    assert_eq!(
+        (r["entries_purged"].as_u64(), r["key_shredded"].as_bool()),
+        (Some(0), Some(false)),
+        "{r}"
+    );
+    assert_eq!(stored_keys(), 1, "only the index key is left");
+    let node = LoggedNode::spawn(&s);
+    assert!(queued().is_empty());
+    drop(node);
+}
+
+/// `verify` through the running node and on the stopped one: the three objects DCMTK's
+/// storescu sent are checked whole, and none fails (the spool's unit tests damage objects
+/// and see them quarantined).
+#[test]
+fn verify_checks_every_object_through_the_running_node_and_on_the_stopped_one() {
+    let s = Site::new();
+    let cfg = s.path();
+    let cfg = cfg.to_str().expect("utf-8");
+    let node = LoggedNode::spawn(&s);
+    let files = part10_files(&s.dir.join("send"), 3);
+    let (host, port) = node.dicom.rsplit_once(':').expect("host:port");
+    let o = Command::new("/usr/bin/storescu")
+        .args(["-aet", "TEST_SCU", "-aec", "GW_A", host, port])
+        .args(files.iter().map(|(p, _)| p))
+        .output()
+        .expect("storescu (DCMTK)");
+    assert!(o.status.success(), "storescu: {}", stderr(&o));
+    let verify = || -> serde_json::Value {
+        let o = run(&["verify", "--config", cfg, "--json"], &[]);
+        assert!(o.status.success(), "verify: {}", stderr(&o));
+        serde_json::from_slice(&o.stdout).expect("JSON")
+    };
+    let v = verify();
+    assert_eq!(
+        (
+            v["checked"].as_u64(),
+            v["node_running"].as_bool(),
+            v["failures"].clone()
+        ),
+        (Some(3), Some(true), serde_json::json!([])),
+        "{v}"
+    );
+    assert!(v["bytes"].as_u64().is_some_and(|b| b > 3 * 4096), "{v}");
+    stop_gracefully(node);
+    let v = verify();
+    assert_eq!(
+        (v["checked"].as_u64(), v["node_running"].as_bool()),
+        (Some(3), Some(false)),
+        "{v}"
+    );
+    let o = run(&["verify", "--config", cfg], &[]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("every object is authentic and whole"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+}

@@ -10,6 +10,11 @@
 //!   commit is done). [`Spool::shred_unused_keys_blocking`] deletes every other key, so
 //!   a study's key is gone within a sweep of its last object's deletion, whatever deleted
 //!   it (delivery, expiry, purge).
+//! - A deleted key is only a tombstone until its family is compacted: every commit that
+//!   deletes one marks the spool, and [`Spool::compact_deleted_keys_blocking`] (run by the
+//!   node after each sweep, and by a `keys shred`) then compacts the `keys` family whole
+//!   after flushing every memtable, so that the wrapped bytes leave the SST files and the
+//!   WAL files that held them are deleted: within one sweep interval of the deletion.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,6 +50,15 @@ pub struct KekOpCounts {
     pub unwrap: u64,
     /// Study keys shredded.
     pub shred: u64,
+}
+
+/// What [`Spool::shred_study_key_blocking`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StudyShred {
+    /// The study's key was stored and is deleted now.
+    pub key_deleted: bool,
+    /// Objects of the study still stored: unreadable from now on.
+    pub objects_left: usize,
 }
 
 /// Study keys that the unused-key sweep must keep although no stored object uses them.
@@ -297,6 +311,63 @@ impl Spool {
             self.uncache_key(kid);
         }
         Ok(shredded.len())
+    }
+
+    /// If a study key was deleted since the last call, make its wrapped bytes unrecoverable
+    /// from the database's files (see the module invariants). Returns whether it compacted.
+    ///
+    /// # Errors
+    ///
+    /// [`SpoolError::Store`] if the flush fails; the next call tries again.
+    pub fn compact_deleted_keys_blocking(&self) -> Result<bool, SpoolError> {
+        if !self.inner.keys_dropped.swap(false, Ordering::SeqCst) {
+            return Ok(false);
+        }
+        if let Err(e) = self.inner.store.compact_away_old_values(&[Cf::Keys]) {
+            self.inner.keys_dropped.store(true, Ordering::SeqCst);
+            return Err(e.into());
+        }
+        Ok(true)
+    }
+
+    /// Is a key of study `study_uid` stored? Blocking.
+    pub fn study_key_exists_blocking(&self, study_uid: &str) -> Result<bool, SpoolError> {
+        let kid = self.inner.index.id("study", study_uid.as_bytes());
+        Ok(self.inner.store.get(Cf::Keys, &kid)?.is_some())
+    }
+
+    /// `keys shred`: destroy the key of study `study_uid` now, whatever still uses it, and
+    /// compact it out of the files. Objects of the study still stored can then be read by
+    /// no one (the caller purges them first). A writer holding the key finds it gone at its
+    /// commit and refuses its object.
+    ///
+    /// # Errors
+    ///
+    /// [`SpoolError::Store`] if the deletion or the compaction fails.
+    pub fn shred_study_key_blocking(&self, study_uid: &str) -> Result<StudyShred, SpoolError> {
+        let kid = self.inner.index.id("study", study_uid.as_bytes());
+        let s = &self.inner.store;
+        let mut out = StudyShred::default();
+        {
+            let _g = self.commit_lock()?;
+            for (_, v) in s.scan_prefix(Cf::Meta, &[], usize::MAX)? {
+                if v.get(1..17) == Some(&kid[..]) {
+                    out.objects_left += 1;
+                }
+            }
+            if s.get(Cf::Keys, &kid)?.is_some() {
+                let mut b = s.batch();
+                b.delete(Cf::Keys, &kid);
+                self.commit_batch(b)?;
+                self.inner.kek_ops.shred.fetch_add(1, Ordering::Relaxed);
+                out.key_deleted = true;
+            }
+            self.uncache_key(&kid);
+        }
+        // A reader that raced the deletion may have cached it again.
+        self.uncache_key(&kid);
+        self.compact_deleted_keys_blocking()?;
+        Ok(out)
     }
 
     /// Study keys stored (for status and tests).

@@ -46,6 +46,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::dataset;
+pub use keys::StudyShred;
 use keys::{DekCache, KekOps, KeyPins};
 use rocks::{Cf, Store};
 pub use rocks::{StoreError, StoreStats};
@@ -80,7 +81,7 @@ pub use dedup::{DedupKey, DedupState};
 pub use keys::KekOpCounts;
 pub use meta::{Attempt, FailureRecord, ObjectMeta};
 pub use queue::{EntryState, QueueEntry, QueueEvent, Queued, Resent, Retained, study_tag};
-pub use reader::ObjectReader;
+pub use reader::{ObjectReader, VerifyFailure};
 pub use writer::{Committed, Ingest, MessageIngest, ObjectWriter, RouteFacts, RouteFn};
 
 /// A random 128-bit object id. Not derived from any UID.
@@ -226,6 +227,8 @@ struct Inner {
     kek_ops: KekOps,
     /// Stored wrapped keys per KEK version at the last count, for `kek_wrapped_keys`.
     key_versions: Mutex<std::collections::BTreeMap<u32, u64>>,
+    /// A study key was deleted since the last compaction of deleted keys.
+    keys_dropped: AtomicBool,
 }
 
 /// Backpressure state, set by the disk monitor and the dispatchers.
@@ -391,6 +394,7 @@ impl Spool {
             pins: Arc::new(Mutex::new(KeyPins::default())),
             kek_ops: KekOps::default(),
             key_versions: Mutex::new(std::collections::BTreeMap::new()),
+            keys_dropped: AtomicBool::new(false),
         };
         let mut inner = inner;
         inner.recovery = Self::recover(&inner)?;
@@ -498,9 +502,14 @@ impl Spool {
 
     /// Apply a batch that must be durable: synced, and a failure marks the store failed.
     fn commit_batch(&self, b: rocks::Batch<'_>) -> Result<(), SpoolError> {
+        let drops_keys = b.drops_keys();
         let r = self.inner.store.commit(b, !self.inner.unsynced_commits);
         if r.is_err() {
             self.inner.storage_failed.store(true, Ordering::SeqCst);
+        } else if drops_keys {
+            // Set once the deletion is written: the next compaction of deleted keys (see
+            // `keys`) covers it.
+            self.inner.keys_dropped.store(true, Ordering::SeqCst);
         }
         Ok(r?)
     }

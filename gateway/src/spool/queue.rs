@@ -424,6 +424,59 @@ impl Spool {
         .await
     }
 
+    /// Quarantine object `id`, which failed verification: every queue entry of it that is
+    /// not a dead letter yet becomes one, with `reason` added to its attempt history, and its
+    /// dispatcher stops considering it (one it is sending now finds the same damage and
+    /// dead-letters it itself). Synced. Returns the entries changed. Blocking.
+    pub fn quarantine_blocking(&self, id: ObjectId, reason: &str) -> Result<usize, SpoolError> {
+        let s = &self.inner.store;
+        let mut changed = Vec::new();
+        {
+            // Under the lock that `complete` takes: an entry is never brought back after
+            // its removal.
+            let _g = self.commit_lock()?;
+            let mut b = s.batch();
+            for (k, v) in s.scan_prefix(Cf::Refs, &id.0, usize::MAX)? {
+                let (Some(dest), Some(seq)) = (
+                    k.get(16..).and_then(|d| std::str::from_utf8(d).ok()),
+                    <[u8; 8]>::try_from(&v[..]).ok().map(u64::from_be_bytes),
+                ) else {
+                    continue;
+                };
+                let key = queue_key(dest, seq);
+                let Some(q) = s.get(Cf::Queue, &key)? else {
+                    continue;
+                };
+                let flags = q.get(16).copied().unwrap_or(0);
+                if flags & FLAG_DEAD != 0 {
+                    continue;
+                }
+                let mut record = match s.get(Cf::Fail, &key)? {
+                    Some(r) => FailureRecord::decode(&r).unwrap_or_default(),
+                    None => FailureRecord::default(),
+                };
+                record.push(reason);
+                let entry = QueueEntry {
+                    seq,
+                    object: id,
+                    state: EntryState::Dead,
+                    resend: flags & FLAG_RESEND != 0,
+                };
+                b.put(Cf::Queue, &key, &entry.value());
+                b.put(Cf::Fail, &key, &record.encode());
+                changed.push((dest.to_owned(), seq));
+            }
+            if changed.is_empty() {
+                return Ok(0);
+            }
+            self.commit_batch(b)?;
+        }
+        for (dest, seq) in &changed {
+            self.notify(dest, QueueEvent::Removed(*seq));
+        }
+        Ok(changed.len())
+    }
+
     /// Put a dead letter back in its queue with a fresh retry budget. Synced; the
     /// destination's dispatcher hears of it at once.
     pub async fn replay(&self, dest: &str, entry: QueueEntry) -> Result<(), SpoolError> {

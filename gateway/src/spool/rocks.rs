@@ -116,6 +116,8 @@ pub(crate) struct Store {
 pub(crate) struct Batch<'a> {
     store: &'a Store,
     batch: WriteBatch,
+    /// It deletes from the `keys` family (see [`Batch::drops_keys`]).
+    drops_keys: bool,
 }
 
 impl Batch<'_> {
@@ -124,13 +126,20 @@ impl Batch<'_> {
             self.batch.put_cf(h, key, value);
         }
     }
+    /// Whether this batch deletes a study key (its wrapped bytes then stay in the
+    /// database's files until [`Store::compact_away_old_values`]).
+    pub(crate) fn drops_keys(&self) -> bool {
+        self.drops_keys
+    }
     pub(crate) fn delete(&mut self, cf: Cf, key: &[u8]) {
+        self.drops_keys |= cf == Cf::Keys;
         if let Some(h) = self.store.db.cf_handle(cf.name()) {
             self.batch.delete_cf(h, key);
         }
     }
     /// Delete keys in `[from, to)`.
     pub(crate) fn delete_range(&mut self, cf: Cf, from: &[u8], to: &[u8]) {
+        self.drops_keys |= cf == Cf::Keys;
         if let Some(h) = self.store.db.cf_handle(cf.name()) {
             self.batch.delete_range_cf(h, from, to);
         }
@@ -145,6 +154,7 @@ impl Store {
         db_opts.create_missing_column_families(true);
         db_opts.set_keep_log_file_num(4);
         db_opts.set_max_total_wal_size(256 << 20);
+
         let cfs = Cf::ALL.iter().map(|cf| {
             let mut o = Options::default();
             // Small memtables keep RSS flat (see docs/format.md and the performance notes).
@@ -159,6 +169,16 @@ impl Store {
             }
             ColumnFamilyDescriptor::new(cf.name(), o)
         });
+        // The default family holds nothing, but its write buffer size counts in how much
+        // RocksDB preallocates for the first WAL file (1.1 times the largest family's):
+        // RocksDB's 64 MiB default would reserve 72 MiB of the data volume at the first
+        // write, which counts against `spool.min_free`.
+        let mut default_cf = Options::default();
+        default_cf.set_write_buffer_size(16 << 20);
+        let cfs = cfs.chain(std::iter::once(ColumnFamilyDescriptor::new(
+            rocksdb::DEFAULT_COLUMN_FAMILY_NAME,
+            default_cf,
+        )));
         let db = DB::open_cf_descriptors(&db_opts, dir, cfs)?;
         Ok(Store { db })
     }
@@ -184,6 +204,7 @@ impl Store {
         Batch {
             store: self,
             batch: WriteBatch::default(),
+            drops_keys: false,
         }
     }
 
@@ -218,6 +239,28 @@ impl Store {
                 .compact_range_cf_opt(self.cf(*cf)?, None::<&[u8]>, None::<&[u8]>, &opts);
         }
         Ok(())
+    }
+
+    /// At most `limit` keys of `cf` from `from` (inclusive), in order (values are not
+    /// copied out).
+    pub(crate) fn keys_from(
+        &self,
+        cf: Cf,
+        from: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Box<[u8]>>, StoreError> {
+        let mut it = self.db.raw_iterator_cf(self.cf(cf)?);
+        it.seek(from);
+        let mut out = Vec::new();
+        while let Some(k) = it.key() {
+            if out.len() >= limit {
+                break;
+            }
+            out.push(k.into());
+            it.next();
+        }
+        it.status()?;
+        Ok(out)
     }
 
     /// Every key of `cf`, in order (values are not copied out).

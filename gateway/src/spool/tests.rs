@@ -1123,3 +1123,166 @@ async fn a_rewrap_batch_never_writes_under_a_version_that_is_no_longer_the_newes
     assert_eq!(spool.retire_old_versions_blocking().unwrap(), [1, 2]);
     assert_readable(&spool, &[id]).await;
 }
+
+/// Issue 11, crypto-shredding: a deleted study key is only a tombstone until compacted.
+/// Once a delivery deleted it, the compaction of deleted keys (the node runs it after each
+/// key sweep) leaves none of its wrapped bytes in any file of the data directory, which
+/// held them before; `keys shred` does the same at once for a study whose object is still
+/// stored, which can then no longer be opened.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_study_key_is_compacted_out_of_every_file_of_the_data_directory() {
+    let dir = private_tempdir();
+    let spool = open(dir.path());
+    let wrapped_of = |spool: &Spool, study: &str| -> Box<[u8]> {
+        let kid = spool.inner.index.id("study", study.as_bytes());
+        spool
+            .inner
+            .store
+            .get(Cf::Keys, &kid)
+            .unwrap()
+            .expect("the study key is stored")
+            .into()
+    };
+    let a = generate_object("1.2.7.1", "1.2.7.1.1", 1, "SHRED^A", 30_000).unwrap();
+    let b = generate_object("1.2.7.2", "1.2.7.2.1", 1, "SHRED^B", 30_000).unwrap();
+    let ida = store(&spool, &a, &["x"]).await;
+    let idb = store(&spool, &b, &["x"]).await;
+    let (wa, wb) = (wrapped_of(&spool, "1.2.7.1"), wrapped_of(&spool, "1.2.7.2"));
+    // As for a key made a while ago: in an SST file, below the later deletion.
+    spool.inner.store.flush().unwrap();
+    assert!(
+        !spool.compact_deleted_keys_blocking().unwrap(),
+        "nothing deleted yet"
+    );
+
+    // Study A is delivered: its object and key go.
+    let (q, _) = spool.subscribe("x").await.unwrap();
+    let entry = q
+        .iter()
+        .find(|e| e.entry.object == ida)
+        .expect("queued")
+        .entry;
+    assert!(spool.complete("x", entry).await.unwrap());
+    spool.shred_unused_keys_blocking().unwrap();
+    assert_eq!(spool.study_key_count_blocking().unwrap(), 1);
+    spool.inner.store.flush().unwrap();
+    assert!(
+        !files_holding(dir.path(), std::slice::from_ref(&wa)).is_empty(),
+        "premise: a deleted key's bytes stay in the files until compacted"
+    );
+    assert!(spool.compact_deleted_keys_blocking().unwrap());
+    let left = files_holding(dir.path(), std::slice::from_ref(&wa));
+    assert!(
+        left.is_empty(),
+        "study A's wrapped key is still in {left:?}"
+    );
+    assert!(!spool.compact_deleted_keys_blocking().unwrap(), "done once");
+
+    // `keys shred` of study B, whose object is still stored.
+    let r = spool.shred_study_key_blocking("1.2.7.2").unwrap();
+    assert_eq!((r.key_deleted, r.objects_left), (true, 1));
+    assert!(
+        spool.open_object(idb).await.is_err(),
+        "its object can no longer be opened"
+    );
+    let left = files_holding(dir.path(), std::slice::from_ref(&wb));
+    assert!(
+        left.is_empty(),
+        "study B's wrapped key is still in {left:?}"
+    );
+    let r = spool.shred_study_key_blocking("1.2.7.2").unwrap();
+    assert_eq!((r.key_deleted, r.objects_left), (false, 1));
+    spool.quiesce().await;
+}
+
+/// Issue 11, `verify`: a whole object passes; a flipped byte in a segment, a missing
+/// segment, and a segment re-sealed under the right key with other bytes (authentic, but
+/// not what was committed: only the SHA-256 catches it) each fail with their reason; each
+/// failing object's queue entries become dead letters with that reason, once.
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_finds_tampered_missing_and_substituted_segments_and_quarantines_them() {
+    let dir = private_tempdir();
+    let spool = open(dir.path());
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let o = generate_object(
+            &format!("1.2.5.{i}"),
+            &format!("1.2.5.{i}.1"),
+            1,
+            "VER^IFY",
+            150_000,
+        )
+        .unwrap();
+        ids.push(store(&spool, &o, &["x", "y"]).await);
+    }
+    let s = &spool.inner.store;
+    // 1: a flipped byte in segment 1.
+    let mut seg = s.get(Cf::Seg, &seg_key(&ids[1], 1)).unwrap().unwrap();
+    seg[40] ^= 0x01;
+    s.put_unsynced(Cf::Seg, &seg_key(&ids[1], 1), &seg).unwrap();
+    // 2: segment 0 gone.
+    let mut b = s.batch();
+    b.delete(Cf::Seg, &seg_key(&ids[2], 0));
+    s.commit(b, true).unwrap();
+    // 3: segment 1 re-sealed, under the study key and at its place, with other bytes.
+    let (meta, dek) = spool.meta_blocking(ids[3]).unwrap();
+    let aad = ObjectMeta::identity_aad(&ids[3], &meta.resolved());
+    let (mut plain, is_final) = keystore::open_segment(
+        &dek,
+        &aad,
+        1,
+        &s.get(Cf::Seg, &seg_key(&ids[3], 1)).unwrap().unwrap(),
+    )
+    .unwrap();
+    plain[100] ^= 0xff;
+    let forged = keystore::seal_segment(&dek, &aad, 1, is_final, &plain).unwrap();
+    s.put_unsynced(Cf::Seg, &seg_key(&ids[3], 1), &forged)
+        .unwrap();
+
+    let check = |i: usize| spool.verify_object_blocking(ids[i]).unwrap();
+    let whole = check(0);
+    assert!(whole.as_ref().is_ok_and(|n| *n > 100_000), "{whole:?}");
+    let reason = |i: usize| check(i).err().map(|f| (f.reason, f.detail)).unwrap();
+    assert_eq!(reason(1).0, "integrity");
+    assert_eq!(
+        reason(2),
+        ("missing_data", "segment 0 is missing".to_owned())
+    );
+    let (r, detail) = reason(3);
+    assert_eq!(r, "integrity");
+    assert!(detail.contains("SHA-256"), "{detail}");
+
+    let batch = crate::verify::batch_blocking(&spool, None).unwrap();
+    assert_eq!((batch.checked, batch.total, batch.next), (4, 4, None));
+    let mut failed: Vec<(String, usize)> = batch
+        .failures
+        .iter()
+        .map(|f| (f.id.clone(), f.quarantined))
+        .collect();
+    failed.sort();
+    let mut want: Vec<(String, usize)> = ids[1..].iter().map(|i| (i.hex(), 2)).collect();
+    want.sort();
+    assert_eq!(
+        failed, want,
+        "each failing object's two entries are dead letters now"
+    );
+    for d in ["x", "y"] {
+        for e in spool.entries_blocking(d).unwrap() {
+            let bad = ids[1..].contains(&e.object);
+            assert_eq!(e.state == EntryState::Dead, bad, "{d}: {e:?}");
+            if bad {
+                let f = spool.failure_blocking(d, e.seq).unwrap().unwrap();
+                assert!(
+                    f.last_reason()
+                        .is_some_and(|r| r.contains("found by verify")),
+                    "{f:?}"
+                );
+            }
+        }
+    }
+    // A second pass quarantines nothing again.
+    let again = crate::verify::batch_blocking(&spool, None).unwrap();
+    assert_eq!(again.failures.len(), 3);
+    assert!(again.failures.iter().all(|f| f.quarantined == 0));
+    spool.quiesce().await;
+}
