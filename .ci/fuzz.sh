@@ -37,13 +37,14 @@ fi
 # Rust bindings come from its own headers and must match the library linked).
 check_locks() {
 	python3 - <<'EOF'
-import sys, tomllib
+import re, sys
+# Read as text (tomllib is Python 3.11+): each [[package]] starts with its name and version.
 def load(path):
-    with open(path, "rb") as f:
-        versions = {}
-        for p in tomllib.load(f)["package"]:
-            versions.setdefault(p["name"], set()).add(p["version"])
-        return versions
+    versions = {}
+    with open(path) as f:
+        for name, version in re.findall(r'^name = "([^"]+)"\nversion = "([^"]+)"', f.read(), re.M):
+            versions.setdefault(name, set()).add(version)
+    return versions
 main, fuzz = load("Cargo.lock"), load("fuzz/Cargo.lock")
 bad = sorted(n for n in main.keys() & fuzz.keys() if fuzz[n] - main[n])
 if bad:
