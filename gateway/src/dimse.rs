@@ -3,7 +3,8 @@
 //! `dicom-ul` has no DIMSE layer, so this module owns it. A command set is always encoded in
 //! implicit VR little endian (PS3.7 §6.3.1). Invariants:
 //! - decoding never allocates more than the input it was handed, and the caller bounds that
-//!   input ([`MAX_COMMAND_BYTES`]);
+//!   input ([`MAX_COMMAND_BYTES`]); [`CommandAssembler`] is the one place that gathers a
+//!   command set from its PDV fragments, and it enforces that bound before it copies;
 //! - unknown command elements are skipped, not rejected;
 //! - encoding always writes a correct Command Group Length (0000,0000).
 
@@ -331,6 +332,45 @@ impl Command {
     }
 }
 
+/// Gathers a command set from its PDV fragments (PS3.8 §9.3.5: a command may span several
+/// P-DATA PDVs, the last one flagged) and decodes it. Both directions use it: the C-STORE
+/// SCP for requests ([`crate::receive`]) and the SCU for responses ([`crate::deliver`]).
+///
+/// Invariant: the buffered fragments never exceed [`MAX_COMMAND_BYTES`]; a fragment that
+/// would pass the bound is refused before it is copied, and the buffer is emptied.
+#[derive(Debug, Default)]
+pub struct CommandAssembler {
+    /// The fragments received so far of the command being assembled.
+    buf: Vec<u8>,
+}
+
+impl CommandAssembler {
+    /// Add the next fragment. `Ok(Some(command))` once the fragment flagged `is_last` is in
+    /// (the assembler is then empty again), `Ok(None)` while more are to come.
+    pub fn push(&mut self, fragment: &[u8], is_last: bool) -> Result<Option<Command>, DimseError> {
+        if self.buf.len().saturating_add(fragment.len()) > MAX_COMMAND_BYTES {
+            self.buf = Vec::new();
+            return Err(DimseError::TooLarge);
+        }
+        self.buf.extend_from_slice(fragment);
+        if !is_last {
+            return Ok(None);
+        }
+        let bytes = std::mem::take(&mut self.buf);
+        Command::decode(&bytes).map(Some)
+    }
+
+    /// Bytes buffered for the command being assembled.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// True between commands.
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+}
+
 /// The Verification SOP Class (C-ECHO).
 pub const VERIFICATION_SOP_CLASS: &str = "1.2.840.10008.1.1";
 
@@ -472,6 +512,24 @@ mod tests {
             Command::decode(&vec![0; MAX_COMMAND_BYTES + 1]),
             Err(DimseError::TooLarge)
         );
+    }
+
+    #[test]
+    fn fragments_assemble_and_the_bound_holds_before_copying() {
+        let bytes = Command::echo_rq(9).encode();
+        let mut a = CommandAssembler::default();
+        let (head, tail) = bytes.split_at(5);
+        assert_eq!(a.push(head, false), Ok(None));
+        assert_eq!(a.push(&[], false), Ok(None));
+        let cmd = a.push(tail, true).unwrap().expect("complete");
+        assert_eq!(cmd.message_id, Some(9));
+        assert!(a.is_empty());
+        // one byte over the bound, spread over fragments: refused, and nothing kept
+        assert_eq!(a.push(&vec![0; MAX_COMMAND_BYTES], false), Ok(None));
+        assert_eq!(a.push(&[0], true), Err(DimseError::TooLarge));
+        assert!(a.is_empty());
+        // and the next command assembles normally
+        assert!(a.push(&bytes, true).unwrap().is_some());
     }
 
     #[test]

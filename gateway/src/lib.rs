@@ -43,7 +43,8 @@
 //! [`node`] (wiring one node),
 //! [`pki`] (development PKI), [`demo`] (the two-site demo), [`twosite`] (the two-site
 //! layout and configs the demo and the end-to-end tests share), [`exit`] (exit codes),
-//! [`healthcheck`] (the container's probe of `/healthz`).
+//! [`healthcheck`] (the container's probe of `/healthz`). `fuzzing` (hidden) holds the
+//! entry points of the `cargo fuzz` targets in `fuzz/`.
 //!
 //! ## Invariants
 //! 1. A C-STORE or STOW-RS request (or an HL7 message, with AA) is acknowledged with
@@ -70,6 +71,8 @@ pub mod demo;
 pub mod dimse;
 pub mod dispatch;
 pub mod exit;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod healthcheck;
 pub mod hl7;
 pub mod metrics;

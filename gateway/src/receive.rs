@@ -357,7 +357,7 @@ impl DicomServer {
         let mut session = Session {
             server: self,
             assoc,
-            command: Vec::new(),
+            command: dimse::CommandAssembler::default(),
             state: State::Idle,
             objects: 0,
             bytes: 0,
@@ -421,7 +421,8 @@ enum Outcome {
 struct Session<'a, S> {
     server: &'a DicomServer,
     assoc: AsyncServerAssociation<S>,
-    command: Vec<u8>,
+    /// The command set being gathered from its PDVs.
+    command: dimse::CommandAssembler,
     state: State,
     /// Objects stored on this association (for its log line).
     objects: u64,
@@ -517,13 +518,12 @@ where
                 if !matches!(self.state, State::Idle) {
                     return Err("command received while a data set was expected".into());
                 }
-                if self.command.len() + pdv.data.len() > dimse::MAX_COMMAND_BYTES {
-                    return Err("command set too large".into());
-                }
-                self.command.extend_from_slice(&pdv.data);
-                if pdv.is_last {
-                    let bytes = std::mem::take(&mut self.command);
-                    let cmd = Command::decode(&bytes).map_err(|e| e.to_string())?;
+                // Bounded by dimse::MAX_COMMAND_BYTES before anything is copied.
+                let assembled = self
+                    .command
+                    .push(&pdv.data, pdv.is_last)
+                    .map_err(|e| e.to_string())?;
+                if let Some(cmd) = assembled {
                     self.command_received(cmd, pdv.presentation_context_id)
                         .await?;
                 }

@@ -528,7 +528,7 @@ impl Scu {
     /// Wait for the C-STORE-RSP.
     async fn await_response(&mut self, msg_id: u16) -> Result<(), Stored> {
         let answered = |e: DeliveryError| Stored::Answered(e);
-        let mut command = Vec::new();
+        let mut command = dimse::CommandAssembler::default();
         loop {
             let pdu = on_link!(&mut self.assoc, a => tokio::time::timeout(self.timeout, a.receive()).await)
                 .map_err(|_| {
@@ -547,17 +547,16 @@ impl Scu {
                                 "unexpected data PDV in response",
                             )));
                         }
-                        if command.len() + pdv.data.len() > dimse::MAX_COMMAND_BYTES {
-                            return Err(answered(DeliveryError::transient(
-                                "protocol",
-                                "response command too large",
-                            )));
-                        }
-                        command.extend_from_slice(&pdv.data);
-                        if pdv.is_last {
-                            let rsp = Command::decode(&command)
-                                .map_err(|e| answered(transient("response", e)))?;
-                            return check_response(&rsp, msg_id).map_err(answered);
+                        match command.push(&pdv.data, pdv.is_last) {
+                            Ok(None) => {}
+                            Ok(Some(rsp)) => return check_response(&rsp, msg_id).map_err(answered),
+                            Err(dimse::DimseError::TooLarge) => {
+                                return Err(answered(DeliveryError::transient(
+                                    "protocol",
+                                    "response command too large",
+                                )));
+                            }
+                            Err(e) => return Err(answered(transient("response", e))),
                         }
                     }
                 }

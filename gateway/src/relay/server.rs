@@ -21,11 +21,11 @@
 //!   is 16 × 16 MiB + 64 × 6.1 MiB, about 650 MiB at the very worst.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::TryStreamExt;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyStream, Full};
 use hyper::body::Incoming;
@@ -42,6 +42,7 @@ use crate::dataset;
 use crate::metrics::{ActiveGuard, Metrics, tls_failure_reason};
 use crate::spool::{Committed, DedupState, Ingest, Spool, SpoolError};
 
+pub(crate) mod framing;
 mod hl7;
 
 /// Bytes a request may carry outside part bodies (preamble, boundaries, part headers).
@@ -88,7 +89,7 @@ struct ConnStats {
 
 /// The outcome of one part.
 #[derive(Debug)]
-enum PartResult {
+pub(crate) enum PartResult {
     /// Stored, with its size in bytes.
     Stored(u64),
     Duplicate,
@@ -385,52 +386,24 @@ impl LinkServer {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_owned();
-        let lower = ct.to_ascii_lowercase();
-        if !lower.starts_with("multipart/related")
-            || (lower.contains("type=") && !lower.contains("application/dicom"))
-        {
-            return text(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "expected multipart/related; type=\"application/dicom\"",
-            );
-        }
-        let Some(boundary) = boundary_of(&ct) else {
-            return text(StatusCode::BAD_REQUEST, "no multipart boundary");
+        let boundary = match framing::stow_boundary(&ct) {
+            Ok(b) => b,
+            Err((status, why)) => return text(status, why),
         };
-        // multer buffers part headers until the blank line without a limit of its own, so
-        // bytes pulled while no part body is being read are counted and bounded here.
-        let between_parts = Arc::new(AtomicU64::new(0));
-        let in_part = Arc::new(AtomicBool::new(false));
-        let (count, active) = (between_parts.clone(), in_part.clone());
-        let stream = BodyStream::new(req.into_body())
-            .try_filter_map(|frame| async move { Ok(frame.into_data().ok()) })
-            .map(move |item| {
-                let chunk = item.map_err(std::io::Error::other)?;
-                if !active.load(Ordering::Relaxed)
-                    && count.fetch_add(chunk.len() as u64, Ordering::Relaxed) > MAX_OUTSIDE_PARTS
-                {
-                    return Err(std::io::Error::other("multipart headers too large"));
-                }
-                Ok(chunk)
-            });
+        let body = BodyStream::new(req.into_body())
+            .try_filter_map(|frame| async move { Ok(frame.into_data().ok()) });
         let part_limit = self.max_object_bytes + dataset::MAX_META_BYTES as u64 + 1024;
-        let constraints =
-            multer::Constraints::new().size_limit(multer::SizeLimit::new().per_field(part_limit));
-        let mut multipart = multer::Multipart::with_constraints(stream, boundary, constraints);
+        let mut parts = framing::StowParts::new(body, boundary, part_limit);
         let mut results = Vec::new();
         loop {
-            in_part.store(false, Ordering::Relaxed);
-            let field = match multipart.next_field().await {
-                Ok(Some(f)) => f,
+            match parts.next_part().await {
+                Ok(Some(field)) => results.push(self.part(field, peer).await),
                 Ok(None) => break,
-                Err(e) => {
-                    results.push(multipart_failure(&e, "multipart"));
+                Err(failure) => {
+                    results.push(failure);
                     break;
                 }
-            };
-            in_part.store(true, Ordering::Relaxed);
-            between_parts.store(0, Ordering::Relaxed);
-            results.push(self.part(field, peer).await);
+            }
         }
         for r in &results {
             match r {
@@ -494,33 +467,12 @@ impl LinkServer {
     }
 
     async fn part(&self, mut field: multer::Field<'static>, peer: &str) -> PartResult {
-        let h = field.headers();
-        let ct = h
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        if !ct.trim().eq_ignore_ascii_case("application/dicom") {
-            return PartResult::BadRequest("part is not application/dicom".into());
-        }
-        let Some(transfer_id) = h
-            .get("content-id")
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|v| {
-                !v.is_empty()
-                    && v.len() <= MAX_CONTENT_ID
-                    && v.bytes().all(|b| b.is_ascii_graphic())
-            })
-            .map(str::to_owned)
-        else {
-            return PartResult::BadRequest("part has no usable Content-ID".into());
-        };
-        let Some(digest) = h
-            .get("content-digest")
-            .and_then(|v| v.to_str().ok())
-            .and_then(super::parse_content_digest)
-        else {
-            return PartResult::BadRequest("part has no sha-256 Content-Digest".into());
+        let framing::PartHeaders {
+            transfer_id,
+            digest,
+        } = match framing::part_headers(field.headers()) {
+            Ok(h) => h,
+            Err(refused) => return refused,
         };
         let key = self.spool.dedup_key(peer, &transfer_id);
         let spool = self.spool.clone();
@@ -542,32 +494,12 @@ impl LinkServer {
             Err(e) => return PartResult::Unavailable(e.to_string()),
         }
 
-        // Read up to the end of the Part-10 header.
-        let mut head = Vec::new();
-        let meta = loop {
-            match dataset::parse_part10_header(&head) {
-                Ok(Some(m)) => break m,
-                // The parser bounds the meta group; this only guards against a parser that
-                // keeps asking for more.
-                Ok(None) if head.len() > dataset::MAX_META_BYTES + 144 => {
-                    return PartResult::BadRequest("Part-10 header too large".into());
-                }
-                Ok(None) => {}
-                Err(e) => return PartResult::BadRequest(e.to_string()),
-            }
-            match field.chunk().await {
-                Ok(Some(c)) => head.extend_from_slice(&c),
-                Ok(None) => {
-                    return PartResult::BadRequest("part ends inside the Part-10 header".into());
-                }
-                Err(e) => return multipart_failure(&e, "multipart"),
-            }
+        let (head, meta) = match framing::read_part10_head(&mut field).await {
+            Ok(x) => x,
+            Err(refused) => return refused,
         };
-        if crate::sop::encoding(&meta.transfer_syntax).is_none() {
-            return PartResult::BadRequest("unsupported transfer syntax".into());
-        }
-        if !crate::sop::may_be_stored(&meta.sop_class) {
-            return PartResult::BadRequest("not a storage SOP class".into());
+        if let Err(refused) = framing::check_storable(&meta) {
+            return refused;
         }
         let ingest = Ingest {
             sop_class: meta.sop_class,

@@ -82,7 +82,7 @@ impl ObjectMeta {
         out
     }
 
-    pub(super) fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(512);
         out.push(META_VERSION);
         for s in [
@@ -107,7 +107,7 @@ impl ObjectMeta {
         out
     }
 
-    pub(super) fn decode(id: ObjectId, b: &[u8]) -> Option<ObjectMeta> {
+    pub(crate) fn decode(id: ObjectId, b: &[u8]) -> Option<ObjectMeta> {
         let mut r = Reader(b);
         if r.take(1)? != [META_VERSION] {
             return None;
@@ -241,7 +241,7 @@ impl FailureRecord {
         }
     }
 
-    pub(super) fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut out = vec![FAIL_VERSION];
         out.extend_from_slice(&self.attempts.to_be_bytes());
         out.push(self.history.len() as u8);
@@ -256,7 +256,7 @@ impl FailureRecord {
         out
     }
 
-    pub(super) fn decode(b: &[u8]) -> Option<FailureRecord> {
+    pub(crate) fn decode(b: &[u8]) -> Option<FailureRecord> {
         let mut r = Reader(b);
         if r.take(1)? != [FAIL_VERSION] {
             return None;
