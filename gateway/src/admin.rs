@@ -370,19 +370,9 @@ async fn route(req: Request<Incoming>, st: &AdminState) -> Response<Full<Bytes>>
             }
         }
         (Method::POST, "/v1/queue/retry" | "/v1/queue/purge" | "/v1/queue/resend") => {
-            let body = match tokio::time::timeout(
-                Duration::from_secs(10),
-                Limited::new(req.into_body(), MAX_BODY).collect(),
-            )
-            .await
-            {
-                Ok(Ok(b)) => b.to_bytes(),
-                _ => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        "request body too large or too slow",
-                    );
-                }
+            let body = match read_body(req).await {
+                Ok(b) => b,
+                Err(r) => return r,
             };
             if path.ends_with("resend") {
                 let r: ResendRequest = match serde_json::from_slice(&body) {
@@ -407,25 +397,9 @@ async fn route(req: Request<Incoming>, st: &AdminState) -> Response<Full<Bytes>>
             }
         }
         (Method::POST, "/v1/verify") => {
-            let body = match tokio::time::timeout(
-                Duration::from_secs(10),
-                Limited::new(req.into_body(), MAX_BODY).collect(),
-            )
-            .await
-            {
-                Ok(Ok(b)) => b.to_bytes(),
-                _ => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        "request body too large or too slow",
-                    );
-                }
-            };
-            let r: crate::verify::VerifyRequest = match serde_json::from_slice(&body) {
+            let r: crate::verify::VerifyRequest = match read_json(req, "verify request").await {
                 Ok(r) => r,
-                Err(e) => {
-                    return error(StatusCode::BAD_REQUEST, &format!("bad verify request: {e}"));
-                }
+                Err(r) => return r,
             };
             let after = match r.after.as_deref().map(crate::verify::parse_id).transpose() {
                 Ok(a) => a,
@@ -449,25 +423,9 @@ async fn route(req: Request<Incoming>, st: &AdminState) -> Response<Full<Bytes>>
             }
         }
         (Method::POST, "/v1/keys/shred") => {
-            let body = match tokio::time::timeout(
-                Duration::from_secs(10),
-                Limited::new(req.into_body(), MAX_BODY).collect(),
-            )
-            .await
-            {
-                Ok(Ok(b)) => b.to_bytes(),
-                _ => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        "request body too large or too slow",
-                    );
-                }
-            };
-            let r: ShredRequest = match serde_json::from_slice(&body) {
+            let r: ShredRequest = match read_json(req, "shred request").await {
                 Ok(r) => r,
-                Err(e) => {
-                    return error(StatusCode::BAD_REQUEST, &format!("bad shred request: {e}"));
-                }
+                Err(r) => return r,
             };
             match shred(st, r.study).await {
                 Ok(s) => json(StatusCode::OK, &s),
@@ -484,6 +442,32 @@ async fn route(req: Request<Incoming>, st: &AdminState) -> Response<Full<Bytes>>
         },
         _ => error(StatusCode::NOT_FOUND, "unknown admin request"),
     }
+}
+
+/// A request body: at most [`MAX_BODY`] bytes, arriving within 10 s.
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Full<Bytes>>> {
+    match tokio::time::timeout(
+        Duration::from_secs(10),
+        Limited::new(req.into_body(), MAX_BODY).collect(),
+    )
+    .await
+    {
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        _ => Err(error(
+            StatusCode::BAD_REQUEST,
+            "request body too large or too slow",
+        )),
+    }
+}
+
+/// A JSON request body ([`read_body`]) of type `T`; `what` names it in the error.
+async fn read_json<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+    what: &str,
+) -> Result<T, Response<Full<Bytes>>> {
+    let body = read_body(req).await?;
+    serde_json::from_slice(&body)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("bad {what}: {e}")))
 }
 
 fn parse_query(q: &str) -> HashMap<String, String> {

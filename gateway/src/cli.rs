@@ -330,6 +330,11 @@ pub async fn queue_change(
     Ok(())
 }
 
+/// A table's header row.
+fn header(names: &[&str]) -> Vec<String> {
+    names.iter().map(|n| (*n).to_owned()).collect()
+}
+
 fn print_table(rows: &[Vec<String>]) {
     let cols = rows.first().map_or(0, Vec::len);
     let widths: Vec<usize> = (0..cols)
@@ -429,12 +434,7 @@ fn open_stopped_spool(cfg: &Config) -> anyhow::Result<crate::spool::Spool> {
 }
 
 fn print_keys(st: &KeysStatus) {
-    let mut rows = vec![vec![
-        "VERSION".to_owned(),
-        "STATE".to_owned(),
-        "KEYS".to_owned(),
-        "FILE".to_owned(),
-    ]];
+    let mut rows = vec![header(&["VERSION", "STATE", "KEYS", "FILE"])];
     for v in &st.versions {
         rows.push(vec![
             v.version.to_string(),
@@ -834,12 +834,7 @@ pub async fn verify(config: &Path, json: bool) -> anyhow::Result<()> {
             if running { "" } else { " (node stopped)" }
         );
         if !total.failures.is_empty() {
-            let mut rows = vec![vec![
-                "ID".to_owned(),
-                "REASON".to_owned(),
-                "DEAD LETTERS".to_owned(),
-                "DETAIL".to_owned(),
-            ]];
+            let mut rows = vec![header(&["ID", "REASON", "DEAD LETTERS", "DETAIL"])];
             for f in &total.failures {
                 rows.push(vec![
                     f.id.clone(),

@@ -1659,6 +1659,25 @@ retry = {{ initial = "100ms", max_delay = "200ms" }}
     drop(node);
 }
 
+/// What `keys rotate --json` said: version, created, node running, keys rewrapped, retired.
+fn rotated(
+    r: &serde_json::Value,
+) -> (
+    Option<u64>,
+    Option<bool>,
+    Option<bool>,
+    Option<u64>,
+    serde_json::Value,
+) {
+    (
+        r["version"].as_u64(),
+        r["created"].as_bool(),
+        r["node_running"].as_bool(),
+        r["rewrapped"].as_u64(),
+        r["retired"].clone(),
+    )
+}
+
 /// SIGTERM, then wait for the node to exit.
 fn stop_gracefully(mut node: LoggedNode) {
     signal(&node.child, rustix::process::Signal::TERM);
@@ -1730,13 +1749,7 @@ fn keys_rotate_moves_every_key_to_a_new_version_on_a_running_and_a_stopped_node(
     // Through the running node.
     let r = json(&["keys", "rotate", "--config", cfg, "--json"]);
     assert_eq!(
-        (
-            r["version"].as_u64(),
-            r["created"].as_bool(),
-            r["node_running"].as_bool(),
-            r["rewrapped"].as_u64(),
-            r["retired"].clone(),
-        ),
+        rotated(&r),
         (
             Some(2),
             Some(true),
@@ -1800,13 +1813,7 @@ fn keys_rotate_moves_every_key_to_a_new_version_on_a_running_and_a_stopped_node(
     ok(&["keys", "new-kek", "--out", v3.to_str().expect("utf-8")]);
     let r = json(&["keys", "rotate", "--config", cfg, "--json"]);
     assert_eq!(
-        (
-            r["version"].as_u64(),
-            r["created"].as_bool(),
-            r["node_running"].as_bool(),
-            r["rewrapped"].as_u64(),
-            r["retired"].clone(),
-        ),
+        rotated(&r),
         (
             Some(3),
             Some(false),
