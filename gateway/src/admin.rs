@@ -51,7 +51,7 @@ use tracing::{debug, warn};
 
 use crate::admin_http::Readiness;
 use crate::dispatch::{Board, DestinationStatus};
-use crate::spool::{EntryState, ObjectId, QueueEntry, Spool};
+use crate::spool::{EntryState, QueueEntry, Spool};
 
 /// The socket's file name in the data directory.
 pub const SOCKET_NAME: &str = "admin.sock";
@@ -548,7 +548,7 @@ async fn selected(
         bail!("no destination named {d:?}");
     }
     let id = match &sel.id {
-        Some(h) => Some(parse_id(h)?),
+        Some(h) => Some(crate::verify::parse_id(h)?),
         None => None,
     };
     let spool = st.spool.clone();
@@ -710,14 +710,6 @@ async fn shred(st: &AdminState, study: String) -> anyhow::Result<Shredded> {
     out.key_shredded = existed || r.key_deleted;
     out.objects_left = r.objects_left;
     Ok(out)
-}
-
-fn parse_id(h: &str) -> anyhow::Result<ObjectId> {
-    let b = hex::decode(h.trim()).context("an object id is 32 hex digits")?;
-    let b: [u8; 16] = b
-        .try_into()
-        .map_err(|_| anyhow::anyhow!("an object id is 32 hex digits"))?;
-    Ok(ObjectId(b))
 }
 
 /// Send one request to a node's admin socket and return the JSON body.

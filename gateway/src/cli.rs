@@ -117,16 +117,10 @@ pub async fn queue_resend(
     }
     let started = std::time::Instant::now();
     let total = r.queued.len() as u64;
-    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        indicatif::ProgressBar::new(total)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} delivering {pos}/{len} [{bar:30}] {elapsed} {msg}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    let bar = progress_bar(
+        "{spinner} delivering {pos}/{len} [{bar:30}] {elapsed} {msg}",
+        total,
+        false,
     );
     let wanted: std::collections::HashSet<(String, String)> = r.queued.into_iter().collect();
     let (delivered, dead) = loop {
@@ -328,6 +322,21 @@ pub async fn queue_change(
         println!("nothing matched: `dicom-gateway queue list --config ...` shows what is queued");
     }
     Ok(())
+}
+
+/// A progress bar of `len` steps on stderr when it is a terminal (and not `hidden`, as
+/// under `--json`), drawn with `template`; hidden otherwise.
+fn progress_bar(template: &str, len: u64, hidden: bool) -> indicatif::ProgressBar {
+    let bar = if !hidden && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        indicatif::ProgressBar::new(len)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
 }
 
 /// A table's header row.
@@ -539,16 +548,10 @@ pub async fn keys_rotate(config: &Path, no_wait: bool, json: bool) -> anyhow::Re
             file.display()
         );
     }
-    let bar = if !json && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        indicatif::ProgressBar::new(0)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} rewrapping {pos}/{len} [{bar:30}] {elapsed}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    let bar = progress_bar(
+        "{spinner} rewrapping {pos}/{len} [{bar:30}] {elapsed}",
+        0,
+        json,
     );
     let (rewrapped, retired, status) = if running {
         let v = admin::request(&sock, Method::POST, "/v1/keys/reload", None).await?;
@@ -769,16 +772,10 @@ pub async fn verify(config: &Path, json: bool) -> anyhow::Result<()> {
         let cfg2 = cfg.clone();
         Some(tokio::task::spawn_blocking(move || open_stopped_spool(&cfg2)).await??)
     };
-    let bar = if !json && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        indicatif::ProgressBar::new(0)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} verifying {pos}/{len} objects [{bar:30}] {elapsed} {msg}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    let bar = progress_bar(
+        "{spinner} verifying {pos}/{len} objects [{bar:30}] {elapsed} {msg}",
+        0,
+        json,
     );
     let started = std::time::Instant::now();
     let mut total = VerifyBatch::default();
